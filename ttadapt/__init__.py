@@ -1,0 +1,29 @@
+"""ttadapt — parameter-space averaged gradients for PyTorch.
+
+Instead of the gradient at one point, an update uses the average gradient along the straight line
+between two parameter states, computed by one modified backward pass in which each activation's
+derivative becomes a secant slope.
+"""
+
+from .activations import CallForm, register_activation, register_module_activation, registered_activations, unregister_activation
+from .averaged import averaged_backward, averaged_grad
+from .inspection import InspectionReport, inspect
+from .reference import path_average_grad
+from .sites import SiteMismatchError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "averaged_grad",
+    "averaged_backward",
+    "path_average_grad",
+    "inspect",
+    "InspectionReport",
+    "SiteMismatchError",
+    "register_activation",
+    "register_module_activation",
+    "registered_activations",
+    "unregister_activation",
+    "CallForm",
+    "__version__",
+]

@@ -1,0 +1,482 @@
+"""The registry of elementwise activations that the averaged backward knows.
+
+An *activation* here is a unary elementwise function ``y = f(u)`` (optionally with scalar
+settings such as LeakyReLU's slope). For each one the registry holds
+
+* ``fn(u, **settings)``: the function, out of place;
+* ``deriv(u, **settings)``: its derivative ``f'(u)``, used where the secant is undefined
+  (the two states' inputs coincide) — ``None`` means "derive it with autograd from ``fn``";
+* the *call forms* under which a model may invoke it (``F.relu``, ``torch.relu_``,
+  ``Tensor.relu``, ...), each saying how its arguments map to settings and whether it works
+  in place;
+* ``kinks``: the inputs where ``f`` is not smooth (``f'`` jumps, or has a corner) — exact
+  references split a quadrature there.
+
+Activations whose forward is a composite Python expression (Hugging Face's
+``NewGELUActivation`` computes ``0.5·x·(1 + tanh(...))``) cannot be averaged op by op: the product
+of two functions of ``x`` would keep its ordinary derivative. They are registered by *module
+class* instead, and the whole module call is one site.
+
+Adding an activation is one call to :func:`register_activation` (functional forms) or
+:func:`register_module_activation` (module classes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Activation",
+    "CallForm",
+    "ModuleActivation",
+    "register_activation",
+    "register_module_activation",
+    "unregister_activation",
+    "registered_activations",
+    "registered_module_activations",
+    "lookup_call",
+    "lookup_module",
+    "UNAVERAGED_POINTWISE",
+]
+
+
+@dataclass(frozen=True)
+class CallForm:
+    """One way a model can call an activation.
+
+    ``settings`` names the arguments after the input, in positional order; ``inplace`` is
+    ``True`` for an always-in-place callable (``torch.relu_``) or the name of the boolean
+    argument that selects in-place work (``"inplace"`` for ``F.relu``).
+    """
+
+    func: Callable[..., Any]
+    settings: tuple[str, ...] = ()
+    inplace: bool | str = False
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict[str, Any], bool]:
+        """Split a call's arguments into (input, settings, in place?)."""
+        names = ("input", *self.settings, *((self.inplace,) if isinstance(self.inplace, str) else ()))
+        bound: dict[str, Any] = {}
+        if len(args) > len(names):
+            raise TypeError(f"{_func_name(self.func)}() got {len(args)} positional arguments")
+        bound.update(zip(names, args))
+        for key, value in kwargs.items():
+            if key == "self":  # Tensor methods called as torch.Tensor.relu(self=x)
+                key = "input"
+            bound[key] = value
+        inplace = self.inplace is True or (isinstance(self.inplace, str) and bool(bound.pop(self.inplace, False)))
+        u = bound.pop("input")
+        return u, bound, inplace
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation averaged by its call forms (see the module docstring)."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    deriv: Callable[..., Tensor] | None
+    forms: tuple[CallForm, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    kinks: Callable[..., tuple[float, ...]] = lambda **_: ()
+    parametric: bool = False  # PReLU: a tensor setting with its own gradient
+    # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) - f(ua) is then computed without
+    # cancellation, so the plain secant is exact and the derivative is needed only where ub == ua.
+    exact_secant: bool = False
+
+    def settings(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The full settings of one call: the defaults overlaid with what the call gave."""
+        return {**self.defaults, **given}
+
+    def derivative(self, u: Tensor, **settings: Any) -> Tensor:
+        """``f'(u)``, elementwise."""
+        if self.deriv is not None:
+            return self.deriv(u, **settings)
+        return _autograd_derivative(lambda x: self.fn(x, **settings), u)
+
+
+@dataclass(frozen=True)
+class ModuleActivation:
+    """An activation registered by module class: a call of such a module is one site.
+
+    ``fn`` is the module's own ``forward``; ``deriv(module, u)`` may give ``f'(u)`` in closed
+    form, else autograd derives it from the forward.
+    """
+
+    name: str
+    cls: type
+    deriv: Callable[[nn.Module, Tensor], Tensor] | None = None
+    kinks: Callable[[nn.Module], tuple[float, ...]] = lambda module: ()
+
+    def derivative(self, module: nn.Module, forward: Callable[[Tensor], Tensor], u: Tensor) -> Tensor:
+        if self.deriv is not None:
+            return self.deriv(module, u)
+        return _autograd_derivative(forward, u)
+
+
+def _autograd_derivative(fn: Callable[[Tensor], Tensor], u: Tensor) -> Tensor:
+    """f'(u) of an elementwise ``fn`` by one vector-Jacobian product with a vector of ones."""
+    with torch.enable_grad():
+        x = u.detach().requires_grad_(True)
+        y = fn(x)
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    return g
+
+
+def _func_name(func: Callable) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if func in _TENSOR_METHODS:
+        return f"Tensor.{name}"
+    return name
+
+
+_ACTIVATIONS: dict[str, Activation] = {}
+_CALLS: dict[Any, tuple[Activation, CallForm]] = {}
+_MODULE_ACTIVATIONS: dict[type, ModuleActivation] = {}
+_TENSOR_METHODS: set = set()
+
+
+def register_activation(
+    name: str,
+    fn: Callable[..., Tensor],
+    deriv: Callable[..., Tensor] | None,
+    forms: Iterable[CallForm],
+    *,
+    defaults: dict[str, Any] | None = None,
+    kinks: Callable[..., tuple[float, ...]] | None = None,
+    parametric: bool = False,
+    exact_secant: bool = False,
+) -> Activation:
+    """Register an elementwise activation and the callables that compute it.
+
+    Example — a user's own activation, called as ``my_ops.swish(x, beta)``::
+
+        register_activation(
+            "swish", fn=lambda u, beta=1.0: u * torch.sigmoid(beta * u), deriv=None,
+            forms=[CallForm(my_ops.swish, settings=("beta",))], defaults={"beta": 1.0})
+
+    The callables must dispatch through ``__torch_function__`` (every torch function does; a
+    plain Python function can with ``torch.overrides.handle_torch_function``), or be called
+    inside a module registered with :func:`register_module_activation`.
+    """
+    forms = tuple(forms)
+    act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric, exact_secant)
+    for form in forms:
+        if form.func in _CALLS and _CALLS[form.func][0].name != name:
+            raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
+    _ACTIVATIONS[name] = act
+    for form in forms:
+        _CALLS[form.func] = (act, form)
+    return act
+
+
+def register_module_activation(
+    name: str,
+    cls: type,
+    deriv: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    kinks: Callable[[nn.Module], tuple[float, ...]] | None = None,
+) -> ModuleActivation:
+    """Register a module class whose every call is one activation site (see module docstring)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_module_activation needs an nn.Module subclass, got {cls!r}")
+    entry = ModuleActivation(name, cls, deriv, kinks or (lambda module: ()))
+    _MODULE_ACTIVATIONS[cls] = entry
+    return entry
+
+
+def unregister_activation(name_or_cls: str | type) -> None:
+    """Remove an activation added by :func:`register_activation` (by name) or
+    :func:`register_module_activation` (by class)."""
+    if isinstance(name_or_cls, type):
+        if _MODULE_ACTIVATIONS.pop(name_or_cls, None) is None:
+            raise KeyError(f"{name_or_cls.__qualname__} is not a registered activation module")
+        return
+    act = _ACTIVATIONS.pop(name_or_cls, None)
+    if act is None:
+        raise KeyError(f"no activation named {name_or_cls!r}")
+    for form in act.forms:
+        _CALLS.pop(form.func, None)
+
+
+def registered_activations() -> dict[str, Activation]:
+    """Every functional-form activation, by name."""
+    return dict(_ACTIVATIONS)
+
+
+def registered_module_activations() -> dict[type, ModuleActivation]:
+    """Every module-class activation, by class."""
+    return dict(_MODULE_ACTIVATIONS)
+
+
+def lookup_call(func: Any) -> tuple[Activation, CallForm] | None:
+    """The activation a torch-function call computes, or ``None``."""
+    try:
+        return _CALLS.get(func)
+    except TypeError:  # unhashable callable
+        return None
+
+
+def lookup_module(module: nn.Module) -> ModuleActivation | None:
+    """The module-class activation ``module`` is an instance of, or ``None``."""
+    for cls in type(module).__mro__:
+        entry = _MODULE_ACTIVATIONS.get(cls)
+        if entry is not None:
+            return entry
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in activations. Derivatives call ATen's own backward kernels with a gradient of
+# ones where one exists, so the fallback matches ordinary autograd to the last bit.
+# --------------------------------------------------------------------------------------------
+aten = torch.ops.aten
+T = torch.Tensor
+
+
+def _ones(u: Tensor) -> Tensor:
+    return torch.ones_like(u)
+
+
+def _method(*names: str) -> list:
+    methods = [getattr(torch.Tensor, n) for n in names]
+    _TENSOR_METHODS.update(methods)
+    return methods
+
+
+def _forms(out_of_place: Iterable, in_place: Iterable = (), settings: tuple[str, ...] = (), inplace_arg=None):
+    forms = [CallForm(f, settings, inplace_arg or False) for f in out_of_place]
+    forms += [CallForm(f, settings, True) for f in in_place]
+    return forms
+
+
+register_activation(
+    "relu",
+    torch.relu,
+    lambda u: (u > 0).to(u.dtype),
+    [CallForm(F.relu, (), "inplace")] + _forms([torch.relu, *_method("relu")], [torch.relu_, *_method("relu_")]),
+    kinks=lambda: (0.0,),
+    exact_secant=True,
+)
+register_activation(
+    "relu6",
+    F.relu6,
+    lambda u: ((u > 0) & (u < 6)).to(u.dtype),
+    [CallForm(F.relu6, (), "inplace")],
+    kinks=lambda: (0.0, 6.0),
+    exact_secant=True,
+)
+register_activation(
+    "leaky_relu",
+    lambda u, negative_slope=0.01: F.leaky_relu(u, negative_slope),
+    lambda u, negative_slope=0.01: aten.leaky_relu_backward(_ones(u), u, negative_slope, False),
+    [CallForm(F.leaky_relu, ("negative_slope",), "inplace"), CallForm(F.leaky_relu_, ("negative_slope",), True)],
+    defaults={"negative_slope": 0.01},
+    kinks=lambda negative_slope=0.01: (0.0,),
+)
+register_activation(
+    "prelu",
+    lambda u, weight: torch.prelu(u, weight),
+    lambda u, weight: torch.where(u > 0, torch.ones_like(u), _prelu_weight(weight, u).expand_as(u)),
+    [CallForm(torch.prelu, ("weight",))],
+    kinks=lambda weight=None: (0.0,),
+    parametric=True,
+)
+
+
+def _prelu_weight(weight: Tensor, u: Tensor) -> Tensor:
+    """PReLU's slope broadcast against its input (channels on dim 1, as ``torch.prelu``)."""
+    if weight.numel() == 1 or u.dim() < 2:
+        return weight.reshape(()) if weight.numel() == 1 else weight
+    return weight.reshape((1, -1) + (1,) * (u.dim() - 2))
+
+
+register_activation(
+    "elu",
+    lambda u, alpha=1.0: F.elu(u, alpha),
+    lambda u, alpha=1.0: aten.elu_backward(_ones(u), alpha, 1.0, 1.0, False, u),
+    [CallForm(F.elu, ("alpha",), "inplace"), CallForm(F.elu_, ("alpha",), True)],
+    defaults={"alpha": 1.0},
+    kinks=lambda alpha=1.0: (0.0,),
+)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+register_activation(
+    "selu",
+    torch.selu,
+    lambda u: aten.elu_backward(_ones(u), _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
+    [CallForm(F.selu, (), "inplace")] + _forms([torch.selu], [torch.selu_]),
+    kinks=lambda: (0.0,),
+)
+register_activation(
+    "celu",
+    lambda u, alpha=1.0: torch.celu(u, alpha),
+    lambda u, alpha=1.0: aten.elu_backward(_ones(u), alpha, 1.0, 1.0 / alpha, False, u),
+    [CallForm(F.celu, ("alpha",), "inplace")] + _forms([torch.celu], [torch.celu_], ("alpha",)),
+    defaults={"alpha": 1.0},
+    kinks=lambda alpha=1.0: (0.0,),
+)
+register_activation(
+    "gelu",
+    lambda u, approximate="none": F.gelu(u, approximate=approximate),
+    lambda u, approximate="none": aten.gelu_backward(_ones(u), u, approximate=approximate),
+    [CallForm(F.gelu, ("approximate",))],
+    defaults={"approximate": "none"},
+)
+register_activation(
+    "silu",
+    F.silu,
+    lambda u: aten.silu_backward(_ones(u), u),
+    [CallForm(F.silu, (), "inplace")],
+)
+register_activation(
+    "mish",
+    F.mish,
+    lambda u: aten.mish_backward(_ones(u), u),
+    [CallForm(F.mish, (), "inplace")],
+)
+register_activation(
+    "sigmoid",
+    torch.sigmoid,
+    lambda u: aten.sigmoid_backward(_ones(u), torch.sigmoid(u)),
+    _forms([torch.sigmoid, F.sigmoid, torch.special.expit, *_method("sigmoid")], [torch.sigmoid_, *_method("sigmoid_")]),
+)
+register_activation(
+    "tanh",
+    torch.tanh,
+    lambda u: aten.tanh_backward(_ones(u), torch.tanh(u)),
+    _forms([torch.tanh, F.tanh, *_method("tanh")], [torch.tanh_, *_method("tanh_")]),
+)
+register_activation(
+    "softplus",
+    lambda u, beta=1.0, threshold=20.0: F.softplus(u, beta, threshold),
+    lambda u, beta=1.0, threshold=20.0: aten.softplus_backward(_ones(u), u, beta, threshold),
+    [CallForm(F.softplus, ("beta", "threshold"))],
+    defaults={"beta": 1.0, "threshold": 20.0},
+)
+register_activation(
+    "softsign",
+    F.softsign,
+    lambda u: (1.0 + u.abs()).reciprocal().square(),
+    [CallForm(F.softsign)],
+    kinks=lambda: (0.0,),  # f' has a corner at 0
+)
+register_activation(
+    "hardtanh",
+    lambda u, min_val=-1.0, max_val=1.0: F.hardtanh(u, min_val, max_val),
+    lambda u, min_val=-1.0, max_val=1.0: aten.hardtanh_backward(_ones(u), u, min_val, max_val),
+    [CallForm(F.hardtanh, ("min_val", "max_val"), "inplace"), CallForm(F.hardtanh_, ("min_val", "max_val"), True)],
+    defaults={"min_val": -1.0, "max_val": 1.0},
+    kinks=lambda min_val=-1.0, max_val=1.0: (min_val, max_val),
+    exact_secant=True,
+)
+register_activation(
+    "hardswish",
+    F.hardswish,
+    lambda u: aten.hardswish_backward(_ones(u), u),
+    [CallForm(F.hardswish, (), "inplace")],
+    kinks=lambda: (-3.0, 3.0),
+)
+register_activation(
+    "hardsigmoid",
+    F.hardsigmoid,
+    lambda u: aten.hardsigmoid_backward(_ones(u), u),
+    [CallForm(F.hardsigmoid, (), "inplace")],
+    kinks=lambda: (-3.0, 3.0),
+)
+register_activation(
+    "logsigmoid",
+    F.logsigmoid,
+    lambda u: torch.sigmoid(-u),
+    [CallForm(F.logsigmoid)],
+)
+register_activation(
+    "tanhshrink",
+    F.tanhshrink,
+    lambda u: torch.tanh(u).square(),
+    [CallForm(F.tanhshrink)],
+)
+register_activation(
+    "softshrink",
+    lambda u, lambd=0.5: F.softshrink(u, lambd),
+    lambda u, lambd=0.5: aten.softshrink_backward(_ones(u), u, lambd),
+    [CallForm(F.softshrink, ("lambd",))],
+    defaults={"lambd": 0.5},
+    kinks=lambda lambd=0.5: (-lambd, lambd),
+)
+
+# Pointwise nonlinear calls that are *not* averaged. `inspect` lists them so that a user sees
+# what keeps its ordinary derivative: math inside normalisations and losses (exp, rsqrt, pow),
+# discontinuous or random activations (threshold, hardshrink, rrelu) whose secant is not the
+# mean of the ordinary derivative.
+UNAVERAGED_POINTWISE: dict[Any, str] = {}
+for _name in (
+    "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "pow", "square", "abs",
+    "reciprocal", "erf", "erfc", "erfinv", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh",
+    "asinh", "acosh", "atanh", "clamp", "clip", "clamp_min", "clamp_max", "sign", "logit", "rrelu",
+    "hardshrink", "threshold",
+):
+    for _owner in (torch, torch.Tensor):
+        for _suffix in ("", "_"):
+            _f = getattr(_owner, _name + _suffix, None)
+            if _f is not None:
+                UNAVERAGED_POINTWISE[_f] = _name
+for _f, _name in ((F.threshold, "threshold"), (F.hardshrink, "hardshrink"), (F.rrelu, "rrelu"), (F.glu, "glu")):
+    UNAVERAGED_POINTWISE[_f] = _name
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face transformers activation classes, registered by module class when transformers
+# is installed. Their derivative comes from autograd through the module's own forward, which is
+# exactly what the ordinary backward computes.
+# --------------------------------------------------------------------------------------------
+def _register_transformers() -> None:
+    try:
+        import transformers.activations as hf
+    except Exception:  # transformers absent or broken: nothing to register
+        return
+    for cls_name in (
+        "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+        "ClippedGELUActivation", "AccurateGELUActivation", "GELUTanh", "PytorchGELUTanh",
+        "SiLUActivation", "MishActivation", "LaplaceActivation", "ReLUSquaredActivation",
+        "SqrtSoftplusActivation", "XIELUActivation",
+    ):
+        cls = getattr(hf, cls_name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in _MODULE_ACTIVATIONS:
+            kinks = None
+            if cls_name == "ClippedGELUActivation":
+                kinks = _clipped_gelu_kinks
+            elif cls_name == "ReLUSquaredActivation":
+                kinks = lambda module: (0.0,)  # noqa: E731
+            elif cls_name == "XIELUActivation":  # branches meet at 0; min(x, eps) bends at eps
+                kinks = lambda module: (float(module.eps), 0.0)  # noqa: E731
+            register_module_activation(f"transformers.{cls_name}", cls, kinks=kinks)
+
+
+def _clipped_gelu_kinks(module: nn.Module) -> tuple[float, ...]:
+    """Inputs where GELU crosses the clip bounds: sign changes on a grid, refined by bisection."""
+
+    def gelu(x: float) -> float:
+        return 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
+
+    out = []
+    for bound in (module.min, module.max):
+        grid = [-12.0 + 0.01 * i for i in range(int((abs(bound) + 24) / 0.01))]
+        for lo, hi in zip(grid[:-1], grid[1:]):
+            if (gelu(lo) - bound) * (gelu(hi) - bound) < 0:
+                for _ in range(100):
+                    mid = 0.5 * (lo + hi)
+                    if (gelu(lo) - bound) * (gelu(mid) - bound) <= 0:
+                        hi = mid
+                    else:
+                        lo = mid
+                out.append(0.5 * (lo + hi))
+    return tuple(sorted(out))
+
+
+_register_transformers()

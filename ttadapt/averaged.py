@@ -1,0 +1,192 @@
+"""The averaged gradient by one modified backward pass (spec §2).
+
+Two forwards on the same batch, one backward:
+
+1. the pass at ``other`` runs without a graph and keeps each activation site's input (and, for
+   the Linear variant, each affine layer's input); BatchNorm updates go to private copies of the
+   buffers; if ``seed="other"`` the gradient of the loss w.r.t. the model output is taken here;
+2. the RNG is rewound, so dropout draws the same masks;
+3. the pass at the current parameters (the *graph state*) builds the graph with every activation
+   replaced by its secant slope towards ``other`` (and the Linear variant's averaged affine
+   backward); with ``seed="other"`` the loss gradient arriving at the model output is swapped
+   for the one from step 1;
+4. one backward through that graph.
+
+Cost: 2·T_fwd + T_bwd; memory: the kept site inputs plus the ``other`` state itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from .sites import SiteSession
+from .states import evaluated_at, fork_rng, resolve_state, trainable_parameters
+
+__all__ = ["averaged_grad", "averaged_backward", "averaged_loss", "call_closure"]
+
+Closure = Callable[[], Tensor]
+
+
+def call_closure(closure: Closure) -> Tensor:
+    """Run ``closure`` and check that it returned a scalar floating-point loss tensor."""
+    loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the closure must return the loss as a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+    if not (loss.is_floating_point() or loss.is_complex()):
+        raise TypeError(f"the closure must return a floating-point loss, got dtype {loss.dtype}")
+    return loss.reshape(())
+
+
+@contextlib.contextmanager
+def _root_forward(model: nn.Module, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Replace ``model.forward`` by ``wrap(model.forward)`` inside the block."""
+    had = "forward" in model.__dict__
+    old = model.__dict__.get("forward")
+    model.forward = wrap(model.forward)
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = old
+        else:
+            del model.forward
+
+
+def _float_tensor(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point()
+
+
+def averaged_loss(
+    model: nn.Module,
+    closure: Closure,
+    other: Mapping[str, Tensor] | None,
+    *,
+    seed: str = "current",
+    linear: bool = False,
+    session: SiteSession | None = None,
+) -> Tensor:
+    """Run both passes and return the loss at the current parameters, whose graph carries the
+    averaged backward. ``loss.backward()`` then accumulates the averaged gradient into ``.grad``.
+    """
+    if seed not in ("current", "other"):
+        raise ValueError(f"seed must be 'current' or 'other', got {seed!r}")
+    if not callable(closure):
+        raise TypeError(f"closure must be a zero-argument callable returning the loss, got {type(closure).__name__}")
+    state = resolve_state(model, other, "other")
+    session = session or SiteSession(linear=linear)
+    session.linear = linear
+    rng = fork_rng(model)
+
+    seeds: list[list[Tensor | None]] = []
+    with evaluated_at(model, state), session.run(model, "record"):
+        if seed == "current":
+            with torch.no_grad():
+                call_closure(closure)
+        else:
+            outputs: list[list[Tensor | None]] = []
+
+            def at_other(forward: Callable) -> Callable:
+                def run(*args: Any, **kwargs: Any):
+                    with torch.no_grad():
+                        out = forward(*args, **kwargs)
+                    leaves, spec = pytree.tree_flatten(out)
+                    leaves = [t.detach().requires_grad_(True) if _float_tensor(t) else t for t in leaves]
+                    outputs.append([t if _float_tensor(t) else None for t in leaves])
+                    return pytree.tree_unflatten(leaves, spec)
+
+                return run
+
+            with torch.enable_grad(), _root_forward(model, at_other):
+                loss_b = call_closure(closure)
+            if not outputs:
+                raise RuntimeError("seed='other' needs the closure to call the model itself (model(...)), which it did not")
+            flat = [t for out in outputs for t in out if t is not None]
+            grads = iter(torch.autograd.grad(loss_b, flat, allow_unused=True) if loss_b.requires_grad else [None] * len(flat))
+            seeds = [[next(grads) if t is not None else None for t in out] for out in outputs]
+            del outputs, flat, loss_b
+
+    rng.rewind()
+    calls = [0]
+
+    def at_graph(forward: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any):
+            out = forward(*args, **kwargs)
+            k = calls[0]
+            calls[0] += 1
+            if k >= len(seeds):
+                raise RuntimeError(f"the closure called the model {k + 1} times at the current parameters but {len(seeds)} times at `other`")
+            leaves, _ = pytree.tree_flatten(out)
+            for t, s in zip(leaves, seeds[k]):
+                if _float_tensor(t) and t.requires_grad:
+                    if s is not None and s.shape != t.shape:
+                        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
+                    t.register_hook(lambda g, s=s: torch.zeros_like(g) if s is None else s.to(g.dtype))
+            return out
+
+        return run
+
+    root = _root_forward(model, at_graph) if seed == "other" else contextlib.nullcontext()
+    with torch.enable_grad(), session.run(model, "apply"), root:
+        loss = call_closure(closure)
+    session.finish_apply()
+    return loss
+
+
+def averaged_backward(
+    model: nn.Module,
+    closure: Closure,
+    other: Mapping[str, Tensor] | None,
+    *,
+    seed: str = "current",
+    linear: bool = False,
+) -> Tensor:
+    """Like ``loss.backward()``: accumulate the averaged gradient into each parameter's ``.grad``
+    (so DistributedDataParallel's reducer sees it) and return the detached loss at the current
+    parameters."""
+    loss = averaged_loss(model, closure, other, seed=seed, linear=linear)
+    if loss.requires_grad:
+        loss.backward()
+    return loss.detach()
+
+
+def averaged_grad(
+    model: nn.Module,
+    closure: Closure,
+    other: Mapping[str, Tensor] | None,
+    *,
+    seed: str = "current",
+    linear: bool = False,
+) -> dict[str, Tensor]:
+    """The parameter-space averaged gradient between the current parameters and ``other``.
+
+    Args:
+        model: the model; its current parameters are the graph state θg.
+        closure: zero-argument callable that runs a forward pass of ``model`` on the batch and
+            returns the scalar loss. It must not call ``backward``; it is called twice.
+        other: the other state θ′ — a mapping from ``model.named_parameters()`` names to
+            tensors; names left out keep their current value.
+        seed: where the loss gradient w.r.t. the model output is taken: ``"current"`` (AG-3) or
+            ``"other"`` (AG-1 / AG-2, the forecast state).
+        linear: the Linear variant (Eq. 11): Linear/Conv backward through the mean weight and
+            the mean input of the two states.
+
+    Returns:
+        ``{name: gradient}`` for every parameter that requires a gradient (zeros for parameters
+        the loss does not use). ``.grad`` fields, parameters, buffers are left as they were,
+        except BatchNorm running statistics, updated once, as by one ordinary forward.
+    """
+    params = trainable_parameters(model)
+    loss = averaged_loss(model, closure, other, seed=seed, linear=linear)
+    if not params:
+        return {}
+    if not loss.requires_grad:
+        return {name: torch.zeros_like(p) for name, p in params.items()}
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {name: (g if g is not None else torch.zeros_like(p)) for (name, p), g in zip(params.items(), grads)}

@@ -1,0 +1,76 @@
+"""``ttadapt.inspect``: which pointwise calls of a forward pass the averaged backward averages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sites import SiteCall, SiteSession
+from .states import evaluated_at, fork_rng
+
+__all__ = ["inspect", "InspectionReport"]
+
+
+@dataclass
+class InspectionReport:
+    """Every pointwise call of one forward pass, in call order.
+
+    ``averaged`` holds the activation sites the engine replaces by secants (and, with
+    ``linear=True``, the affine layers it averages); ``unaveraged`` the other nonlinear pointwise
+    calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code), which keep
+    their ordinary derivative. ``str(report)`` renders a table grouped by module path.
+    """
+
+    model: str
+    calls: list[SiteCall] = field(default_factory=list)
+
+    @property
+    def averaged(self) -> list[SiteCall]:
+        return [c for c in self.calls if c.averaged]
+
+    @property
+    def unaveraged(self) -> list[SiteCall]:
+        return [c for c in self.calls if not c.averaged]
+
+    def rows(self) -> list[tuple[str, str, int, bool]]:
+        """(module path, call, number of calls, averaged) grouped in first-call order."""
+        groups: dict[tuple[str, str, bool], int] = {}
+        for c in self.calls:
+            key = (c.module or "(model)", c.call + ("_" if c.inplace else ""), c.averaged)
+            groups[key] = groups.get(key, 0) + 1
+        return [(m, call, n, avg) for (m, call, avg), n in groups.items()]
+
+    def summary(self) -> str:
+        n, bad = len(self.calls), len(self.unaveraged)
+        verdict = "all averaged" if bad == 0 else f"{bad} NOT averaged"
+        return f"{self.model}: {n} pointwise call{'s' if n != 1 else ''}, {verdict}"
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        lines = [self.summary()]
+        if rows:
+            width = max(len(r[0]) for r in rows)
+            cwidth = max(len(r[1]) for r in rows)
+            lines.append(f"  {'module':<{width}}  {'call':<{cwidth}}  calls  averaged")
+            for module, call, n, avg in rows:
+                lines.append(f"  {module:<{width}}  {call:<{cwidth}}  {n:>5}  {'yes' if avg else 'NO'}")
+        return "\n".join(lines)
+
+
+def inspect(model: nn.Module, *example_inputs: Any, linear: bool = False, **example_kwargs: Any) -> InspectionReport:
+    """Run one forward pass of ``model`` on the example inputs and report every pointwise call.
+
+    The pass runs without a graph, on private copies of the buffers and a rewound RNG: the model,
+    its BatchNorm statistics and the random state are left as they were.
+    """
+    session = SiteSession(linear=linear, track_modules=True)
+    rng = fork_rng(model)
+    try:
+        with torch.no_grad(), evaluated_at(model, {}), session.run(model, "inspect"):
+            model(*example_inputs, **example_kwargs)
+    finally:
+        rng.rewind()
+    return InspectionReport(type(model).__name__, session.calls)

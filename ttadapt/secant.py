@@ -1,0 +1,262 @@
+"""Autograd functions of the averaged backward pass (spec §2, paper Eq. 8 and 11).
+
+Each function computes the ordinary forward at the graph state and replaces one local
+derivative in the backward:
+
+* :class:`SecantActivation` — ``f'(u)`` becomes the secant slope between the two states;
+* :class:`SecantPReLU` — the same for PReLU, with its slope parameter's gradient averaged too;
+* :class:`AveragedAffine` — Linear/Conv backward through the mean weight and the mean input.
+
+The secant is computed once, in the forward, and saved in place of what the ordinary backward
+would save, so the averaged backward keeps the memory of the ordinary one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from .activations import Activation, _prelu_weight
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision secants are formed in float32: their differences cancel badly otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def close_mask(ua: Tensor, ub: Tensor) -> Tensor:
+    """Where the two inputs are too close for a secant (the paper's division-by-zero rule):
+    ``|ub − ua| ≤ tol·(1 + |ua|)`` with ``tol = sqrt(eps)``.
+
+    That threshold balances the cancellation error of the secant, ~eps·|f|/|Δu|, against the
+    error of using the derivative instead, ~|f''|·|Δu|.
+    """
+    tol = torch.finfo(ua.dtype).eps ** 0.5
+    return torch.isclose(ub, ua, rtol=tol, atol=tol)
+
+
+def _fill_close(slope: Tensor, close: Tensor, derivative: Callable[[], Tensor]) -> Tensor:
+    """Replace the secant by the derivative where ``close``; skips the work when nothing is."""
+    if slope.device.type == "cpu" and not bool(close.any()):
+        return slope
+    return torch.where(close, derivative().to(slope.dtype), slope)
+
+
+def secant_slope(
+    fn: Callable[[Tensor], Tensor],
+    derivative: Callable[[Tensor], Tensor],
+    ua: Tensor,
+    fa: Tensor | None,
+    ub: Tensor,
+) -> Tensor:
+    """``(f(ub) - f(ua)) / (ub - ua)`` elementwise, ``f'(ua)`` where the inputs (nearly) agree.
+
+    ``fa`` may pass ``f(ua)`` when it is already computed in a sufficient precision.
+    """
+    dtype = ua.dtype
+    cdtype = _compute_dtype(dtype)
+    if cdtype != dtype:
+        ua, ub, fa = ua.to(cdtype), ub.to(cdtype), None
+    if fa is None:
+        fa = fn(ua)
+    diff = ub - ua
+    slope = fn(ub).sub_(fa).div_(diff)
+    slope = _fill_close(slope, close_mask(ua, ub), lambda: derivative(ua))
+    return slope.to(dtype)
+
+
+def exact_secant_slope(fn: Callable[[Tensor], Tensor], derivative: Callable[[Tensor], Tensor], diff: Tensor, fa: Tensor, ub: Tensor) -> Tensor:
+    """The secant of an activation with slopes 0 and 1 only (``Activation.exact_secant``).
+
+    ``f(ub) - f(ua)`` equals ``ub - ua`` bit for bit on the identity pieces and 0 on the flat
+    ones, so the quotient is exact; where ``ub == ua`` the derivative there is used.
+    """
+    slope = fn(ub).sub_(fa).div_(diff)
+    return _fill_close(slope, diff == 0, lambda: derivative(ub))
+
+
+class SecantActivation(Function):
+    """``y = call(u)``; backward ``g ⊙ s`` with ``s`` the secant slope towards ``ub``.
+
+    ``call`` runs the model's own call (same kernel, same output as without ttadapt);
+    ``inplace`` calls modify ``u`` and return it, which autograd is told of.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool) -> Tensor:  # type: ignore[override]
+        if exact and _compute_dtype(u.dtype) == u.dtype:
+            diff = ub - u
+            y = call(u)  # may overwrite u: the exact secant needs only ub - ua and f(ua)
+            slope = exact_secant_slope(fn, derivative, diff, y, ub)
+        elif inplace:
+            slope = secant_slope(fn, derivative, u, None, ub)
+            y = call(u)
+        else:
+            y = call(u)
+            slope = secant_slope(fn, derivative, u, y, ub)
+        if inplace:
+            ctx.mark_dirty(u)
+        ctx.save_for_backward(slope)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None, None, None, None
+
+
+def _prelu_slopes(ua: Tensor, ub: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
+    """PReLU's averaged derivatives along the segment.
+
+    With ``m(u) = min(0, u)``: ``f(u; a) = relu(u) + a·m(u)``. The input slope is the secant of
+    ``relu`` plus the *mean* slope parameter times the secant of ``m``; the slope parameter's
+    derivative ``m(u)`` averaged over a linear path of ``u`` is the secant of ``m(u)²/2``.
+    Both are exact while the slope parameter does not move.
+    """
+    dtype = ua.dtype
+    cdtype = _compute_dtype(dtype)
+    ua, ub = ua.to(cdtype), ub.to(cdtype)
+    a_mean = _prelu_weight((wa.to(cdtype) + wb.to(cdtype)) / 2, ua)
+    ma, mb = ua.clamp(max=0), ub.clamp(max=0)
+    diff = ub - ua
+    close = close_mask(ua, ub)
+    s_u = (torch.relu(ub) - torch.relu(ua) + a_mean * (mb - ma)) / diff
+    s_w = (mb.square() - ma.square()) / (2 * diff)
+    if ua.device.type != "cpu" or bool(close.any()):
+        a_graph = _prelu_weight(wa.to(cdtype), ua)
+        s_u = torch.where(close, torch.where(ua > 0, torch.ones_like(ua), a_graph.expand_as(ua)), s_u)
+        s_w = torch.where(close, ma, s_w)
+    return s_u.to(dtype), s_w.to(dtype)
+
+
+class SecantPReLU(Function):
+    """``torch.prelu(u, w)`` with both gradients averaged towards ``(ub, wb)``."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, weight: Tensor, ub: Tensor, wb: Tensor) -> Tensor:  # type: ignore[override]
+        s_u, s_w = _prelu_slopes(u, ub, weight, wb)
+        ctx.save_for_backward(s_u, s_w)
+        ctx.weight_shape = weight.shape
+        ctx.weight_numel = weight.numel()
+        return torch.prelu(u, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        s_u, s_w = ctx.saved_tensors
+        gw = grad * s_w
+        if ctx.weight_numel == 1 or gw.dim() < 2:
+            gw = gw.sum() if ctx.weight_numel == 1 else gw
+        else:
+            dims = [0] + list(range(2, gw.dim()))
+            gw = gw.sum(dim=dims)
+        return grad * s_u, gw.reshape(ctx.weight_shape), None, None
+
+
+class SecantModule(Function):
+    """A whole activation-module call as one site (composite activations such as NewGELU)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, ub: Tensor, forward: Callable[[Tensor], Tensor], derivative: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        y = forward(u)
+        ctx.save_for_backward(secant_slope(forward, derivative, u, y, ub))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None
+
+
+class SecantPassThrough(Function):
+    """Forward ``y`` (computed elsewhere, with its own graph to module parameters); the input
+    ``u`` receives ``g ⊙ slope``. Used for activation modules that own parameters (xIELU)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, y: Tensor, slope: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(slope)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope, grad, None
+
+
+# ------------------------------------------------------------------------------------------
+# Linear variant (Eq. 11)
+# ------------------------------------------------------------------------------------------
+class AveragedAffine(Function):
+    """Linear / Conv{1,2,3}d whose backward uses ``W̄ = (W + Wb)/2`` for the input gradient and
+    ``ū = (u + ub)/2`` for the weight gradient; the bias gradient is ordinary.
+
+    It saves ``ū`` and ``W̄`` where the ordinary backward saves ``u`` and ``W``: same memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, weight: Tensor, bias: Tensor | None, ub: Tensor, wb: Tensor, kind: str, conv_args: tuple) -> Tensor:  # type: ignore[override]
+        if kind == "linear":
+            y = torch.nn.functional.linear(u, weight, bias)
+        else:
+            y = _CONV[kind](u, weight, bias, *conv_args)
+        ctx.save_for_backward((u + ub) / 2, (weight + wb) / 2)
+        ctx.kind, ctx.conv_args, ctx.has_bias = kind, conv_args, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        u_mean, w_mean = ctx.saved_tensors
+        need_u, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.kind == "linear":
+            gu = grad.matmul(w_mean) if need_u else None
+            g2 = grad.reshape(-1, grad.shape[-1])
+            gw = g2.t().matmul(u_mean.reshape(-1, u_mean.shape[-1])) if need_w else None
+            gb = g2.sum(0) if (need_b and ctx.has_bias) else None
+            return gu, gw, gb, None, None, None, None
+        stride, padding, dilation, groups = ctx.conv_args
+        nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3}[ctx.kind]
+        unbatched = u_mean.dim() == nd + 1
+        if unbatched:
+            u_mean, grad = u_mean.unsqueeze(0), grad.unsqueeze(0)
+        if isinstance(padding, str):  # "same" / "valid": differentiate the call itself at (ū, W̄)
+            with torch.enable_grad():
+                uu = u_mean.detach().requires_grad_(need_u)
+                ww = w_mean.detach().requires_grad_(need_w)
+                out = _CONV[ctx.kind](uu, ww, None, stride, padding, dilation, groups)
+                inputs = [t for t, need in ((uu, need_u), (ww, need_w)) if need]
+                grads = iter(torch.autograd.grad(out, inputs, grad) if inputs else ())
+            gu = next(grads) if need_u else None
+            gw = next(grads) if need_w else None
+        else:
+            gu, gw, _ = torch.ops.aten.convolution_backward(
+                grad, u_mean, w_mean, None,
+                _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd),
+                False, [0] * nd, groups, [need_u, need_w, False],
+            )
+        gb = grad.sum(dim=[0] + list(range(2, grad.dim()))) if (need_b and ctx.has_bias) else None
+        if unbatched and gu is not None:
+            gu = gu.squeeze(0)
+        return gu, gw, gb, None, None, None, None
+
+
+def _tuple(value: Any, n: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = list(value)
+    return value * n if len(value) == 1 else value
+
+
+_CONV = {
+    "conv1d": torch.nn.functional.conv1d,
+    "conv2d": torch.nn.functional.conv2d,
+    "conv3d": torch.nn.functional.conv3d,
+}
+
+
+def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool) -> Tensor:
+    """Apply :class:`SecantActivation` for a registered activation with its call settings."""
+    fn = (lambda x: act.fn(x, **settings)) if settings else act.fn
+    derivative = lambda x: act.derivative(x, **settings)  # noqa: E731
+    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant)

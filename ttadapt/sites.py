@@ -1,0 +1,343 @@
+"""Finding and pairing activation sites across the two forward passes.
+
+A *site* is one call of a registered activation (or, for the Linear variant, of an affine
+layer) during a forward pass. Sites are seen by a ``TorchFunctionMode`` — which catches module,
+functional and in-place calls alike (``nn.ReLU``, ``F.relu``, ``x.relu_()``) — and, for
+activations registered by module class, by patching those modules' ``forward`` for the duration
+of a pass. A module called three times (torchvision's Bottleneck reuses ``self.relu``) gives
+three sites.
+
+:class:`SiteSession` runs in one of three phases:
+
+* ``"record"`` — the pass at the *other* state, without a graph: each site's input (and for
+  PReLU / affine layers the other state's weight) is kept;
+* ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
+  recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and replaced by the
+  averaged autograd function of :mod:`ttadapt.secant`;
+* ``"inspect"`` — one plain pass that lists every pointwise call and whether it is averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
+from .secant import AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, averaged_activation_output, secant_slope
+
+__all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
+
+
+class SiteMismatchError(RuntimeError):
+    """The two forward passes did not call the same activation sites in the same order."""
+
+
+_AFFINE: dict[Any, str] = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+
+
+@dataclass
+class _Record:
+    """What the pass at the other state left for one site."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    u: Tensor
+    version: int | None  # the input's version counter when kept by reference; None for a copy
+    weight: Tensor | None = None  # PReLU slope / affine weight at the other state
+
+
+@dataclass
+class SiteCall:
+    """One pointwise (or, with ``linear=True``, affine) call seen by :func:`ttadapt.inspect`."""
+
+    module: str  # module path ("" for the model itself)
+    call: str  # activation or function name
+    averaged: bool
+    shape: tuple[int, ...]
+    inplace: bool = False
+
+
+def _storage_key(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, session: "SiteSession") -> None:
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        s = self.session
+        if s.opaque:
+            return func(*args, **kwargs)
+        hit = lookup_call(func)
+        if hit is not None:
+            return s._on_activation(func, hit[0], hit[1], args, kwargs)
+        if s.linear:
+            kind = _AFFINE.get(func) if _hashable(func) else None
+            if kind is not None:
+                return s._on_affine(func, kind, args, kwargs)
+        if s.phase == "inspect" and _hashable(func) and func in UNAVERAGED_POINTWISE:
+            s._log_unaveraged(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _hashable(func: Any) -> bool:
+    try:
+        hash(func)
+    except TypeError:
+        return False
+    return True
+
+
+class SiteSession:
+    """One forward pass with activation sites intercepted (see the module docstring)."""
+
+    def __init__(self, linear: bool = False, track_modules: bool = False) -> None:
+        self.linear = linear
+        self.track_modules = track_modules
+        self.phase = "record"
+        self.records: list[_Record | None] = []
+        self.cursor = 0
+        self.opaque = 0
+        self.calls: list[SiteCall] = []
+        self._stack: list[str] = []
+        self._by_storage: dict[int, list[int]] = {}
+
+    # -- memory accounting ------------------------------------------------------------------
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes held for the pass at the other state: the recorded site inputs."""
+        return sum(r.u.numel() * r.u.element_size() for r in self.records if r is not None)
+
+    # -- running a pass ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def run(self, model: nn.Module, phase: str) -> Iterator["SiteSession"]:
+        """Intercept sites of ``model`` during the ``with`` body, in ``phase``."""
+        if phase not in ("record", "apply", "inspect"):
+            raise ValueError(f"unknown phase {phase!r}")
+        self.phase = phase
+        self.cursor = 0
+        self.model_calls = 0
+        patched = self._patch_modules(model)
+        patched.append(self._patch_root(model))
+        hooks = self._track(model) if self.track_modules else []
+        try:
+            yield self
+            if self.model_calls == 0:
+                raise RuntimeError(
+                    "the closure never called the model (model(...)); ttadapt averages the activations "
+                    "of calls to the model it was given"
+                )
+        finally:
+            for h in hooks:
+                h.remove()
+            for module, had, old in reversed(patched):
+                if had:
+                    module.forward = old
+                else:
+                    del module.forward
+            self._stack.clear()
+            self._by_storage.clear()
+
+    def finish_apply(self) -> None:
+        """Check that the pass at the graph state used every recorded site."""
+        left = len(self.records) - self.cursor
+        if left:
+            nxt = self.records[self.cursor]
+            raise SiteMismatchError(
+                f"the pass at the current parameters made {self.cursor} averaged calls, the pass at "
+                f"`other` made {len(self.records)}; the first one left over is {nxt.name} with input "
+                f"shape {tuple(nxt.shape)}. Both passes must follow the same control flow."
+            )
+        self.records.clear()
+
+    def _patch_root(self, model: nn.Module) -> tuple:
+        """Intercept only while the model itself runs: the loss outside it keeps its own backward."""
+        had = "forward" in model.__dict__
+        old = model.__dict__.get("forward")
+        forward = model.forward
+
+        def intercepted(*args: Any, **kwargs: Any):
+            self.model_calls += 1
+            if self.opaque:
+                return forward(*args, **kwargs)
+            with _Mode(self):
+                return forward(*args, **kwargs)
+
+        model.forward = intercepted
+        return (model, had, old)
+
+    # -- module bookkeeping -----------------------------------------------------------------
+    def _track(self, model: nn.Module) -> list:
+        def enter(name: str) -> Callable:
+            def pre_hook(module: nn.Module, args: Any) -> None:
+                self._stack.append(name)
+
+            return pre_hook
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            if self._stack:
+                self._stack.pop()
+
+        hooks = []
+        for name, module in model.named_modules():
+            hooks.append(module.register_forward_pre_hook(enter(name)))
+            hooks.append(module.register_forward_hook(leave, always_call=True))
+        return hooks
+
+    def _where(self) -> str:
+        return self._stack[-1] if self._stack else ""
+
+    def _patch_modules(self, model: nn.Module) -> list:
+        patched = []
+        for path, module in model.named_modules():
+            entry = lookup_module(module)
+            if entry is None:
+                continue
+            had = "forward" in module.__dict__
+            old = module.__dict__.get("forward")
+            module.forward = self._module_site(path, module, entry, module.forward)
+            patched.append((module, had, old))
+        return patched
+
+    # -- sites ------------------------------------------------------------------------------
+    def _name(self, call: str) -> str:
+        return f"{self._where()}:{call}" if self.track_modules else call
+
+    def _keep(self, name: str, u: Tensor, copy: bool, weight: Tensor | None = None) -> None:
+        if copy:
+            rec = _Record(name, u.shape, u.dtype, u.detach().clone(), None, weight)
+        else:
+            rec = _Record(name, u.shape, u.dtype, u.detach(), u._version, weight)
+            self._by_storage.setdefault(_storage_key(u), []).append(len(self.records))
+        self.records.append(rec)
+
+    def _before_inplace(self, u: Tensor) -> None:
+        """An in-place call is about to overwrite ``u``: copy records that still point at it."""
+        for idx in self._by_storage.pop(_storage_key(u), []):
+            rec = self.records[idx]
+            if rec is not None and rec.version is not None and rec.u._version == rec.version:
+                rec.u, rec.version = rec.u.clone(), None
+
+    def _next(self, name: str, u: Tensor) -> _Record:
+        k = self.cursor
+        if k >= len(self.records):
+            raise SiteMismatchError(
+                f"the pass at the current parameters called {name} (averaged call #{k + 1}, input shape "
+                f"{tuple(u.shape)}) but the pass at `other` made only {len(self.records)} averaged calls. "
+                "Both passes must follow the same control flow."
+            )
+        rec = self.records[k]
+        assert rec is not None
+        if rec.name != name or rec.shape != u.shape or rec.dtype != u.dtype:
+            raise SiteMismatchError(
+                f"averaged call #{k + 1} differs between the passes: {rec.name} with input "
+                f"{tuple(rec.shape)} {rec.dtype} at `other`, {name} with input {tuple(u.shape)} "
+                f"{u.dtype} at the current parameters. Both passes must follow the same control flow."
+            )
+        if rec.version is not None and rec.u._version != rec.version:
+            raise RuntimeError(
+                f"the input of averaged call #{k + 1} ({name}) was modified in place after the call "
+                "during the pass at `other`; ttadapt keeps that input by reference. Avoid in-place "
+                "operations on activation inputs after the activation."
+            )
+        self.records[k] = None  # release it as soon as it is consumed
+        self.cursor = k + 1
+        return rec
+
+    def _on_activation(self, func: Callable, act: Activation, form: CallForm, args: tuple, kwargs: dict):
+        u, given, inplace = form.bind(args, kwargs)
+        if not isinstance(u, Tensor) or not u.is_floating_point():
+            return func(*args, **kwargs)
+        name = self._name(act.name)
+        phase = self.phase
+        if phase == "inspect":
+            self.calls.append(SiteCall(self._where(), act.name, True, tuple(u.shape), inplace))
+            return func(*args, **kwargs)
+        if phase == "record":
+            if inplace:
+                self._before_inplace(u)
+            weight = given.get("weight") if act.parametric else None
+            self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
+            return func(*args, **kwargs)
+        rec = self._next(name, u)
+        settings = act.settings(given)
+        if act.parametric:
+            weight = settings["weight"]
+            if not (u.requires_grad or weight.requires_grad):
+                return func(*args, **kwargs)
+            return SecantPReLU.apply(u, weight, rec.u, rec.weight)
+        if not u.requires_grad:
+            return func(*args, **kwargs)
+        call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
+        return averaged_activation_output(act, call, u, rec.u, settings, inplace)
+
+    def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
+        names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        u, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+        if not isinstance(u, Tensor) or not isinstance(weight, Tensor) or not u.is_floating_point():
+            return func(*args, **kwargs)
+        name = self._name(kind)
+        if self.phase == "inspect":
+            self.calls.append(SiteCall(self._where(), kind, True, tuple(u.shape)))
+            return func(*args, **kwargs)
+        if self.phase == "record":
+            self._keep(name, u, copy=False, weight=weight.detach())
+            return func(*args, **kwargs)
+        rec = self._next(name, u)
+        if not (u.requires_grad or weight.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad)):
+            return func(*args, **kwargs)
+        conv_args = ()
+        if kind != "linear":
+            conv_args = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
+        return AveragedAffine.apply(u, weight, bias, rec.u, rec.weight, kind, conv_args)
+
+    def _log_unaveraged(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        u = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(u, Tensor) and u.is_floating_point():
+            self.calls.append(SiteCall(self._where(), UNAVERAGED_POINTWISE[func], False, tuple(u.shape)))
+
+    def _module_site(self, path: str, module: nn.Module, entry: ModuleActivation, forward: Callable) -> Callable:
+        """The patched ``forward`` of an activation registered by module class."""
+
+        def site_forward(*args: Any, **kwargs: Any):
+            u = args[0] if args else None
+            if self.opaque or not isinstance(u, Tensor) or not u.is_floating_point():
+                return forward(*args, **kwargs)
+            fwd = (lambda x: forward(x, *args[1:], **kwargs)) if (len(args) > 1 or kwargs) else forward
+            phase = self.phase
+            name = f"{path}:{entry.name}" if self.track_modules else f"{entry.name}@{path}"
+            self.opaque += 1
+            try:
+                if phase == "inspect":
+                    self.calls.append(SiteCall(path, entry.name, True, tuple(u.shape)))
+                    return fwd(u)
+                if phase == "record":
+                    self._keep(name, u, copy=False)
+                    return fwd(u)
+                rec = self._next(name, u)
+                derivative = lambda x: entry.derivative(module, fwd, x)  # noqa: E731
+                trainable = [p for p in module.parameters() if p.requires_grad]
+                if not trainable:
+                    if not u.requires_grad:
+                        return fwd(u)
+                    return SecantModule.apply(u, rec.u, fwd, derivative)
+                y = fwd(u.detach())  # graph to the module's own parameters, at the graph state
+                with torch.no_grad():
+                    slope = secant_slope(fwd, derivative, u.detach(), y.detach(), rec.u)
+                return SecantPassThrough.apply(u, y, slope)
+            finally:
+                self.opaque -= 1
+
+        return site_forward
