@@ -1,0 +1,130 @@
+"""The activation registry: each derivative against autograd of its function, call forms, and
+registering a user's own activation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ttadapt
+from ttadapt.activations import CallForm, registered_activations, registered_module_activations
+
+SETTINGS = {
+    "leaky_relu": [{}, {"negative_slope": 0.3}],
+    "elu": [{}, {"alpha": 0.5}],
+    "celu": [{}, {"alpha": 2.0}],
+    "gelu": [{}, {"approximate": "tanh"}],
+    "softplus": [{}, {"beta": 3.0, "threshold": 5.0}],
+    "hardtanh": [{}, {"min_val": -2.0, "max_val": 0.5}],
+    "softshrink": [{}, {"lambd": 0.2}],
+}
+
+
+def _cases():
+    for name, act in registered_activations().items():
+        if act.parametric:
+            continue
+        for settings in SETTINGS.get(name, [{}]):
+            yield pytest.param(name, settings, id=f"{name}-{settings}")
+
+
+@pytest.mark.parametrize("name,settings", list(_cases()))
+def test_derivative_matches_autograd(name, settings):
+    act = registered_activations()[name]
+    u = torch.linspace(-7, 7, 1001, dtype=torch.float64)
+    kinks = torch.tensor(act.kinks(**settings), dtype=torch.float64)
+    if len(kinks):  # the derivative is one-sided at a kink: stay clear of them
+        u = u[(u[:, None] - kinks[None, :]).abs().min(1).values > 1e-6]
+    x = u.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(act.fn(x, **settings).sum(), x)
+    got = act.derivative(u, **settings)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_prelu_derivative():
+    act = registered_activations()["prelu"]
+    u = torch.randn(4, 3, 5, dtype=torch.float64)
+    w = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    x = u.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(torch.prelu(x, w).sum(), x)
+    torch.testing.assert_close(act.derivative(u, weight=w), want)
+
+
+@pytest.mark.skipif(not registered_module_activations(), reason="transformers is not installed")
+def test_module_activation_derivative_is_autograd_of_its_forward():
+    for cls, entry in registered_module_activations().items():
+        module = cls(-0.5, 3.0) if cls.__name__ == "ClippedGELUActivation" else (cls(dtype=torch.float64) if cls.__name__ == "XIELUActivation" else cls())
+        u = torch.linspace(-3, 3, 101, dtype=torch.float64)
+        x = u.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(module(x).sum(), x)
+        torch.testing.assert_close(entry.derivative(module, module.forward, u), want, msg=cls.__name__)
+
+
+def test_call_forms_bind_positional_and_keyword_arguments():
+    act = registered_activations()["leaky_relu"]
+    form = next(f for f in act.forms if f.func is torch.nn.functional.leaky_relu)
+    x = torch.zeros(1)
+    assert form.bind((x, 0.2, True), {})[1:] == ({"negative_slope": 0.2}, True)
+    assert form.bind((x,), {"negative_slope": 0.3})[1:] == ({"negative_slope": 0.3}, False)
+    assert form.bind((), {"input": x, "inplace": True})[2] is True
+
+
+def test_register_a_new_functional_activation():
+    # A user's own elementwise op, dispatching through __torch_function__.
+    def square_plus(u, b=4.0):
+        if torch.overrides.has_torch_function_unary(u):
+            return torch.overrides.handle_torch_function(square_plus, (u,), u, b=b)
+        return (u + torch.sqrt(u * u + b)) / 2
+
+    ttadapt.register_activation(
+        "square_plus", fn=square_plus, deriv=None,
+        forms=[CallForm(square_plus, settings=("b",))], defaults={"b": 4.0},
+    )
+    try:
+        net = nn.Sequential(nn.Linear(3, 4)).double()
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.l2(square_plus(self.l1(x), b=2.0))
+
+        net = Net().double()
+        x = torch.randn(5, 3, dtype=torch.float64)
+        c = torch.randn(5, 2, dtype=torch.float64)
+        report = ttadapt.inspect(net, x)
+        assert [s.call for s in report.averaged] == ["square_plus"]
+        other = {"l1.weight": net.l1.weight.detach() + 0.5}
+        closure = lambda: (c * net(x)).sum()  # noqa: E731
+        got = ttadapt.averaged_grad(net, closure, other)
+        ref = ttadapt.path_average_grad(net, closure, None, other, points=40)
+        assert (got["l1.weight"] - ref["l1.weight"]).norm() < 1e-9 * ref["l1.weight"].norm()
+    finally:
+        ttadapt.unregister_activation("square_plus")
+    assert "square_plus" not in registered_activations()
+
+
+def test_register_a_module_activation():
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(2.0 * x)
+
+    net = nn.Sequential(nn.Linear(3, 4), Swish(), nn.Linear(4, 2))
+    report = ttadapt.inspect(net, torch.randn(2, 3))
+    assert [s.call for s in report.averaged] == ["sigmoid"]  # only the inner sigmoid, op by op
+    ttadapt.register_module_activation("swish2", Swish)
+    try:
+        report = ttadapt.inspect(net, torch.randn(2, 3))
+        assert [(s.module, s.call) for s in report.averaged] == [("1", "swish2")]
+    finally:
+        ttadapt.unregister_activation(Swish)
+
+
+def test_registering_a_taken_callable_is_refused():
+    with pytest.raises(ValueError, match="already registered as 'relu'"):
+        ttadapt.register_activation("my_relu", torch.relu, None, [CallForm(torch.relu)])
+    with pytest.raises(TypeError):
+        ttadapt.register_module_activation("x", int)

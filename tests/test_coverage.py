@@ -1,0 +1,121 @@
+"""Coverage on models users bring: every pointwise call averaged, and the averaged gradient
+actually differs from the ordinary one when the states differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ttadapt
+
+from conftest import rel_err
+
+
+class FunctionalNet(nn.Module):
+    """Activations called functionally, as methods and in place — no activation modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 12)
+        self.c = nn.Linear(12, 12)
+        self.d = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.a(x))
+        h = torch.tanh(self.b(h)) + h.sigmoid()
+        h = self.c(h)
+        F.silu(h, inplace=True)  # result ignored: the in-place semantics must hold
+        h = F.leaky_relu(h, 0.1) * torch.sigmoid(h)
+        return self.d(h.relu_())
+
+
+def _check(model, inputs, closure, n_min):
+    report = ttadapt.inspect(model, *inputs)
+    assert report.unaveraged == [], str(report)
+    assert len(report.averaged) >= n_min, str(report)
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    got = ttadapt.averaged_grad(model, closure, other)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(closure(), params, allow_unused=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    flat_got = torch.cat([got[n].flatten() for n, g in zip(names, plain) if g is not None])
+    flat_plain = torch.cat([g.flatten() for g in plain if g is not None])
+    assert torch.isfinite(flat_got).all()
+    assert rel_err(flat_got, flat_plain) > 1e-3
+    return report
+
+
+def test_resnet18_reused_inplace_relu():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None, num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([1, 4])
+    report = _check(model, (x,), lambda: F.cross_entropy(model(x), y), n_min=17)
+    assert len(report.averaged) == 17  # stem + 2 per BasicBlock × 8 (self.relu is reused)
+    assert ("layer1.0.relu", "relu_", 2, True) in report.rows()
+
+
+def test_functional_model():
+    model = FunctionalNet()
+    x = torch.randn(4, 6)
+    report = _check(model, (x,), lambda: model(x).square().mean(), n_min=7)
+    assert [c.call for c in report.averaged] == ["gelu", "tanh", "sigmoid", "silu", "leaky_relu", "sigmoid", "relu"]
+
+
+def test_inplace_result_ignored_keeps_semantics():
+    model = FunctionalNet()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        want = model(x)
+    other = {n: p.detach() for n, p in model.named_parameters()}
+    ttadapt.averaged_grad(model, lambda: model(x).sum(), other)
+    from ttadapt.averaged import averaged_loss
+
+    out = []
+    averaged_loss(model, lambda: (out.append(model(x)), out[-1].sum())[1], other)
+    torch.testing.assert_close(out[-1].detach(), want)
+
+
+def test_tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 50, (3, 10))
+    labels = torch.tensor([0, 2, 1])
+    report = _check(model, (ids,), lambda: model(input_ids=ids, labels=labels).loss, n_min=3)
+    assert any("intermediate_act_fn" in c.module for c in report.averaged)
+
+
+def test_inspect_reports_unaveraged_pointwise_calls():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.l(x)
+            return torch.exp(h) + torch.tanh(h) + F.threshold(h, 0.1, 0.0)
+
+    report = ttadapt.inspect(Custom(), torch.randn(2, 3))
+    assert [c.call for c in report.unaveraged] == ["exp", "threshold"]
+    assert [c.call for c in report.averaged] == ["tanh"]
+    text = str(report)
+    assert "2 NOT averaged" in text and "exp" in text
+
+
+def test_inspect_leaves_model_and_rng_alone():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.ReLU()).train()
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.randn(2, 1, 5, 5)
+    rng = torch.get_rng_state()
+    report = ttadapt.inspect(model, x, linear=True)
+    assert [c.call for c in report.averaged] == ["conv2d", "relu"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    for a, b in zip(model.buffers(), buffers):
+        assert torch.equal(a, b)

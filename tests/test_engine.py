@@ -1,0 +1,336 @@
+"""The two passes: ordinary gradient when the states agree, convergence, model state (BatchNorm,
+dropout, RNG, parameters), the loss seed, memory kept, and errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ttadapt
+from ttadapt.averaged import averaged_loss
+from ttadapt.sites import SiteSession
+
+from conftest import rel_err
+
+
+class ConvNet(nn.Module):
+    """Conv + BatchNorm + activations + dropout: the model-state cases in one net."""
+
+    def __init__(self, dropout=0.3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)), inplace=True)
+        h = F.max_pool2d(h, 2).flatten(1)
+        h = self.drop(torch.tanh(self.fc1(h)))
+        return self.fc2(F.gelu(h))
+
+
+def _data(dtype=torch.float32):
+    x = torch.randn(8, 3, 8, 8, dtype=dtype)
+    y = torch.randint(0, 5, (8,))
+    return x, y
+
+
+def _ordinary(model, closure):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return dict(zip([n for n, p in model.named_parameters() if p.requires_grad], torch.autograd.grad(closure(), params)))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("seed", ["current", "other"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_same_state_gives_the_ordinary_gradient(dropout, seed, linear):
+    model = ConvNet(dropout).double().train()
+    x, y = _data(torch.float64)
+    reference = copy.deepcopy(model)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    torch.manual_seed(7)
+    got = ttadapt.averaged_grad(model, closure, {}, seed=seed, linear=linear)
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(7)
+    want = _ordinary(reference, lambda: F.cross_entropy(reference(x), y))
+    assert torch.equal(torch.get_rng_state(), rng_after), "RNG must end as after one ordinary forward"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14)
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(a, b), f"buffer {name} differs from one ordinary forward"
+
+
+def test_same_state_is_bitwise_for_relu_and_tanh_in_float32():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(16, 6)
+
+    def closure():
+        return model(x).square().mean()
+
+    got = ttadapt.averaged_grad(model, closure, {})
+    want = _ordinary(model, closure)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_converges_to_the_ordinary_gradient():
+    model = ConvNet(0.0).double()
+    x, y = _data(torch.float64)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    want = _ordinary(model, closure)
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    errors = []
+    for eps in (1e-1, 1e-2, 1e-3, 1e-4):
+        other = {n: p.detach() + eps * direction[n] for n, p in model.named_parameters()}
+        got = ttadapt.averaged_grad(model, closure, other)
+        # over all parameters at once: the conv bias before BatchNorm has a ~0 gradient
+        errors.append(rel_err(torch.cat([got[n].flatten() for n in want]), torch.cat([want[n].flatten() for n in want])))
+    assert errors[0] > 1e-4
+    for a, b in zip(errors, errors[1:]):
+        assert b < a / 5  # first-order convergence
+    assert errors[-1] < 1e-2 * errors[0]
+
+
+def test_batchnorm_buffers_match_one_ordinary_forward():
+    model = ConvNet(0.0).train()
+    x, y = _data()
+    reference = copy.deepcopy(model)
+    other = {n: p.detach() + 0.5 * torch.randn_like(p) for n, p in model.named_parameters()}
+    ttadapt.averaged_grad(model, lambda: F.cross_entropy(model(x), y), other)
+    reference(x)
+    assert model.bn.num_batches_tracked.item() == 1
+    for a, b in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_model_is_left_untouched():
+    model = ConvNet(0.3)
+    x, y = _data()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    versions = {n: p._version for n, p in model.named_parameters()}
+    other = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+    ttadapt.averaged_grad(model, lambda: F.cross_entropy(model(x), y), other, seed="other", linear=True)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+        assert p._version == versions[n], "parameters must not be mutated in place"
+        assert p.grad is None, "averaged_grad returns gradients, it does not write .grad"
+    assert "forward" not in model.__dict__
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_dropout_masks_agree_between_the_passes():
+    # A loss linear in the output with only the first layer moving: the averaged gradient is the
+    # exact average over the segment *for the dropout mask drawn*, so both passes must share it.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.drop = nn.Linear(4, 32), nn.Linear(32, 2), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.l2(self.drop(torch.tanh(self.l1(x))))
+
+    net = Net().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    c = torch.randn(6, 2, dtype=torch.float64)
+    other = {"l1.weight": net.l1.weight.detach() + torch.randn_like(net.l1.weight)}
+
+    def closure():
+        return (c * net(x)).sum()
+
+    torch.manual_seed(3)
+    got = ttadapt.averaged_grad(net, closure, other)
+    torch.manual_seed(3)
+    ref = ttadapt.path_average_grad(net, closure, None, other, points=40)
+    assert rel_err(got["l1.weight"], ref["l1.weight"]) < 1e-8
+
+
+def test_seed_other_uses_the_loss_gradient_at_the_other_output():
+    # Nonlinear loss (cross-entropy): with seed="other" the result is the exact average gradient of
+    # the loss linearised at the other state's output, g_b · y(θ) — an oracle by quadrature.
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    other = {"0.weight": net[0].weight.detach() + 0.7 * torch.randn_like(net[0].weight)}
+
+    def closure():
+        return F.cross_entropy(net(x), y)
+
+    got = ttadapt.averaged_grad(net, closure, other, seed="other")
+    with torch.no_grad():
+        w = net[0].weight.detach().clone()
+        net[0].weight.copy_(other["0.weight"])
+    out_b = net(x).detach().requires_grad_(True)
+    (g_b,) = torch.autograd.grad(F.cross_entropy(out_b, y), out_b)
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+    ref = ttadapt.path_average_grad(net, lambda: (g_b * net(x)).sum(), None, other, points=48)
+    assert rel_err(got["0.weight"], ref["0.weight"]) < 1e-9
+    current = ttadapt.averaged_grad(net, closure, other, seed="current")
+    assert rel_err(current["0.weight"], ref["0.weight"]) > 1e-3
+
+
+def test_hugging_face_style_outputs_take_the_seed():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            return {"logits": self.body(x), "aux": (x.sum(),)}
+
+    model = DictModel().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    other = {n: p.detach() + 0.2 for n, p in model.named_parameters()}
+    got = ttadapt.averaged_grad(model, lambda: model(x)["logits"].logsumexp(-1).mean(), other, seed="other")
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_averaged_backward_accumulates_into_grad():
+    model = ConvNet(0.0)
+    x, y = _data()
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    want = ttadapt.averaged_grad(model, closure, other)
+    loss = ttadapt.averaged_backward(model, closure, other)
+    assert loss.requires_grad is False and loss.dim() == 0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n])
+
+
+def test_memory_kept_is_the_activation_inputs_and_no_graph():
+    model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 30), nn.ReLU(inplace=True), nn.Linear(30, 2))
+    x = torch.randn(7, 10)
+    other = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+    session = SiteSession()
+    from ttadapt.states import evaluated_at, resolve_state
+
+    with evaluated_at(model, resolve_state(model, other)), session.run(model, "record"), torch.no_grad():
+        model(x)
+    assert session.stored_bytes == (7 * 20 + 7 * 30) * 4
+    assert all(r.u.grad_fn is None and not r.u.requires_grad for r in session.records)
+    linear_session = SiteSession(linear=True)
+    with evaluated_at(model, resolve_state(model, other)), linear_session.run(model, "record"), torch.no_grad():
+        model(x)
+    assert linear_session.stored_bytes == (7 * 20 + 7 * 30 + 7 * 10 + 7 * 20 + 7 * 30) * 4
+
+
+def test_unused_parameters_get_zero():
+    model = nn.ModuleDict({"used": nn.Linear(3, 1), "unused": nn.Linear(3, 1)})
+    x = torch.randn(2, 3)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return torch.tanh(self.m["used"](x))
+
+    w = Wrapper()
+    got = ttadapt.averaged_grad(w, lambda: w(x).sum(), {})
+    assert torch.equal(got["m.unused.weight"], torch.zeros(1, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+def _small():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    return model, torch.randn(5, 3)
+
+
+def test_closure_returning_a_non_scalar():
+    model, x = _small()
+    with pytest.raises(ValueError, match="scalar loss.*shape \\(5, 2\\)"):
+        ttadapt.averaged_grad(model, lambda: model(x), {})
+
+
+def test_closure_returning_a_non_tensor():
+    model, x = _small()
+    with pytest.raises(TypeError, match="scalar tensor, got float"):
+        ttadapt.averaged_grad(model, lambda: float(model(x).sum()), {})
+
+
+def test_other_with_unknown_names():
+    model, x = _small()
+    with pytest.raises(ValueError, match="'0.wieght' \\(did you mean '0.weight'\\?\\)"):
+        ttadapt.averaged_grad(model, lambda: model(x).sum(), {"0.wieght": torch.zeros(4, 3)})
+
+
+def test_other_with_wrong_shapes():
+    model, x = _small()
+    with pytest.raises(ValueError, match="`other\\['0.weight'\\]` has shape \\(3, 4\\), the parameter has \\(4, 3\\)"):
+        ttadapt.averaged_grad(model, lambda: model(x).sum(), {"0.weight": torch.zeros(3, 4)})
+
+
+def test_other_not_a_mapping_or_not_tensors():
+    model, x = _small()
+    with pytest.raises(TypeError, match="mapping"):
+        ttadapt.averaged_grad(model, lambda: model(x).sum(), [torch.zeros(4, 3)])
+    with pytest.raises(TypeError, match="must be a tensor"):
+        ttadapt.averaged_grad(model, lambda: model(x).sum(), {"0.weight": [[0.0] * 3] * 4})
+
+
+def test_passes_that_call_different_sites():
+    model, x = _small()
+    calls = []
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            h = self.inner(x)
+            if len(calls) > 1:  # data-dependent routing: an extra activation in the second pass
+                h = torch.sigmoid(h)
+            return h
+
+    b = Branchy()
+    with pytest.raises(ttadapt.SiteMismatchError, match="sigmoid"):
+        ttadapt.averaged_grad(b, lambda: (calls.append(1), b(x).sum())[1], {})
+
+
+def test_passes_with_different_shapes():
+    model, _ = _small()
+    sizes = iter([5, 6])
+    with pytest.raises(ttadapt.SiteMismatchError, match="\\(5, 4\\).*\\(6, 4\\)"):
+        ttadapt.averaged_grad(model, lambda: model(torch.randn(next(sizes), 3)).sum(), {})
+
+
+def test_closure_that_never_calls_the_model():
+    model, x = _small()
+    with pytest.raises(RuntimeError, match="never called the model"):
+        ttadapt.averaged_grad(model, lambda: x.sum(), {})
+
+
+def test_bad_seed_and_closure():
+    model, x = _small()
+    with pytest.raises(ValueError, match="seed must be"):
+        ttadapt.averaged_grad(model, lambda: model(x).sum(), {}, seed="forecast")
+    with pytest.raises(TypeError, match="closure"):
+        ttadapt.averaged_grad(model, model(x).sum(), {})
+
+
+def test_half_precision_secant_is_formed_in_float32():
+    net = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)).to(torch.bfloat16)
+    x = torch.randn(16, 4, dtype=torch.bfloat16)
+    other = {"0.weight": net[0].weight.detach() + 0.01}
+    got = ttadapt.averaged_grad(net, lambda: net(x).float().sum(), other)
+    assert all(torch.isfinite(g.float()).all() for g in got.values())
+    same = ttadapt.averaged_grad(net, lambda: net(x).float().sum(), {})
+    want = _ordinary(net, lambda: net(x).float().sum())
+    for n in want:
+        torch.testing.assert_close(same[n], want[n])
