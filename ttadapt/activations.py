@@ -59,9 +59,15 @@ class CallForm:
     settings: tuple[str, ...] = ()
     inplace: bool | str = False
 
+    def __post_init__(self) -> None:
+        names = ("input", *self.settings, *((self.inplace,) if isinstance(self.inplace, str) else ()))
+        object.__setattr__(self, "_names", names)
+
     def bind(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict[str, Any], bool]:
         """Split a call's arguments into (input, settings, in place?)."""
-        names = ("input", *self.settings, *((self.inplace,) if isinstance(self.inplace, str) else ()))
+        names = self._names
+        if len(args) == 1 and not kwargs:  # the common case: f(u)
+            return args[0], {}, self.inplace is True
         bound: dict[str, Any] = {}
         if len(args) > len(names):
             raise TypeError(f"{_func_name(self.func)}() got {len(args)} positional arguments")

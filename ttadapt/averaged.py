@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .sites import SiteSession
-from .states import evaluated_at, fork_rng, resolve_state, trainable_parameters
+from .states import ModelLayout, evaluated_at, fork_rng, resolve_state
 
 __all__ = ["averaged_grad", "averaged_backward", "averaged_loss", "call_closure"]
 
@@ -71,6 +71,7 @@ def averaged_loss(
     seed: str = "current",
     linear: bool = False,
     session: SiteSession | None = None,
+    layout: ModelLayout | None = None,
 ) -> Tensor:
     """Run both passes and return the loss at the current parameters, whose graph carries the
     averaged backward. ``loss.backward()`` then accumulates the averaged gradient into ``.grad``.
@@ -79,13 +80,14 @@ def averaged_loss(
         raise ValueError(f"seed must be 'current' or 'other', got {seed!r}")
     if not callable(closure):
         raise TypeError(f"closure must be a zero-argument callable returning the loss, got {type(closure).__name__}")
-    state = resolve_state(model, other, "other")
+    layout = layout or ModelLayout(model)
+    state = resolve_state(layout, other, "other")
     session = session or SiteSession(linear=linear)
     session.linear = linear
-    rng = fork_rng(model)
+    rng = fork_rng(layout)
 
     seeds: list[list[Tensor | None]] = []
-    with evaluated_at(model, state), session.run(model, "record"):
+    with evaluated_at(layout, state), session.run(model, "record", layout):
         if seed == "current":
             with torch.no_grad():
                 call_closure(closure)
@@ -133,7 +135,7 @@ def averaged_loss(
         return run
 
     root = _root_forward(model, at_graph) if seed == "other" else contextlib.nullcontext()
-    with torch.enable_grad(), session.run(model, "apply"), root:
+    with torch.enable_grad(), session.run(model, "apply", layout), root:
         loss = call_closure(closure)
     session.finish_apply()
     return loss
@@ -182,8 +184,9 @@ def averaged_grad(
         the loss does not use). ``.grad`` fields, parameters, buffers are left as they were,
         except BatchNorm running statistics, updated once, as by one ordinary forward.
     """
-    params = trainable_parameters(model)
-    loss = averaged_loss(model, closure, other, seed=seed, linear=linear)
+    layout = ModelLayout(model)
+    params = layout.trainable()
+    loss = averaged_loss(model, closure, other, seed=seed, linear=linear, layout=layout)
     if not params:
         return {}
     if not loss.requires_grad:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .averaged import Closure, call_closure
-from .states import evaluated_at, fork_rng, resolve_state, trainable_parameters
+from .states import ModelLayout, evaluated_at, fork_rng, resolve_state
 
 __all__ = ["path_average_grad", "gauss_legendre"]
 
@@ -52,16 +52,17 @@ def path_average_grad(
     Returns ``{name: average gradient}`` for every parameter that requires a gradient.
     """
     nodes, weights = gauss_legendre(points)
-    a = resolve_state(model, start, "start")
-    b = resolve_state(model, end, "end")
-    names = list(trainable_parameters(model))
-    rng = fork_rng(model)
+    layout = ModelLayout(model)
+    a = resolve_state(layout, start, "start")
+    b = resolve_state(layout, end, "end")
+    names = list(layout.trainable())
+    rng = fork_rng(layout)
     total = {name: torch.zeros_like(a[name]) for name in names}
     for t, w in zip(nodes, weights):
         state = {name: torch.lerp(a[name], b[name], t) if a[name].is_floating_point() else a[name] for name in a}
         leaves = [state[name].requires_grad_(True) for name in names]
         rng.rewind()
-        with torch.enable_grad(), evaluated_at(model, state):
+        with torch.enable_grad(), evaluated_at(layout, state):
             loss = call_closure(closure)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
         for name, g in zip(names, grads):

@@ -27,7 +27,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def close_mask(ua: Tensor, ub: Tensor) -> Tensor:
+def close_mask(ua: Tensor, diff: Tensor) -> Tensor:
     """Where the two inputs are too close for a secant (the paper's division-by-zero rule):
     ``|ub − ua| ≤ tol·(1 + |ua|)`` with ``tol = sqrt(eps)``.
 
@@ -35,7 +35,7 @@ def close_mask(ua: Tensor, ub: Tensor) -> Tensor:
     error of using the derivative instead, ~|f''|·|Δu|.
     """
     tol = torch.finfo(ua.dtype).eps ** 0.5
-    return torch.isclose(ub, ua, rtol=tol, atol=tol)
+    return diff.abs() <= torch.add(ua.abs(), 1.0).mul_(tol)
 
 
 def _fill_close(slope: Tensor, close: Tensor, derivative: Callable[[], Tensor]) -> Tensor:
@@ -64,33 +64,29 @@ def secant_slope(
         fa = fn(ua)
     diff = ub - ua
     slope = fn(ub).sub_(fa).div_(diff)
-    slope = _fill_close(slope, close_mask(ua, ub), lambda: derivative(ua))
+    slope = _fill_close(slope, close_mask(ua, diff), lambda: derivative(ua))
     return slope.to(dtype)
-
-
-def exact_secant_slope(fn: Callable[[Tensor], Tensor], derivative: Callable[[Tensor], Tensor], diff: Tensor, fa: Tensor, ub: Tensor) -> Tensor:
-    """The secant of an activation with slopes 0 and 1 only (``Activation.exact_secant``).
-
-    ``f(ub) - f(ua)`` equals ``ub - ua`` bit for bit on the identity pieces and 0 on the flat
-    ones, so the quotient is exact; where ``ub == ua`` the derivative there is used.
-    """
-    slope = fn(ub).sub_(fa).div_(diff)
-    return _fill_close(slope, diff == 0, lambda: derivative(ub))
 
 
 class SecantActivation(Function):
     """``y = call(u)``; backward ``g ⊙ s`` with ``s`` the secant slope towards ``ub``.
 
     ``call`` runs the model's own call (same kernel, same output as without ttadapt);
-    ``inplace`` calls modify ``u`` and return it, which autograd is told of.
+    ``inplace`` calls modify ``u`` and return it, which autograd is told of. ``owned`` says
+    ``ub`` is a private copy that may be overwritten (saves one allocation per site).
     """
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool) -> Tensor:  # type: ignore[override]
         if exact and _compute_dtype(u.dtype) == u.dtype:
-            diff = ub - u
-            y = call(u)  # may overwrite u: the exact secant needs only ub - ua and f(ua)
-            slope = exact_secant_slope(fn, derivative, diff, y, ub)
+            # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
+            # quotient; only ub == ua needs the derivative, and for these clamp-like functions
+            # f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
+            fb = fn(ub)
+            diff = ub.sub_(u) if owned else ub - u
+            y = call(u)
+            slope = fb.sub_(y).div_(diff)
+            slope = _fill_close(slope, diff == 0, lambda: derivative(y))
         elif inplace:
             slope = secant_slope(fn, derivative, u, None, ub)
             y = call(u)
@@ -105,7 +101,7 @@ class SecantActivation(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
-        return grad * slope, None, None, None, None, None, None
+        return grad * slope, None, None, None, None, None, None, None
 
 
 def _prelu_slopes(ua: Tensor, ub: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,7 +118,7 @@ def _prelu_slopes(ua: Tensor, ub: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tenso
     a_mean = _prelu_weight((wa.to(cdtype) + wb.to(cdtype)) / 2, ua)
     ma, mb = ua.clamp(max=0), ub.clamp(max=0)
     diff = ub - ua
-    close = close_mask(ua, ub)
+    close = close_mask(ua, diff)
     s_u = (torch.relu(ub) - torch.relu(ua) + a_mean * (mb - ma)) / diff
     s_w = (mb.square() - ma.square()) / (2 * diff)
     if ua.device.type != "cpu" or bool(close.any()):
@@ -255,8 +251,8 @@ _CONV = {
 }
 
 
-def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool) -> Tensor:
+def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool, owned: bool = False) -> Tensor:
     """Apply :class:`SecantActivation` for a registered activation with its call settings."""
     fn = (lambda x: act.fn(x, **settings)) if settings else act.fn
     derivative = lambda x: act.derivative(x, **settings)  # noqa: E731
-    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant)
+    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned)

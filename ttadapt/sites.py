@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
+from .states import ModelLayout
 from .secant import AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, averaged_activation_output, secant_slope
 
 __all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
@@ -120,14 +121,14 @@ class SiteSession:
 
     # -- running a pass ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def run(self, model: nn.Module, phase: str) -> Iterator["SiteSession"]:
+    def run(self, model: nn.Module, phase: str, layout: ModelLayout | None = None) -> Iterator["SiteSession"]:
         """Intercept sites of ``model`` during the ``with`` body, in ``phase``."""
         if phase not in ("record", "apply", "inspect"):
             raise ValueError(f"unknown phase {phase!r}")
         self.phase = phase
         self.cursor = 0
         self.model_calls = 0
-        patched = self._patch_modules(model)
+        patched = self._patch_modules(layout or ModelLayout(model))
         patched.append(self._patch_root(model))
         hooks = self._track(model) if self.track_modules else []
         try:
@@ -197,9 +198,9 @@ class SiteSession:
     def _where(self) -> str:
         return self._stack[-1] if self._stack else ""
 
-    def _patch_modules(self, model: nn.Module) -> list:
+    def _patch_modules(self, layout: ModelLayout) -> list:
         patched = []
-        for path, module in model.named_modules():
+        for path, module in layout.modules:
             entry = lookup_module(module)
             if entry is None:
                 continue
@@ -279,7 +280,7 @@ class SiteSession:
         if not u.requires_grad:
             return func(*args, **kwargs)
         call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
-        return averaged_activation_output(act, call, u, rec.u, settings, inplace)
+        return averaged_activation_output(act, call, u, rec.u, settings, inplace, owned=rec.version is None)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

@@ -15,9 +15,58 @@ from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["resolve_state", "evaluated_at", "fork_rng", "trainable_parameters"]
+__all__ = ["ModelLayout", "resolve_state", "evaluated_at", "fork_rng", "trainable_parameters"]
+
+
+class ModelLayout:
+    """One walk over a model: where every parameter and buffer lives, and every submodule.
+
+    Tied parameters (one tensor registered under several names) appear once in ``params``, under
+    the name ``named_parameters()`` gives them; ``aliases`` maps every name to that one.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params: dict[str, Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        self.param_slots: list[tuple[nn.Module, str, str]] = []
+        self.buffers: dict[str, Tensor] = {}
+        self.buffer_slots: list[tuple[nn.Module, str, str]] = []
+        self.modules: list[tuple[str, nn.Module]] = []
+        seen_params: dict[int, str] = {}
+        seen_buffers: dict[int, str] = {}
+        seen_modules: set[int] = set()
+        for path, module in model.named_modules(remove_duplicate=False):
+            if id(module) not in seen_modules:
+                seen_modules.add(id(module))
+                self.modules.append((path, module))
+            prefix = f"{path}." if path else ""
+            for attr, p in module._parameters.items():
+                if p is None:
+                    continue
+                name = prefix + attr
+                canonical = seen_params.setdefault(id(p), name)
+                if canonical == name:
+                    self.params[name] = p
+                self.aliases[name] = canonical
+                self.param_slots.append((module, attr, canonical))
+            for attr, b in module._buffers.items():
+                if b is None:
+                    continue
+                name = prefix + attr
+                canonical = seen_buffers.setdefault(id(b), name)
+                if canonical == name:
+                    self.buffers[name] = b
+                self.buffer_slots.append((module, attr, canonical))
+
+    def trainable(self) -> dict[str, Tensor]:
+        """Parameters that require a gradient, in ``named_parameters()`` order."""
+        return {name: p for name, p in self.params.items() if p.requires_grad}
+
+    def cuda_devices(self) -> list[int]:
+        tensors = [*self.params.values(), *self.buffers.values()]
+        return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -25,18 +74,22 @@ def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def resolve_state(model: nn.Module, state: Mapping[str, Tensor] | None, what: str = "other") -> dict[str, Tensor]:
-    """Check ``state`` against ``model`` and return a full, detached state on the model's devices.
+def _layout(model_or_layout: nn.Module | ModelLayout) -> ModelLayout:
+    return model_or_layout if isinstance(model_or_layout, ModelLayout) else ModelLayout(model_or_layout)
+
+
+def resolve_state(model: nn.Module | ModelLayout, state: Mapping[str, Tensor] | None, what: str = "other") -> dict[str, Tensor]:
+    """Check ``state`` against the model and return a full, detached state on the model's devices.
 
     Raises ``TypeError``/``ValueError`` naming unknown names, wrong shapes and non-tensors.
     """
-    params = dict(model.named_parameters())
+    layout = _layout(model)
+    params = layout.params
     if state is None:
         state = {}
     if not isinstance(state, Mapping):
         raise TypeError(f"`{what}` must be a mapping from parameter names to tensors, got {type(state).__name__}")
-    canonical = {id(p): name for name, p in params.items()}
-    aliases = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    aliases = layout.aliases
     unknown = [k for k in state if k not in aliases]
     if unknown:
         hints = []
@@ -60,25 +113,30 @@ def resolve_state(model: nn.Module, state: Mapping[str, Tensor] | None, what: st
 
 
 @contextlib.contextmanager
-def evaluated_at(model: nn.Module, state: Mapping[str, Tensor], copy_buffers: bool = True) -> Iterator[None]:
-    """Inside the block, ``model`` computes with the parameters ``state``.
+def evaluated_at(model: nn.Module | ModelLayout, state: Mapping[str, Tensor], copy_buffers: bool = True) -> Iterator[None]:
+    """Inside the block, the model computes with the parameters ``state`` (canonical names).
 
     With ``copy_buffers`` the module also gets private copies of its buffers, so that BatchNorm
     running statistics and ``num_batches_tracked`` updated in the block leave the model's own
     buffers untouched.
     """
-    tensors: dict[str, Tensor] = dict(state)
-    if copy_buffers:
-        for name, buf in model.named_buffers():
-            tensors[name] = buf.clone()
-    with _reparametrize_module(model, tensors, tie_weights=True, strict=False):
+    layout = _layout(model)
+    swapped: list[tuple[dict, str, Tensor]] = []
+    try:
+        for module, attr, name in layout.param_slots:
+            value = state.get(name)
+            if value is not None:
+                swapped.append((module._parameters, attr, module._parameters[attr]))
+                module._parameters[attr] = value
+        if copy_buffers:
+            copies = {name: b.clone() for name, b in layout.buffers.items()}
+            for module, attr, name in layout.buffer_slots:
+                swapped.append((module._buffers, attr, module._buffers[attr]))
+                module._buffers[attr] = copies[name]
         yield
-
-
-def _cuda_devices(model: nn.Module) -> list[int]:
-    devices = {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
-    devices |= {t.device.index or 0 for t in model.buffers() if t.device.type == "cuda"}
-    return sorted(devices)
+    finally:
+        for table, attr, original in reversed(swapped):
+            table[attr] = original
 
 
 class fork_rng:
@@ -87,8 +145,8 @@ class fork_rng:
     Every pass started right after a ``rewind()`` draws the same dropout masks.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.devices = _cuda_devices(model)
+    def __init__(self, model: nn.Module | ModelLayout) -> None:
+        self.devices = _layout(model).cuda_devices()
         self.cpu = torch.get_rng_state()
         self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
 

@@ -1,0 +1,141 @@
+"""Cost of one averaged gradient against one ordinary forward+backward, measured in one run.
+
+    python benchmarks/engine_cost.py [--rounds N] [--quick]
+
+Time: medians over interleaved rounds (ordinary, averaged, Linear variant, ordinary, ...), so
+that drifts of a shared machine hit all three alike. Memory: each method runs in a fresh
+process and its peak resident memory above the process's state before the first step is
+reported, next to what the spec allows — the stored activation inputs (measured by the engine)
+plus one copy of the parameters (the `other` state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ttadapt  # noqa: E402
+from ttadapt.averaged import averaged_loss  # noqa: E402
+from ttadapt.sites import SiteSession  # noqa: E402
+
+from _models import model_b, wide_tanh_mlp  # noqa: E402
+
+
+def build(case: str):
+    torch.manual_seed(0)
+    if case == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    elif case == "model_b":
+        model = model_b()
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    elif case == "wide_tanh_mlp":
+        model = wide_tanh_mlp()
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    model.train()
+    other = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in model.named_parameters()}
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    params = [p for p in model.parameters()]
+    methods = {
+        "ordinary": lambda: torch.autograd.grad(closure(), params),
+        "averaged": lambda: ttadapt.averaged_grad(model, closure, other),
+        "linear": lambda: ttadapt.averaged_grad(model, closure, other, linear=True),
+    }
+    return model, closure, other, methods
+
+
+def stored_bytes(model, closure, other, linear: bool) -> int:
+    session = SiteSession(linear=linear)
+    from ttadapt.states import evaluated_at, resolve_state
+
+    with evaluated_at(model, resolve_state(model, other)), session.run(model, "record"), torch.no_grad():
+        closure()
+    return session.stored_bytes
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(case: str, method: str) -> None:
+    """Run in a fresh process: peak RSS growth of three steps of ``method``."""
+    model, closure, other, methods = build(case)
+    before = rss_bytes()
+    for _ in range(3):
+        methods[method]()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_growth": peak - before}))
+
+
+def timing(case: str, rounds: int) -> dict[str, float]:
+    model, closure, other, methods = build(case)
+    for f in methods.values():  # warm up
+        f()
+        f()
+    times = {k: [] for k in methods}
+    for _ in range(rounds):
+        for k, f in methods.items():
+            start = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 15 resnet18, 200 MLPs)")
+    parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b", "wide_tanh_mlp"])
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    print(f"# engine_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads")
+    print()
+    print("| model | ordinary fwd+bwd | averaged / ordinary | Linear variant / ordinary | "
+          "peak mem ordinary | averaged extra (allowed) | Linear extra (allowed) |")
+    print("|---|---|---|---|---|---|---|")
+    for case in args.cases:
+        rounds = args.rounds or (15 if case == "resnet18" else 200)
+        t = timing(case, rounds)
+        model, closure, other, _ = build(case)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        allowed = {
+            "averaged": stored_bytes(model, closure, other, False) + param_bytes,
+            "linear": stored_bytes(model, closure, other, True) + param_bytes,
+        }
+        mem = {}
+        for method in ("ordinary", "averaged", "linear"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", case, method], capture_output=True, text=True, check=True)
+            mem[method] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
+        mb = lambda b: f"{b / 2**20:.1f} MB"  # noqa: E731
+        print(
+            f"| {case} | {t['ordinary'] * 1e3:.1f} ms | {t['averaged'] / t['ordinary']:.2f} | {t['linear'] / t['ordinary']:.2f} | "
+            f"{mb(mem['ordinary'])} | {mb(mem['averaged'] - mem['ordinary'])} ({mb(allowed['averaged'])}) | "
+            f"{mb(mem['linear'] - mem['ordinary'])} ({mb(allowed['linear'])}) |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
