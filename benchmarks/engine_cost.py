@@ -3,20 +3,17 @@
     python benchmarks/engine_cost.py [--rounds N] [--quick]
 
 Time: medians over interleaved rounds (ordinary, averaged, Linear variant, ordinary, ...), so
-that drifts of a shared machine hit all three alike. Memory: each method runs in a fresh
-process and its peak resident memory above the process's state before the first step is
-reported, next to what the spec allows — the stored activation inputs (measured by the engine)
-plus one copy of the parameters (the `other` state).
+that drifts of a shared machine hit all three alike. Memory: the peak bytes of tensors alive at
+once during one call (every tensor an operator creates, forward and backward, counted by a
+dispatch-level tracker), next to what the spec allows on top of the ordinary step — the
+activation inputs the engine keeps (counted by the engine) plus one copy of the parameters.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +26,7 @@ import ttadapt  # noqa: E402
 from ttadapt.averaged import averaged_loss  # noqa: E402
 from ttadapt.sites import SiteSession  # noqa: E402
 
+from _memory import peak_tensor_bytes  # noqa: E402
 from _models import model_b, wide_tanh_mlp  # noqa: E402
 
 
@@ -71,21 +69,6 @@ def stored_bytes(model, closure, other, linear: bool) -> int:
     return session.stored_bytes
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def memory_child(case: str, method: str) -> None:
-    """Run in a fresh process: peak RSS growth of three steps of ``method``."""
-    model, closure, other, methods = build(case)
-    before = rss_bytes()
-    for _ in range(3):
-        methods[method]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_growth": peak - before}))
-
-
 def timing(case: str, rounds: int) -> dict[str, float]:
     model, closure, other, methods = build(case)
     for f in methods.values():  # warm up
@@ -104,11 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 15 resnet18, 200 MLPs)")
     parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b", "wide_tanh_mlp"])
-    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(*args.memory_child)
-        return
     print(f"# engine_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
     print()
@@ -118,16 +97,13 @@ def main() -> None:
     for case in args.cases:
         rounds = args.rounds or (15 if case == "resnet18" else 200)
         t = timing(case, rounds)
-        model, closure, other, _ = build(case)
+        model, closure, other, methods = build(case)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         allowed = {
             "averaged": stored_bytes(model, closure, other, False) + param_bytes,
             "linear": stored_bytes(model, closure, other, True) + param_bytes,
         }
-        mem = {}
-        for method in ("ordinary", "averaged", "linear"):
-            out = subprocess.run([sys.executable, __file__, "--memory-child", case, method], capture_output=True, text=True, check=True)
-            mem[method] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
+        mem = {method: peak_tensor_bytes(f) for method, f in methods.items()}
         mb = lambda b: f"{b / 2**20:.1f} MB"  # noqa: E731
         print(
             f"| {case} | {t['ordinary'] * 1e3:.1f} ms | {t['averaged'] / t['ordinary']:.2f} | {t['linear'] / t['ordinary']:.2f} | "

@@ -35,7 +35,7 @@ def close_mask(ua: Tensor, diff: Tensor) -> Tensor:
     error of using the derivative instead, ~|f''|·|Δu|.
     """
     tol = torch.finfo(ua.dtype).eps ** 0.5
-    return diff.abs() <= torch.add(ua.abs(), 1.0).mul_(tol)
+    return diff.abs() <= ua.abs().add_(1.0).mul_(tol)
 
 
 def _fill_close(slope: Tensor, close: Tensor, derivative: Callable[[], Tensor]) -> Tensor:
@@ -188,7 +188,9 @@ class AveragedAffine(Function):
     """Linear / Conv{1,2,3}d whose backward uses ``W̄ = (W + Wb)/2`` for the input gradient and
     ``ū = (u + ub)/2`` for the weight gradient; the bias gradient is ordinary.
 
-    It saves ``ū`` and ``W̄`` where the ordinary backward saves ``u`` and ``W``: same memory.
+    It keeps references to ``u``, ``W`` (alive in the graph anyway), ``ub`` (the kept input of
+    the other pass) and ``Wb`` (the caller's state), and forms the means in the backward, one
+    layer at a time: no parameter-sized copies live across the backward.
     """
 
     @staticmethod
@@ -197,14 +199,16 @@ class AveragedAffine(Function):
             y = torch.nn.functional.linear(u, weight, bias)
         else:
             y = _CONV[kind](u, weight, bias, *conv_args)
-        ctx.save_for_backward((u + ub) / 2, (weight + wb) / 2)
+        ctx.save_for_backward(u, weight, ub, wb)
         ctx.kind, ctx.conv_args, ctx.has_bias = kind, conv_args, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        u_mean, w_mean = ctx.saved_tensors
+        u, weight, ub, wb = ctx.saved_tensors
         need_u, need_w, need_b = ctx.needs_input_grad[:3]
+        u_mean = torch.add(u, ub).mul_(0.5) if need_w else u
+        w_mean = torch.add(weight, wb).mul_(0.5) if need_u else weight
         if ctx.kind == "linear":
             gu = grad.matmul(w_mean) if need_u else None
             g2 = grad.reshape(-1, grad.shape[-1])
