@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelLayout", "resolve_state", "evaluated_at", "fork_rng", "trainable_parameters"]
+__all__ = ["ModelLayout", "resolve_state", "evaluated_at", "fork_rng"]
 
 
 class ModelLayout:
@@ -42,23 +42,8 @@ class ModelLayout:
                 seen_modules.add(id(module))
                 self.modules.append((path, module))
             prefix = f"{path}." if path else ""
-            for attr, p in module._parameters.items():
-                if p is None:
-                    continue
-                name = prefix + attr
-                canonical = seen_params.setdefault(id(p), name)
-                if canonical == name:
-                    self.params[name] = p
-                self.aliases[name] = canonical
-                self.param_slots.append((module, attr, canonical))
-            for attr, b in module._buffers.items():
-                if b is None:
-                    continue
-                name = prefix + attr
-                canonical = seen_buffers.setdefault(id(b), name)
-                if canonical == name:
-                    self.buffers[name] = b
-                self.buffer_slots.append((module, attr, canonical))
+            _collect(module, module._parameters, prefix, seen_params, self.params, self.param_slots, self.aliases)
+            _collect(module, module._buffers, prefix, seen_buffers, self.buffers, self.buffer_slots, {})
 
     def trainable(self) -> dict[str, Tensor]:
         """Parameters that require a gradient, in ``named_parameters()`` order."""
@@ -69,9 +54,18 @@ class ModelLayout:
         return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """``named_parameters()`` that require a gradient, in order."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def _collect(module: nn.Module, table: dict, prefix: str, seen: dict[int, str], first: dict[str, Tensor],
+             slots: list, aliases: dict[str, str]) -> None:
+    """Record the tensors of one module's ``_parameters`` or ``_buffers`` table."""
+    for attr, tensor in table.items():
+        if tensor is None:
+            continue
+        name = prefix + attr
+        canonical = seen.setdefault(id(tensor), name)
+        if canonical == name:
+            first[name] = tensor
+        aliases[name] = canonical
+        slots.append((module, attr, canonical))
 
 
 def _layout(model_or_layout: nn.Module | ModelLayout) -> ModelLayout:
