@@ -61,16 +61,13 @@ def build(case: str):
 
 
 def stored_bytes(model, closure, other, linear: bool) -> int:
+    """What the pass at `other` keeps: the activation (and, Linear variant, affine) inputs."""
     session = SiteSession(linear=linear)
-    from ttadapt.states import evaluated_at, resolve_state
-
-    with evaluated_at(model, resolve_state(model, other)), session.run(model, "record"), torch.no_grad():
-        closure()
-    return session.stored_bytes
+    averaged_loss(model, closure, other, linear=linear, session=session)
+    return session.recorded_bytes
 
 
-def timing(case: str, rounds: int) -> dict[str, float]:
-    model, closure, other, methods = build(case)
+def timing(methods: dict, rounds: int) -> dict[str, float]:
     for f in methods.values():  # warm up
         f()
         f()
@@ -96,8 +93,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for case in args.cases:
         rounds = args.rounds or (15 if case == "resnet18" else 200)
-        t = timing(case, rounds)
         model, closure, other, methods = build(case)
+        t = timing(methods, rounds)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         allowed = {
             "averaged": stored_bytes(model, closure, other, False) + param_bytes,

@@ -110,6 +110,7 @@ class SiteSession:
         self.cursor = 0
         self.opaque = 0
         self.calls: list[SiteCall] = []
+        self.recorded_bytes = 0  # what the last record phase kept (see stored_bytes)
         self._stack: list[str] = []
         self._by_storage: dict[int, list[int]] = {}
 
@@ -133,6 +134,8 @@ class SiteSession:
         hooks = self._track(model) if self.track_modules else []
         try:
             yield self
+            if phase == "record":
+                self.recorded_bytes = self.stored_bytes
             if self.model_calls == 0:
                 raise RuntimeError(
                     "the closure never called the model (model(...)); ttadapt averages the activations "

@@ -27,7 +27,6 @@ class ModelLayout:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
         self.params: dict[str, Tensor] = {}
         self.aliases: dict[str, str] = {}
         self.param_slots: list[tuple[nn.Module, str, str]] = []
