@@ -334,3 +334,30 @@ def test_half_precision_secant_is_formed_in_float32():
     want = _ordinary(net, lambda: net(x).float().sum())
     for n in want:
         torch.testing.assert_close(same[n], want[n])
+
+
+def test_inputs_the_caller_owns_are_never_overwritten():
+    # The engine reuses the memory of kept inputs it alone holds; the batch itself, a parameter
+    # or a tensor the closure keeps must come through unchanged.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            h = torch.tanh(x) + F.elu(self.scale) + F.gelu(x[:, :4])
+            kept.append(self.l(h))
+            return torch.sigmoid(kept[-1])
+
+    kept: list = []
+    net = Net()
+    x = torch.randn(3, 4)
+    x_before, scale_before = x.clone(), net.scale.detach().clone()
+    other = {n: p.detach() + 0.3 for n, p in net.named_parameters()}
+    ttadapt.averaged_grad(net, lambda: net(x).sum(), other)
+    assert torch.equal(x, x_before)
+    assert torch.equal(net.scale.detach(), scale_before)
+    # kept[0]: the sigmoid's input in the pass at `other`, still held by the model's caller
+    h_other = torch.tanh(x) + F.elu(other["scale"]) + F.gelu(x[:, :4])
+    torch.testing.assert_close(kept[0], F.linear(h_other, other["l.weight"], other["l.bias"]))

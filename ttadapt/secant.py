@@ -27,22 +27,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def close_mask(ua: Tensor, diff: Tensor) -> Tensor:
+def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
     """Where the two inputs are too close for a secant (the paper's division-by-zero rule):
     ``|ub − ua| ≤ tol·(1 + |ua|)`` with ``tol = sqrt(eps)``.
 
     That threshold balances the cancellation error of the secant, ~eps·|f|/|Δu|, against the
-    error of using the derivative instead, ~|f''|·|Δu|.
+    error of using the derivative instead, ~|f''|·|Δu|. ``overwrite`` lets it reuse ``diff``'s
+    memory (the caller no longer needs it).
     """
     tol = torch.finfo(ua.dtype).eps ** 0.5
-    return diff.abs() <= ua.abs().add_(1.0).mul_(tol)
+    gap = diff.abs_() if overwrite else diff.abs()
+    n = gap.numel()
+    if n > _BLOCK and gap.is_contiguous() and ua.is_contiguous():
+        # in blocks, so that |ua| never needs a full-size temporary
+        flat_gap, flat_u = gap.view(-1), ua.view(-1)
+        for start in range(0, n, _BLOCK):
+            flat_gap[start:start + _BLOCK].sub_(flat_u[start:start + _BLOCK].abs(), alpha=tol)
+    else:
+        gap.sub_(ua.abs(), alpha=tol)
+    return gap <= tol
 
 
-def _fill_close(slope: Tensor, close: Tensor, derivative: Callable[[], Tensor]) -> Tensor:
-    """Replace the secant by the derivative where ``close``; skips the work when nothing is."""
-    if slope.device.type == "cpu" and not bool(close.any()):
+_BLOCK = 1 << 16
+
+
+def _fill_close(slope: Tensor, close: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
+    """Replace the secant by ``derivative(at)`` where ``close`` (``derivative`` is elementwise).
+
+    On the CPU only the close elements are evaluated when they are few (the usual case once the
+    states differ); on accelerators one ``where`` avoids a host synchronisation.
+    """
+    if slope.device.type != "cpu":
+        return torch.where(close, derivative(at).to(slope.dtype), slope)
+    count = int(torch.count_nonzero(close))
+    if count == 0:
         return slope
-    return torch.where(close, derivative().to(slope.dtype), slope)
+    if count * 8 > close.numel() or not slope.is_contiguous():
+        return torch.where(close, derivative(at).to(slope.dtype), slope)
+    idx = close.reshape(-1).nonzero().squeeze(1)
+    slope.view(-1)[idx] = derivative(at.reshape(-1)[idx]).to(slope.dtype)
+    return slope
 
 
 def secant_slope(
@@ -51,20 +75,23 @@ def secant_slope(
     ua: Tensor,
     fa: Tensor | None,
     ub: Tensor,
+    owned: bool = False,
 ) -> Tensor:
     """``(f(ub) - f(ua)) / (ub - ua)`` elementwise, ``f'(ua)`` where the inputs (nearly) agree.
 
-    ``fa`` may pass ``f(ua)`` when it is already computed in a sufficient precision.
+    ``fa`` may pass ``f(ua)`` when it is already computed in a sufficient precision; ``owned``
+    lets ``ub``'s memory hold the difference.
     """
     dtype = ua.dtype
     cdtype = _compute_dtype(dtype)
     if cdtype != dtype:
-        ua, ub, fa = ua.to(cdtype), ub.to(cdtype), None
+        ua, ub, fa, owned = ua.to(cdtype), ub.to(cdtype), None, True
     if fa is None:
         fa = fn(ua)
-    diff = ub - ua
-    slope = fn(ub).sub_(fa).div_(diff)
-    slope = _fill_close(slope, close_mask(ua, diff), lambda: derivative(ua))
+    fb = fn(ub)
+    diff = ub.sub_(ua) if owned else ub - ua
+    slope = fb.sub_(fa).div_(diff)
+    slope = _fill_close(slope, close_mask(ua, diff, overwrite=True), ua, derivative)
     return slope.to(dtype)
 
 
@@ -86,13 +113,13 @@ class SecantActivation(Function):
             diff = ub.sub_(u) if owned else ub - u
             y = call(u)
             slope = fb.sub_(y).div_(diff)
-            slope = _fill_close(slope, diff == 0, lambda: derivative(y))
+            slope = _fill_close(slope, diff == 0, y, derivative)
         elif inplace:
-            slope = secant_slope(fn, derivative, u, None, ub)
+            slope = secant_slope(fn, derivative, u, None, ub, owned)
             y = call(u)
         else:
             y = call(u)
-            slope = secant_slope(fn, derivative, u, y, ub)
+            slope = secant_slope(fn, derivative, u, y, ub, owned)
         if inplace:
             ctx.mark_dirty(u)
         ctx.save_for_backward(slope)

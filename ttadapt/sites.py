@@ -69,6 +69,19 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _sole_owner(t: Tensor) -> bool:
+    """Whether ``t`` is the only tensor on its memory (then the engine may overwrite it).
+
+    A kept input is usually an intermediate of the finished pass at `other`; one that aliases the
+    caller's data (the batch, a parameter, a view) has other owners and is never overwritten.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or t._base is not None:
+        return False
+    storage = t.untyped_storage()
+    return use_count(storage._cdata) == 2 and storage.nbytes() == t.numel() * t.element_size()  # t + `storage`
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, session: "SiteSession") -> None:
         super().__init__()
@@ -283,7 +296,8 @@ class SiteSession:
         if not u.requires_grad:
             return func(*args, **kwargs)
         call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
-        return averaged_activation_output(act, call, u, rec.u, settings, inplace, owned=rec.version is None)
+        owned = rec.version is None or _sole_owner(rec.u)
+        return averaged_activation_output(act, call, u, rec.u, settings, inplace, owned=owned)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
