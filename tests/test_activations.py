@@ -128,3 +128,18 @@ def test_registering_a_taken_callable_is_refused():
         ttadapt.register_activation("my_relu", torch.relu, None, [CallForm(torch.relu)])
     with pytest.raises(TypeError):
         ttadapt.register_module_activation("x", int)
+
+
+@pytest.mark.parametrize("name", [n for n, a in registered_activations().items() if a.secant is not None])
+def test_closed_form_secants_match_the_quotient(name):
+    act = registered_activations()[name]
+    ua = torch.cat([torch.randn(2000) * 3, torch.tensor([-40.0, 40.0, 0.0, 1e-3])])
+    ub = torch.cat([ua[:1000] + torch.randn(1000), ua[1000:2000] + 1e-6 * torch.randn(1000), torch.tensor([40.0, -40.0, 0.0, 1e-3])])
+    got = act.secant(ua, act.fn(ua), ub)  # float32
+    a64, b64 = ua.double(), ub.double()
+    d = b64 - a64
+    quotient = (act.fn(b64) - act.fn(a64)) / d
+    want = torch.where(d.abs() < 1e-9, act.derivative(a64), quotient)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    same = act.secant(ua, act.fn(ua), ua.clone())
+    assert torch.equal(same, act.derivative(ua)), "at ub == ua the slope is the derivative, bit for bit"

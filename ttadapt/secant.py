@@ -104,8 +104,12 @@ class SecantActivation(Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool) -> Tensor:  # type: ignore[override]
-        if exact and _compute_dtype(u.dtype) == u.dtype:
+    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool, closed_form: Callable | None = None) -> Tensor:  # type: ignore[override]
+        if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
+            fa = None if inplace else call(u)
+            slope = closed_form(u, fn(u) if inplace else fa, ub)
+            y = call(u) if inplace else fa
+        elif exact and _compute_dtype(u.dtype) == u.dtype:
             # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
             # quotient; only ub == ua needs the derivative, and for these clamp-like functions
             # f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
@@ -128,7 +132,7 @@ class SecantActivation(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
-        return grad * slope, None, None, None, None, None, None, None
+        return grad * slope, None, None, None, None, None, None, None, None
 
 
 def _prelu_slopes(ua: Tensor, ub: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,4 +290,7 @@ def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor]
     """Apply :class:`SecantActivation` for a registered activation with its call settings."""
     fn = (lambda x: act.fn(x, **settings)) if settings else act.fn
     derivative = lambda x: act.derivative(x, **settings)  # noqa: E731
-    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned)
+    closed_form = None
+    if act.secant is not None:
+        closed_form = (lambda a, fa, b: act.secant(a, fa, b, **settings)) if settings else act.secant
+    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned, closed_form)
