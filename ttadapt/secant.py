@@ -48,7 +48,7 @@ def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
     return gap <= tol
 
 
-_BLOCK = 1 << 16
+_BLOCK = 1 << 18
 
 
 def _fill_close(slope: Tensor, close: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
