@@ -8,6 +8,7 @@ derivative becomes a secant slope.
 from .activations import CallForm, register_activation, register_module_activation, registered_activations, unregister_activation
 from .averaged import averaged_backward, averaged_grad
 from .inspection import InspectionReport, inspect
+from .optim import AG1, AG2, AG3, SAM, SOAP, create_optimizer
 from .reference import path_average_grad
 from .sites import SiteMismatchError
 
@@ -25,5 +26,11 @@ __all__ = [
     "registered_activations",
     "unregister_activation",
     "CallForm",
+    "AG1",
+    "AG2",
+    "AG3",
+    "SAM",
+    "SOAP",
+    "create_optimizer",
     "__version__",
 ]

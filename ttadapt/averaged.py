@@ -63,6 +63,73 @@ def _float_tensor(x: Any) -> bool:
     return isinstance(x, Tensor) and x.is_floating_point()
 
 
+def _record_pass(model: nn.Module, closure: Closure, layout: ModelLayout, session: SiteSession,
+                 state: Mapping[str, Tensor], want_seeds: bool) -> tuple[list[list[Tensor | None]], Tensor | None]:
+    """The pass at ``state`` without a graph, keeping the sites' inputs (private buffer copies).
+
+    With ``want_seeds`` it also returns, per model call and output leaf, the loss gradient at
+    that output, and the detached loss at ``state``.
+    """
+    seeds: list[list[Tensor | None]] = []
+    with evaluated_at(layout, state), session.run(model, "record", layout):
+        if not want_seeds:
+            with torch.no_grad():
+                call_closure(closure)
+            return seeds, None
+        outputs: list[list[Tensor | None]] = []
+
+        def at_other(forward: Callable) -> Callable:
+            def run(*args: Any, **kwargs: Any):
+                with torch.no_grad():
+                    out = forward(*args, **kwargs)
+                leaves, spec = pytree.tree_flatten(out)
+                leaves = [t.detach().requires_grad_(True) if _float_tensor(t) else t for t in leaves]
+                outputs.append([t if _float_tensor(t) else None for t in leaves])
+                return pytree.tree_unflatten(leaves, spec)
+
+            return run
+
+        with torch.enable_grad(), _root_forward(model, at_other):
+            loss_b = call_closure(closure)
+        if not outputs:
+            raise RuntimeError("seed='other' needs the closure to call the model itself (model(...)), which it did not")
+        flat = [t for out in outputs for t in out if t is not None]
+        grads = iter(torch.autograd.grad(loss_b, flat, allow_unused=True) if loss_b.requires_grad else [None] * len(flat))
+        seeds = [[next(grads) if t is not None else None for t in out] for out in outputs]
+    return seeds, loss_b.detach()
+
+
+def _swap_output_grads(seeds: list[list[Tensor | None]], active: Callable[[], bool] = lambda: True) -> Callable[[Callable], Callable]:
+    """A root-forward wrapper that, while ``active()``, replaces the loss gradient arriving at
+    each model output leaf by the matching one of ``seeds`` (the output gradient at `other`)."""
+    calls = [0]
+
+    def wrap(forward: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any):
+            out = forward(*args, **kwargs)
+            k = calls[0]
+            calls[0] += 1
+            if k >= len(seeds):
+                raise RuntimeError(f"the closure called the model {k + 1} times at the current parameters but {len(seeds)} times at `other`")
+            leaves, _ = pytree.tree_flatten(out)
+            for t, s in zip(leaves, seeds[k]):
+                if _float_tensor(t) and t.requires_grad:
+                    if s is not None and s.shape != t.shape:
+                        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
+
+                    def hook(g: Tensor, s: Tensor | None = s) -> Tensor:
+                        if not active():
+                            return g
+                        return torch.zeros_like(g) if s is None else s.to(g.dtype)
+
+                    t.register_hook(hook)
+            return out
+
+        return run
+
+    return wrap
+
+
 def averaged_loss(
     model: nn.Module,
     closure: Closure,
@@ -86,55 +153,10 @@ def averaged_loss(
     session.linear = linear
     rng = fork_rng(layout)
 
-    seeds: list[list[Tensor | None]] = []
-    with evaluated_at(layout, state), session.run(model, "record", layout):
-        if seed == "current":
-            with torch.no_grad():
-                call_closure(closure)
-        else:
-            outputs: list[list[Tensor | None]] = []
-
-            def at_other(forward: Callable) -> Callable:
-                def run(*args: Any, **kwargs: Any):
-                    with torch.no_grad():
-                        out = forward(*args, **kwargs)
-                    leaves, spec = pytree.tree_flatten(out)
-                    leaves = [t.detach().requires_grad_(True) if _float_tensor(t) else t for t in leaves]
-                    outputs.append([t if _float_tensor(t) else None for t in leaves])
-                    return pytree.tree_unflatten(leaves, spec)
-
-                return run
-
-            with torch.enable_grad(), _root_forward(model, at_other):
-                loss_b = call_closure(closure)
-            if not outputs:
-                raise RuntimeError("seed='other' needs the closure to call the model itself (model(...)), which it did not")
-            flat = [t for out in outputs for t in out if t is not None]
-            grads = iter(torch.autograd.grad(loss_b, flat, allow_unused=True) if loss_b.requires_grad else [None] * len(flat))
-            seeds = [[next(grads) if t is not None else None for t in out] for out in outputs]
-            del outputs, flat, loss_b
+    seeds, _ = _record_pass(model, closure, layout, session, state, seed == "other")
 
     rng.rewind()
-    calls = [0]
-
-    def at_graph(forward: Callable) -> Callable:
-        def run(*args: Any, **kwargs: Any):
-            out = forward(*args, **kwargs)
-            k = calls[0]
-            calls[0] += 1
-            if k >= len(seeds):
-                raise RuntimeError(f"the closure called the model {k + 1} times at the current parameters but {len(seeds)} times at `other`")
-            leaves, _ = pytree.tree_flatten(out)
-            for t, s in zip(leaves, seeds[k]):
-                if _float_tensor(t) and t.requires_grad:
-                    if s is not None and s.shape != t.shape:
-                        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
-                    t.register_hook(lambda g, s=s: torch.zeros_like(g) if s is None else s.to(g.dtype))
-            return out
-
-        return run
-
-    root = _root_forward(model, at_graph) if seed == "other" else contextlib.nullcontext()
+    root = _root_forward(model, _swap_output_grads(seeds)) if seed == "other" else contextlib.nullcontext()
     with torch.enable_grad(), session.run(model, "apply", layout), root:
         loss = call_closure(closure)
     session.finish_apply()
@@ -193,3 +215,93 @@ def averaged_grad(
         return {name: torch.zeros_like(p) for name, p in params.items()}
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {name: (g if g is not None else torch.zeros_like(p)) for (name, p), g in zip(params.items(), grads)}
+
+
+class DeferredAverage:
+    """One forward at the current parameters θ, differentiated twice: first ordinarily, then —
+    once the caller has chosen the other state from that gradient — averaged towards it.
+
+    This is the forward-looking schedule of AG-1 / AG-2 (spec §3) at the cost of the spec's
+    cost model, 2·T_fwd + 2·T_bwd: the graph of the ordinary pass is retained, the pass at the
+    other state records the sites' inputs, and the second backward through the same graph uses
+    secant slopes (see :mod:`ttadapt.deferred`). The graph is built on private copies of the
+    trainable parameters (:attr:`start`, the values at θ), so the caller may step the real
+    parameters between the two backwards (the forecast) without invalidating it.
+
+    Args:
+        model, closure: as in :func:`averaged_grad`.
+        linear: the Linear variant for affine layers in the averaged backward.
+        rescale: with ``linear``, rescale each affine layer's averaged input and parameter
+            gradients to the L2 norms of the ordinary ones (AG-2 Linear).
+    """
+
+    def __init__(self, model: nn.Module, closure: Closure, *, linear: bool = False, rescale: bool = False,
+                 layout: ModelLayout | None = None) -> None:
+        if not callable(closure):
+            raise TypeError(f"closure must be a zero-argument callable returning the loss, got {type(closure).__name__}")
+        self.model, self.closure = model, closure
+        self.layout = layout or ModelLayout(model)
+        self.session = SiteSession(linear=linear)
+        self.session.rescale = bool(rescale and linear)
+        self.start = {n: p.detach().clone().requires_grad_(True) for n, p in self.layout.trainable().items()}
+        self._rng = fork_rng(self.layout)
+        self._outputs: list[list[Tensor | None]] = []
+        self._done = False
+
+        def capture(forward: Callable) -> Callable:
+            def run(*args: Any, **kwargs: Any):
+                out = forward(*args, **kwargs)
+                leaves, _ = pytree.tree_flatten(out)
+                self._outputs.append([t if (_float_tensor(t) and t.requires_grad) else None for t in leaves])
+                return out
+
+            return run
+
+        with torch.enable_grad(), evaluated_at(self.layout, self.start, copy_buffers=False), \
+                self.session.run(model, "graph", self.layout), _root_forward(model, capture):
+            self._loss = call_closure(closure)
+        self.loss = self._loss.detach()
+        self.other_loss: Tensor | None = None
+
+    def _grads(self, retain: bool) -> dict[str, Tensor]:
+        names = list(self.start)
+        if not self._loss.requires_grad or not names:
+            return {n: torch.zeros_like(t) for n, t in self.start.items()}
+        grads = torch.autograd.grad(self._loss, [self.start[n] for n in names], retain_graph=retain, allow_unused=True)
+        return {n: (g if g is not None else torch.zeros_like(self.start[n])) for n, g in zip(names, grads)}
+
+    def ordinary_grad(self) -> dict[str, Tensor]:
+        """The ordinary gradient at θ, keyed by parameter name (the graph is kept)."""
+        if self._done:
+            raise RuntimeError("DeferredAverage: the graph was already used by averaged_grad()")
+        return self._grads(retain=True)
+
+    def averaged_grad(self, other: Mapping[str, Tensor] | None, *, seed: str = "other") -> dict[str, Tensor]:
+        """The averaged gradient between θ and ``other`` with graph state θ (frees the graph).
+
+        ``seed="other"`` takes the loss gradient at the model output at ``other`` (AG-1 / AG-2);
+        :attr:`other_loss` then holds the loss there.
+        """
+        if seed not in ("current", "other"):
+            raise ValueError(f"seed must be 'current' or 'other', got {seed!r}")
+        if self._done:
+            raise RuntimeError("DeferredAverage: averaged_grad() can be called once")
+        state = resolve_state(self.layout, other, "other")
+        self._rng.rewind()
+        seeds, self.other_loss = _record_pass(self.model, self.closure, self.layout, self.session, state, seed == "other")
+        self.session.fill_slots()
+        if seed == "other":
+            if len(seeds) != len(self._outputs):
+                raise RuntimeError(f"the closure called the model {len(self._outputs)} times at the current parameters but {len(seeds)} times at `other`")
+            for out, out_seeds in zip(self._outputs, seeds):
+                for t, s in zip(out, out_seeds):
+                    if t is None:
+                        continue
+                    if s is not None and s.shape != t.shape:
+                        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
+                    t.register_hook(lambda g, s=s: torch.zeros_like(g) if s is None else s.to(g.dtype))
+        self._done = True
+        grads = self._grads(retain=False)
+        self._outputs = []
+        self.session.slots = []
+        return grads

@@ -240,36 +240,45 @@ class AveragedAffine(Function):
         need_u, need_w, need_b = ctx.needs_input_grad[:3]
         u_mean = torch.add(u, ub).mul_(0.5) if need_w else u
         w_mean = torch.add(weight, wb).mul_(0.5) if need_u else weight
-        if ctx.kind == "linear":
-            gu = grad.matmul(w_mean) if need_u else None
-            g2 = grad.reshape(-1, grad.shape[-1])
-            gw = g2.t().matmul(u_mean.reshape(-1, u_mean.shape[-1])) if need_w else None
-            gb = g2.sum(0) if (need_b and ctx.has_bias) else None
-            return gu, gw, gb, None, None, None, None
-        stride, padding, dilation, groups = ctx.conv_args
-        nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3}[ctx.kind]
-        unbatched = u_mean.dim() == nd + 1
-        if unbatched:
-            u_mean, grad = u_mean.unsqueeze(0), grad.unsqueeze(0)
-        if isinstance(padding, str):  # "same" / "valid": differentiate the call itself at (ū, W̄)
-            with torch.enable_grad():
-                uu = u_mean.detach().requires_grad_(need_u)
-                ww = w_mean.detach().requires_grad_(need_w)
-                out = _CONV[ctx.kind](uu, ww, None, stride, padding, dilation, groups)
-                inputs = [t for t, need in ((uu, need_u), (ww, need_w)) if need]
-                grads = iter(torch.autograd.grad(out, inputs, grad) if inputs else ())
-            gu = next(grads) if need_u else None
-            gw = next(grads) if need_w else None
-        else:
-            gu, gw, _ = torch.ops.aten.convolution_backward(
-                grad, u_mean, w_mean, None,
-                _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd),
-                False, [0] * nd, groups, [need_u, need_w, False],
-            )
-        gb = grad.sum(dim=[0] + list(range(2, grad.dim()))) if (need_b and ctx.has_bias) else None
-        if unbatched and gu is not None:
-            gu = gu.squeeze(0)
+        gu, gw, gb = _affine_grads(ctx.kind, ctx.conv_args, ctx.has_bias, (need_u, need_w, need_b), grad, u_mean, w_mean)
         return gu, gw, gb, None, None, None, None
+
+
+def _affine_grads(kind: str, conv_args: tuple, has_bias: bool, needs: tuple[bool, bool, bool], grad: Tensor,
+                  u: Tensor, weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of a Linear / Conv call w.r.t. input, weight and bias, with the input gradient
+    taken through ``weight`` and the weight gradient from ``u`` (the means, for Eq. 11)."""
+    need_u, need_w, need_b = needs
+    if kind == "linear":
+        gu = grad.matmul(weight) if need_u else None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gw = g2.t().matmul(u.reshape(-1, u.shape[-1])) if need_w else None
+        gb = g2.sum(0) if (need_b and has_bias) else None
+        return gu, gw, gb
+    stride, padding, dilation, groups = conv_args
+    nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3}[kind]
+    unbatched = u.dim() == nd + 1
+    if unbatched:
+        u, grad = u.unsqueeze(0), grad.unsqueeze(0)
+    if isinstance(padding, str):  # "same" / "valid": differentiate the call itself at (u, W)
+        with torch.enable_grad():
+            uu = u.detach().requires_grad_(need_u)
+            ww = weight.detach().requires_grad_(need_w)
+            out = _CONV[kind](uu, ww, None, stride, padding, dilation, groups)
+            inputs = [t for t, need in ((uu, need_u), (ww, need_w)) if need]
+            grads = iter(torch.autograd.grad(out, inputs, grad) if inputs else ())
+        gu = next(grads) if need_u else None
+        gw = next(grads) if need_w else None
+    else:
+        gu, gw, _ = torch.ops.aten.convolution_backward(
+            grad, u, weight, None,
+            _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd),
+            False, [0] * nd, groups, [need_u, need_w, False],
+        )
+    gb = grad.sum(dim=[0] + list(range(2, grad.dim()))) if (need_b and has_bias) else None
+    if unbatched and gu is not None:
+        gu = gu.squeeze(0)
+    return gu, gw, gb
 
 
 def _tuple(value: Any, n: int) -> list[int]:
@@ -286,11 +295,18 @@ _CONV = {
 }
 
 
-def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool, owned: bool = False) -> Tensor:
-    """Apply :class:`SecantActivation` for a registered activation with its call settings."""
+def activation_callables(act: Activation, settings: dict) -> tuple[Callable, Callable, Callable | None]:
+    """``(fn, derivative, closed_form secant or None)`` of a registered activation with one call's
+    settings bound."""
     fn = (lambda x: act.fn(x, **settings)) if settings else act.fn
     derivative = lambda x: act.derivative(x, **settings)  # noqa: E731
     closed_form = None
     if act.secant is not None:
         closed_form = (lambda a, fa, b: act.secant(a, fa, b, **settings)) if settings else act.secant
+    return fn, derivative, closed_form
+
+
+def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool, owned: bool = False) -> Tensor:
+    """Apply :class:`SecantActivation` for a registered activation with its call settings."""
+    fn, derivative, closed_form = activation_callables(act, settings)
     return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned, closed_form)

@@ -14,7 +14,10 @@ three sites.
 * ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
   recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and replaced by the
   averaged autograd function of :mod:`ttadapt.secant`;
-* ``"inspect"`` — one plain pass that lists every pointwise call and whether it is averaged.
+* ``"inspect"`` — one plain pass that lists every pointwise call and whether it is averaged;
+* ``"graph"`` — the pass at the graph state *before* the other state is known (AG-1 / AG-2):
+  each site gets a :class:`~ttadapt.deferred.DeferredSlot` and a function whose backward is
+  ordinary until :meth:`SiteSession.fill_slots` hands it a later record pass's inputs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 
 from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
 from .states import ModelLayout
-from .secant import AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, averaged_activation_output, secant_slope
+from .deferred import DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot
+from .secant import AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables, averaged_activation_output, secant_slope
 
 __all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
 
@@ -124,6 +128,8 @@ class SiteSession:
         self.opaque = 0
         self.calls: list[SiteCall] = []
         self.recorded_bytes = 0  # what the last record phase kept (see stored_bytes)
+        self.slots: list[DeferredSlot] = []  # the "graph" phase's sites
+        self.rescale = False  # "graph" phase: affine slots record ordinary norms (AG-2 Linear)
         self._stack: list[str] = []
         self._by_storage: dict[int, list[int]] = {}
 
@@ -137,9 +143,11 @@ class SiteSession:
     @contextlib.contextmanager
     def run(self, model: nn.Module, phase: str, layout: ModelLayout | None = None) -> Iterator["SiteSession"]:
         """Intercept sites of ``model`` during the ``with`` body, in ``phase``."""
-        if phase not in ("record", "apply", "inspect"):
+        if phase not in ("record", "apply", "inspect", "graph"):
             raise ValueError(f"unknown phase {phase!r}")
         self.phase = phase
+        if phase == "graph":
+            self.slots = []
         self.cursor = 0
         self.model_calls = 0
         patched = self._patch_modules(layout or ModelLayout(model))
@@ -176,6 +184,35 @@ class SiteSession:
                 f"shape {tuple(nxt.shape)}. Both passes must follow the same control flow."
             )
         self.records.clear()
+
+    def fill_slots(self) -> None:
+        """Hand the last record pass's inputs to the ``"graph"`` pass's slots, in call order."""
+        records, slots = self.records, self.slots
+        if len(records) != len(slots):
+            raise SiteMismatchError(
+                f"the pass at the current parameters made {len(slots)} averaged calls, the pass at "
+                f"`other` made {len(records)}. Both passes must follow the same control flow."
+            )
+        for k, (rec, slot) in enumerate(zip(records, slots)):
+            assert rec is not None
+            if rec.name != slot.name or rec.shape != slot.shape or rec.dtype != slot.dtype:
+                raise SiteMismatchError(
+                    f"averaged call #{k + 1} differs between the passes: {rec.name} with input "
+                    f"{tuple(rec.shape)} {rec.dtype} at `other`, {slot.name} with input {tuple(slot.shape)} "
+                    f"{slot.dtype} at the current parameters. Both passes must follow the same control flow."
+                )
+            if rec.version is not None and rec.u._version != rec.version:
+                raise RuntimeError(
+                    f"the input of averaged call #{k + 1} ({rec.name}) was modified in place after the call "
+                    "during the pass at `other`; ttadapt keeps that input by reference."
+                )
+            slot.ub, slot.weight = rec.u, rec.weight
+        self.records = []
+
+    def _slot(self, name: str, u: Tensor) -> DeferredSlot:
+        slot = DeferredSlot(name, u.shape, u.dtype, rescale=self.rescale)
+        self.slots.append(slot)
+        return slot
 
     def _patch_root(self, model: nn.Module) -> tuple:
         """Intercept only while the model itself runs: the loss outside it keeps its own backward."""
@@ -286,6 +323,19 @@ class SiteSession:
             weight = given.get("weight") if act.parametric else None
             self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
             return func(*args, **kwargs)
+        if phase == "graph":
+            slot = self._slot(name, u)
+            settings = act.settings(given)
+            if act.parametric:
+                weight = settings["weight"]
+                if not (u.requires_grad or weight.requires_grad):
+                    return func(*args, **kwargs)
+                return DeferredPReLU.apply(u, weight, slot)
+            if not u.requires_grad:
+                return func(*args, **kwargs)
+            fn, derivative, closed_form = activation_callables(act, settings)
+            call = lambda _u: func(*args, **kwargs)  # noqa: E731
+            return DeferredActivation.apply(u, call, fn, derivative, inplace, act.exact_secant, closed_form, slot)
         rec = self._next(name, u)
         settings = act.settings(given)
         if act.parametric:
@@ -313,12 +363,15 @@ class SiteSession:
         if self.phase == "record":
             self._keep(name, u, copy=False, weight=weight.detach())
             return func(*args, **kwargs)
-        rec = self._next(name, u)
+        slot = self._slot(name, u) if self.phase == "graph" else None
+        rec = self._next(name, u) if slot is None else None
         if not (u.requires_grad or weight.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad)):
             return func(*args, **kwargs)
         conv_args = ()
         if kind != "linear":
             conv_args = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
+        if slot is not None:
+            return DeferredAffine.apply(u, weight, bias, kind, conv_args, slot)
         return AveragedAffine.apply(u, weight, bias, rec.u, rec.weight, kind, conv_args)
 
     def _log_unaveraged(self, func: Callable, args: tuple, kwargs: dict) -> None:
@@ -344,9 +397,14 @@ class SiteSession:
                 if phase == "record":
                     self._keep(name, u, copy=False)
                     return fwd(u)
-                rec = self._next(name, u)
                 derivative = lambda x: entry.derivative(module, fwd, x)  # noqa: E731
                 trainable = [p for p in module.parameters() if p.requires_grad]
+                if phase == "graph":
+                    slot = self._slot(name, u)
+                    if not trainable:
+                        return DeferredModule.apply(u, fwd, derivative, slot) if u.requires_grad else fwd(u)
+                    return DeferredPassThrough.apply(u, fwd(u.detach()), fwd, derivative, slot)
+                rec = self._next(name, u)
                 if not trainable:
                     if not u.requires_grad:
                         return fwd(u)

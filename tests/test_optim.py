@@ -1,0 +1,512 @@
+"""Optimizer wrappers (spec §3) against independent references: plain autograd, the engine's
+own oracle-tested ``averaged_grad``, and the base optimizer's real ``step()`` on twin copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ttadapt
+from ttadapt.optim import AnchorStore, OptimizerSnapshot, anchor_index, dry_run
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+def mlp(act: nn.Module | None = None, bn: bool = False) -> nn.Module:
+    layers = [nn.Linear(6, 8)]
+    if bn:
+        layers.append(nn.BatchNorm1d(8))
+    layers += [act if act is not None else nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers)
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3), nn.ELU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    )
+
+
+MODELS = {"tanh_mlp": lambda: mlp(), "relu_bn_cnn": cnn, "gelu_mlp": lambda: mlp(nn.GELU())}
+
+
+def batches(name: str, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (10, 1, 8, 8) if name == "relu_bn_cnn" else (10, 6)
+    return [(torch.randn(shape, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(n)]
+
+
+def closure_for(model, x, y):
+    return lambda: F.cross_entropy(model(x), y)
+
+
+OPTIMIZERS = {
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam_foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True),
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True),
+    "soap": lambda p: ttadapt.SOAP(p, lr=1e-2, precondition_frequency=2),
+}
+
+
+def state_equal(a, b) -> bool:
+    """Structural, bitwise equality of two state trees."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def twins(make_model, make_opt):
+    torch.manual_seed(3)
+    m1 = make_model()
+    m2 = copy.deepcopy(m1)
+    return m1, make_opt(m1.parameters()), m2, make_opt(m2.parameters())
+
+
+# -- dry run ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_dry_run_restores_everything_bit_for_bit(opt_name):
+    m1, o1, m2, o2 = twins(lambda: mlp(bn=True), OPTIMIZERS[opt_name])
+    data = batches("tanh_mlp", 6)
+    for x, y in data:
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        before_state = copy.deepcopy(o1.state_dict())
+        before_params = params_of(m1)
+        before_grads = {n: p.grad.clone() for n, p in m1.named_parameters()}
+        new1 = dry_run(o1)
+        new2 = dry_run(o1, {p: torch.randn_like(p) for p in m1.parameters()})  # a second one, other grads
+        assert state_equal(o1.state_dict(), before_state)
+        assert all(torch.equal(p, before_params[n]) for n, p in m1.named_parameters())
+        assert all(torch.equal(p.grad, before_grads[n]) for n, p in m1.named_parameters())
+        o1.step()
+        o2.step()
+        # the dry run predicted the real step, and the twin that never dry-ran agrees bitwise
+        assert all(torch.equal(new1[p1], p1) for p1 in m1.parameters())
+        assert any(not torch.equal(new2[p1], p1) for p1 in m1.parameters()) or opt_name == "soap"
+        assert all(torch.equal(p1, p2) for p1, p2 in zip(m1.parameters(), m2.parameters()))
+
+
+def test_dry_run_never_steps_a_scheduler_and_handles_wrapped_optimizers():
+    from pytorch_optimizer import Lookahead
+
+    torch.manual_seed(0)
+    m = mlp()
+    opt = Lookahead(torch.optim.Adam(m.parameters(), lr=1e-2), k=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
+    x, y = batches("tanh_mlp", 1)[0]
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        snap_inner = copy.deepcopy(opt.optimizer.state_dict())
+        snap_outer = {p: copy.deepcopy(s) for p, s in opt.state.items()}
+        lr, epoch = opt.optimizer.param_groups[0]["lr"], sched.last_epoch
+        dry_run(opt)
+        assert state_equal(opt.optimizer.state_dict(), snap_inner)
+        assert all(state_equal(opt.state[p], s) for p, s in snap_outer.items())
+        assert opt.optimizer.param_groups[0]["lr"] == lr and sched.last_epoch == epoch
+        opt.step()
+        sched.step()
+
+
+def test_snapshot_deletes_state_created_by_the_dry_run():
+    m = mlp()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    snap = OptimizerSnapshot(opt)
+    opt.step()
+    assert len(opt.state) > 0
+    snap.restore()
+    assert len(opt.state) == 0
+
+
+# -- AG-1 / AG-2 ------------------------------------------------------------------------------
+def _reference_forward_looking(model, opt, closure, full_vector: bool, linear: bool):
+    """AG-1 / AG-2 composed from independently tested parts: autograd's gradient, the base
+    optimizer's real step (dry runs on the state), and ttadapt.averaged_grad."""
+    params = dict(model.named_parameters())
+    theta = params_of(model)
+    opt.zero_grad()
+    loss = closure()
+    loss.backward()
+    before = OptimizerSnapshot(opt)
+    forecast = {n: v for n, v in zip(params, dry_run(opt).values())}
+    avg = ttadapt.averaged_grad(model, closure, forecast, seed="other", linear=linear)
+    if full_vector:
+        second = dry_run(opt, {params[n]: avg[n] for n in params})
+        second = {n: v for n, v in zip(params, second.values())}
+        l1f = sum((forecast[n] - theta[n]).double().abs().sum() for n in params)
+        l1s = sum((second[n] - theta[n]).double().abs().sum() for n in params)
+        scale = float(l1f / l1s) if l1s > 0 else 0.0  # SOAP's first step moves nothing
+        expected = {n: theta[n] + (second[n] - theta[n]) * scale for n in params}
+    else:
+        expected = {n: theta[n] - (forecast[n] - theta[n]).abs() * avg[n].sign() for n in params}
+    opt.step()  # the committed state advances with the ordinary gradient
+    del before
+    return expected, forecast, avg
+
+
+@pytest.mark.parametrize("model_name,linear", [("tanh_mlp", False), ("tanh_mlp", True), ("relu_bn_cnn", False),
+                                               ("relu_bn_cnn", True), ("gelu_mlp", False)])
+@pytest.mark.parametrize("opt_name", ["rmsprop", "adam", "soap"])
+@pytest.mark.parametrize("method", ["AG1", "AG2"])
+def test_forward_looking_step_matches_its_definition(model_name, opt_name, method, linear):
+    torch.manual_seed(1)
+    m1 = MODELS[model_name]().double()
+    m2 = copy.deepcopy(m1)
+    o1, o2 = OPTIMIZERS[opt_name](m1.parameters()), OPTIMIZERS[opt_name](m2.parameters())
+    wrapper = getattr(ttadapt, method)(m1, o1, linear=linear)
+    full = method == "AG2"
+    for x, y in batches(model_name, 3):
+        x = x.double()
+        expected, forecast, avg = _reference_forward_looking(m2, o2, closure_for(m2, x, y), full, linear and not full)
+        if full and linear:
+            # AG-2 Linear rescales per layer; the unscaled reference does not apply: check length only
+            with torch.no_grad():
+                for n, p in m2.named_parameters():
+                    p.copy_(expected[n])
+            theta = params_of(m1)
+            wrapper.step(closure_for(m1, x, y))
+            step = sum((p.detach() - theta[n]).abs().sum() for n, p in m1.named_parameters())
+            fl = sum((forecast[n] - theta[n]).abs().sum() for n in theta)
+            assert abs(float(step) - float(fl)) <= 1e-6 * max(1.0, float(fl))
+            with torch.no_grad():
+                for n, p in m2.named_parameters():
+                    p.copy_(dict(m1.named_parameters())[n])
+            continue
+        theta = params_of(m1)
+        wrapper.step(closure_for(m1, x, y))
+        got = params_of(m1)
+        for n in got:
+            assert torch.allclose(got[n], expected[n], rtol=1e-9, atol=1e-12), n
+        if not full:  # per coordinate: the forecast's magnitude wherever the sign is not zero
+            for n in got:
+                moved = avg[n] != 0
+                assert torch.allclose((got[n] - theta[n]).abs()[moved], (forecast[n] - theta[n]).abs()[moved], rtol=1e-9, atol=1e-14)
+        else:
+            l1_step = sum((got[n] - theta[n]).abs().sum() for n in got)
+            l1_fore = sum((forecast[n] - theta[n]).abs().sum() for n in got)
+            assert abs(float(l1_step - l1_fore)) <= 1e-6 * max(1.0, float(l1_fore))
+        # the committed optimizer state is the one advanced by the ordinary gradient
+        assert state_equal(o1.state_dict(), o2.state_dict()) or opt_name == "soap"
+        with torch.no_grad():
+            for (n, p2), p1 in zip(m2.named_parameters(), m1.parameters()):
+                p2.copy_(p1)
+
+
+def test_ag2_linear_rescales_each_affine_layer_to_the_ordinary_norms():
+    from ttadapt.averaged import DeferredAverage
+
+    torch.manual_seed(0)
+    m = mlp().double()
+    x, y = batches("tanh_mlp", 1)[0]
+    x = x.double()
+    cl = closure_for(m, x, y)
+    other = {n: p.detach() + 0.5 * torch.randn_like(p) for n, p in m.named_parameters()}
+    run = DeferredAverage(m, cl, linear=True, rescale=True)
+    ordinary = run.ordinary_grad()
+    averaged = run.averaged_grad(other)
+    plain = ttadapt.averaged_grad(m, cl, other, seed="other", linear=True)
+    for layer in ("0", "2", "4"):
+        names = [f"{layer}.weight", f"{layer}.bias"]
+        n_ord = torch.sqrt(sum(ordinary[n].square().sum() for n in names))
+        n_avg = torch.sqrt(sum(averaged[n].square().sum() for n in names))
+        n_plain = torch.sqrt(sum(plain[n].square().sum() for n in names))
+        assert torch.allclose(n_avg, n_ord, rtol=1e-10)
+        assert not torch.allclose(n_plain, n_ord, rtol=1e-3)  # the rescaling does something
+        cos = sum((averaged[n] * plain[n]).sum() for n in names) / (n_avg * n_plain)
+        if layer == "4":  # the last layer's parameter gradient is only rescaled, not redirected
+            assert cos > 1 - 1e-10
+
+
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.ReLU(inplace=True), nn.GELU(), nn.PReLU(), nn.ELU(), nn.Softplus()],
+                         ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("seed", ["other", "current"])
+def test_deferred_average_equals_two_pass_engine(act, linear, seed):
+    """One graph differentiated twice gives the ordinary gradient, then exactly the averaged one."""
+    from ttadapt.averaged import DeferredAverage
+
+    torch.manual_seed(0)
+    m = mlp(act, bn=True).double()
+    x, y = batches("tanh_mlp", 1)[0]
+    x = x.double()
+    cl = closure_for(m, x, y)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in m.named_parameters()}
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
+    run = DeferredAverage(m, cl, linear=linear)
+    ordinary = run.ordinary_grad()
+    after_graph = {n: b.clone() for n, b in m.named_buffers()}
+    averaged = run.averaged_grad(other, seed=seed)
+    assert all(torch.equal(b, after_graph[n]) for n, b in m.named_buffers())  # the pass at `other`: no BN update
+    for n, b in m.named_buffers():
+        b.copy_(buffers[n])
+    m.zero_grad()
+    cl().backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(ordinary[n], p.grad, rtol=1e-12, atol=1e-14)
+    for n, b in m.named_buffers():
+        b.copy_(buffers[n])
+    ref = ttadapt.averaged_grad(m, cl, other, seed=seed, linear=linear)
+    for n in ref:
+        assert torch.allclose(averaged[n], ref[n], rtol=1e-12, atol=1e-14), n
+
+
+# -- AG-3 -------------------------------------------------------------------------------------
+def test_anchor_index_formula():
+    assert [anchor_index(t, 3) for t in range(12)] == [max(0, (t // 3) * 3 - 3) for t in range(12)]
+    assert [anchor_index(t, 3) for t in range(12)] == [0, 0, 0, 0, 0, 0, 3, 3, 3, 6, 6, 6]
+    assert [anchor_index(t, 1) for t in range(5)] == [0, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_ag3_uses_the_scheduled_anchor(d, storage, linear, tmp_path):
+    torch.manual_seed(0)
+    m = mlp().double()
+    opt = torch.optim.RMSprop(m.parameters(), lr=1e-2)
+    wrapper = ttadapt.AG3(m, opt, d=d, linear=linear, anchor_storage=storage,
+                          anchor_dir=tmp_path / "anchors" if storage == "disk" else None)
+    history = []
+    anchors_used = []
+    for t, (x, y) in enumerate(batches("tanh_mlp", 12)):
+        x = x.double()
+        history.append(params_of(m))
+        a = max(0, (t // d) * d - d)
+        cl = closure_for(m, x, y)
+        expected = ttadapt.averaged_grad(m, cl, history[a], seed="current", linear=linear)
+        wrapper.step(cl)
+        anchors_used.append(wrapper.last_anchor)
+        for n, p in m.named_parameters():
+            assert torch.allclose(p.grad, expected[n], rtol=1e-12, atol=1e-14), (t, n)
+        assert len(wrapper.anchors.indices()) <= (1 if d == 1 else 2)
+        if storage == "disk":
+            files = sorted(p.name for p in (tmp_path / "anchors").iterdir())
+            assert len(files) == len(wrapper.anchors.indices()) and all(f.endswith(".pt") for f in files)
+    assert anchors_used == [max(0, (t // d) * d - d) for t in range(12)]
+    if d == 1:
+        assert anchors_used[1:] == list(range(11))
+    wrapper.close()
+    if storage == "disk":
+        assert list((tmp_path / "anchors").iterdir()) == []
+
+
+@pytest.mark.parametrize("opt_name", ["rmsprop", "adam", "soap"])
+def test_ag3_step_zero_is_the_base_optimizer(opt_name):
+    m1, o1, m2, o2 = twins(lambda: mlp(bn=True), OPTIMIZERS[opt_name])
+    x, y = batches("tanh_mlp", 1)[0]
+    ttadapt.AG3(m1, o1, d=4).step(closure_for(m1, x, y))
+    o2.zero_grad()
+    F.cross_entropy(m2(x), y).backward()
+    o2.step()
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m1.buffers(), m2.buffers()))
+
+
+def test_anchor_store_disk_writes_atomically_and_cleans_up(tmp_path):
+    store = AnchorStore("disk")
+    directory = store.directory
+    store.put(0, {"w": torch.ones(3)})
+    store.put(5, {"w": torch.zeros(3)})
+    assert torch.equal(store.get(0)["w"], torch.ones(3))
+    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    store.drop_before(5)
+    assert store.indices() == [5] and len(list(directory.iterdir())) == 1
+    store.close()
+    assert not directory.exists()
+    with pytest.raises(ValueError, match="anchor_storage"):
+        AnchorStore("gpu")
+
+
+# -- SAM --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_steps_with_the_gradient_at_the_perturbed_point(adaptive):
+    torch.manual_seed(0)
+    m = mlp(bn=True).double()
+    x, y = batches("tanh_mlp", 1)[0]
+    x = x.double()
+    ref = copy.deepcopy(m)
+    theta = params_of(m)
+    rho = 0.1
+    # reference: gradient at θ, then at θ + e on a copy (buffers of the copy are thrown away)
+    ref.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    buffers_after_one_pass = {n: b.clone() for n, b in ref.named_buffers()}
+    g = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    t = {n: theta[n].abs() if adaptive else torch.ones_like(theta[n]) for n in theta}
+    norm = torch.sqrt(sum((t[n] * g[n]).square().sum() for n in g))
+    probe = copy.deepcopy(ref)
+    with torch.no_grad():
+        for n, p in probe.named_parameters():
+            p.add_(rho * t[n] ** 2 * g[n] / norm)
+    probe.zero_grad()
+    F.cross_entropy(probe(x), y).backward()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the step must leave θ exactly
+    ttadapt.SAM(m, opt, rho=rho, adaptive=adaptive).step(closure_for(m, x, y))
+    assert all(torch.equal(p, theta[n]) for n, p in m.named_parameters())  # perturbation undone exactly
+    for (n, p), q in zip(m.named_parameters(), probe.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(b, buffers_after_one_pass[n]) for n, b in m.named_buffers())  # BN once
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+WRAPPERS = {
+    "AG1": lambda m, o, tmp: ttadapt.AG1(m, o),
+    "AG1_linear": lambda m, o, tmp: ttadapt.AG1(m, o, linear=True),
+    "AG2": lambda m, o, tmp: ttadapt.AG2(m, o),
+    "AG2_linear": lambda m, o, tmp: ttadapt.AG2(m, o, linear=True),
+    "AG3_device": lambda m, o, tmp: ttadapt.AG3(m, o, d=2),
+    "AG3_cpu": lambda m, o, tmp: ttadapt.AG3(m, o, d=2, anchor_storage="cpu"),
+    "AG3_disk": lambda m, o, tmp: ttadapt.AG3(m, o, d=2, anchor_storage="disk", anchor_dir=tmp),
+    "AG3_1": lambda m, o, tmp: ttadapt.AG3(m, o, d=1),
+    "SAM": lambda m, o, tmp: ttadapt.SAM(m, o, rho=0.05),
+}
+
+
+@pytest.mark.parametrize("wrapper_name", list(WRAPPERS))
+@pytest.mark.parametrize("opt_name", ["rmsprop", "adam", "soap"])
+def test_resume_equals_uninterrupted(wrapper_name, opt_name, tmp_path):
+    data = batches("relu_bn_cnn", 7)
+
+    def fresh(seed=5):
+        torch.manual_seed(seed)
+        m = cnn()
+        return m, WRAPPERS[wrapper_name](m, OPTIMIZERS[opt_name](m.parameters()), tmp_path / "a")
+
+    m_ref, w_ref = fresh()
+    for x, y in data:
+        w_ref.step(closure_for(m_ref, x, y))
+
+    m1, w1 = fresh()
+    for x, y in data[:4]:
+        w1.step(closure_for(m1, x, y))
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": w1.state_dict()}, buf)
+    buf.seek(0)
+    if hasattr(w1, "close"):
+        w1.close()
+    del m1, w1
+    ckpt = torch.load(buf, weights_only=True)
+    m2, w2 = fresh(seed=99)  # different init: everything must come from the checkpoint
+    m2.load_state_dict(ckpt["model"])
+    w2.load_state_dict(ckpt["opt"])
+    for x, y in data[4:]:
+        w2.step(closure_for(m2, x, y))
+    for (n, a), b in zip(m_ref.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), n
+    assert all(torch.equal(a, b) for a, b in zip(m_ref.buffers(), m2.buffers()))
+
+
+def test_load_state_dict_rejects_a_different_method():
+    m = mlp()
+    sd = ttadapt.AG1(m, torch.optim.SGD(m.parameters(), lr=0.1)).state_dict()
+    with pytest.raises(ValueError, match="AG1"):
+        ttadapt.SAM(m, torch.optim.SGD(m.parameters(), lr=0.1)).load_state_dict(sd)
+    sd3 = ttadapt.AG3(m, torch.optim.SGD(m.parameters(), lr=0.1), d=3).state_dict()
+    with pytest.raises(ValueError, match="d=3"):
+        ttadapt.AG3(m, torch.optim.SGD(m.parameters(), lr=0.1), d=4).load_state_dict(sd3)
+
+
+# -- non-finite guard -------------------------------------------------------------------------
+@pytest.mark.parametrize("wrapper_name", ["AG1", "AG2_linear", "AG3_device", "AG3_1", "SAM"])
+@pytest.mark.parametrize("opt_name", ["adam", "soap"])
+def test_nan_batch_skips_the_update_and_leaves_everything(wrapper_name, opt_name, tmp_path):
+    torch.manual_seed(0)
+    m = cnn()
+    opt = OPTIMIZERS[opt_name](m.parameters())
+    w = WRAPPERS[wrapper_name](m, opt, tmp_path)
+    data = batches("relu_bn_cnn", 3)
+    for x, y in data[:2]:
+        w.step(closure_for(m, x, y))
+    params, buffers = params_of(m), {n: b.clone() for n, b in m.named_buffers()}
+    state = copy.deepcopy(w.state_dict())
+    x, y = data[2]
+    x = x.clone()
+    x[3, 0, 2, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        loss = w.step(closure_for(m, x, y))
+    assert not torch.isfinite(loss)
+    assert w.skipped_steps == 1
+    assert all(torch.equal(p, params[n]) for n, p in m.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in m.named_buffers())
+    after = w.state_dict()
+    assert state_equal(after["optimizer"], state["optimizer"]) and after["step"] == state["step"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.step(closure_for(m, *data[0]))  # and it goes on normally
+
+
+def test_nan_in_the_averaged_gradient_only_restores_the_forecast():
+    """A forecast state where the loss is not finite: the ordinary gradient is fine, the
+    averaged one is not; AG-1 must undo the forecast step and its optimizer state."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(5, 3)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9)
+    w = ttadapt.AG1(m, opt)
+    params = params_of(m)
+
+    def closure():
+        out = m(x)
+        # finite at θ, infinite once any weight moved (the forecast)
+        bad = (m[0].weight - params["0.weight"]).abs().sum() > 0
+        return out.square().mean() * (float("inf") if bool(bad) else 1.0)
+
+    with pytest.warns(RuntimeWarning, match="averaged gradient"):
+        w.step(closure)
+    assert all(torch.equal(p, params[n]) for n, p in m.named_parameters())
+    assert len(opt.state) == 0 or all(not s for s in opt.state.values())
+
+
+# -- errors -----------------------------------------------------------------------------------
+def test_bad_arguments_raise_clear_errors():
+    m = mlp()
+    other = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        ttadapt.AG1(m, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        ttadapt.AG2(m, object())
+    with pytest.raises(TypeError, match="nn.Module"):
+        ttadapt.SAM("model", torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="d must be"):
+        ttadapt.AG3(m, torch.optim.SGD(m.parameters(), lr=0.1), d=0)
+    with pytest.raises(ValueError, match="anchor_storage"):
+        ttadapt.AG3(m, torch.optim.SGD(m.parameters(), lr=0.1), anchor_storage="ssd")
+    with pytest.raises(ValueError, match="rho"):
+        ttadapt.SAM(m, torch.optim.SGD(m.parameters(), lr=0.1), rho=-1)
+    w = ttadapt.AG1(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="closure"):
+        w.step(None)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        ttadapt.create_optimizer("adagradd", m.parameters(), lr=0.1)
+
+
+def test_soap_constructor_takes_reference_names_and_paper_defaults():
+    m = mlp()
+    opt = ttadapt.SOAP(m.parameters(), max_precond_dim=64, normalize_grads=True)
+    g = opt.param_groups[0]
+    assert g["betas"] == (0.95, 0.95) and g["precondition_frequency"] == 10
+    assert g["max_precondition_dim"] == 64 and g["normalize_gradient"] is True and g["merge_dims"] is False
+    made = ttadapt.create_optimizer("soap", m.parameters(), lr=1e-3)
+    assert made.param_groups[0]["precondition_frequency"] == 10
+    rms = ttadapt.create_optimizer("rmsprop", m.parameters(), lr=1e-3)
+    assert rms.param_groups[0]["alpha"] == 0.99

@@ -1,0 +1,209 @@
+"""Autograd functions for a graph that is differentiated twice (forward-looking AG-1 / AG-2).
+
+AG-1 and AG-2 need the ordinary gradient at θ first (to forecast θ′ with the base optimizer) and
+then the averaged gradient between θ and θ′ at the same graph state θ. Rather than run the
+forward at θ twice, the sites of that one forward are built with these functions: each keeps its
+graph-state input and a :class:`DeferredSlot`. While the slot is empty the backward is the
+ordinary one; once the pass at θ′ has filled the slot with that pass's input (and weight), the
+next backward through the retained graph uses the secant slope (Eq. 8) or the mean weight and
+input (Eq. 11). The cost is then the spec's 2·T_fwd + 2·T_bwd.
+
+For AG-2 Linear a slot also carries, from the ordinary backward, the L2 norms of the affine
+layer's input and parameter gradients, to which the averaged ones are rescaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from .activations import _prelu_weight
+from .secant import _affine_grads, _compute_dtype, _fill_close, _prelu_slopes, secant_slope
+
+__all__ = ["DeferredSlot", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
+
+
+@dataclass
+class DeferredSlot:
+    """One site of the graph pass, waiting for the other state's input."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    ub: Tensor | None = None  # the input at the other state, once known
+    weight: Tensor | None = None  # PReLU slope / affine weight at the other state
+    rescale: bool = False  # AG-2 Linear: rescale averaged gradients to the ordinary norms
+    norms: tuple[Tensor | None, Tensor | None] | None = None  # ordinary ‖g_input‖, ‖g_params‖
+
+    @property
+    def filled(self) -> bool:
+        return self.ub is not None
+
+
+def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor, ub: Tensor, exact: bool,
+                     closed_form: Callable | None) -> Tensor:
+    """The secant slope of one activation between ``ua`` (with ``fa = f(ua)``) and ``ub``."""
+    if closed_form is not None and _compute_dtype(ua.dtype) == ua.dtype:
+        return closed_form(ua, fa, ub)
+    if exact and _compute_dtype(ua.dtype) == ua.dtype:
+        diff = ub - ua
+        slope = fn(ub).sub_(fa).div_(diff)
+        return _fill_close(slope, diff == 0, ua, derivative)
+    return secant_slope(fn, derivative, ua, fa, ub)
+
+
+class DeferredActivation(Function):
+    """``y = call(u)``; backward ``g ⊙ f'(u)`` until the slot is filled, then ``g ⊙`` secant."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, call: Callable, fn: Callable, derivative: Callable, inplace: bool, exact: bool,
+                closed_form: Callable | None, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
+        ua = u.detach().clone() if inplace else u  # an in-place call would overwrite the input
+        y = call(u)
+        if inplace:
+            ctx.mark_dirty(u)
+        ctx.save_for_backward(ua, y)
+        ctx.fns = (fn, derivative, exact, closed_form)
+        ctx.slot = slot
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        ua, y = ctx.saved_tensors
+        fn, derivative, exact, closed_form = ctx.fns
+        slot = ctx.slot
+        if not slot.filled:
+            return grad * derivative(ua).to(grad.dtype), None, None, None, None, None, None, None
+        slope = activation_slope(fn, derivative, ua, y, slot.ub, exact, closed_form)
+        return grad * slope, None, None, None, None, None, None, None
+
+
+def _prelu_weight_grad(gw: Tensor, weight_shape: torch.Size, weight_numel: int) -> Tensor:
+    if weight_numel == 1:
+        return gw.sum().reshape(weight_shape)
+    if gw.dim() >= 2:
+        gw = gw.sum(dim=[0] + list(range(2, gw.dim())))
+    return gw.reshape(weight_shape)
+
+
+class DeferredPReLU(Function):
+    """``torch.prelu(u, w)``; ordinary gradients, then both averaged towards the slot's state."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, weight: Tensor, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(u, weight)
+        ctx.slot = slot
+        return torch.prelu(u, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        u, weight = ctx.saved_tensors
+        slot = ctx.slot
+        if slot.filled:
+            s_u, s_w = _prelu_slopes(u, slot.ub, weight, slot.weight)
+        else:
+            s_u = torch.where(u > 0, torch.ones_like(u), _prelu_weight(weight, u).expand_as(u))
+            s_w = u.clamp(max=0)
+        return grad * s_u, _prelu_weight_grad(grad * s_w, weight.shape, weight.numel()), None
+
+
+class DeferredModule(Function):
+    """A whole activation-module call as one deferred site."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, forward: Callable, derivative: Callable, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
+        y = forward(u)
+        ctx.save_for_backward(u, y)
+        ctx.fns = (forward, derivative)
+        ctx.slot = slot
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        u, y = ctx.saved_tensors
+        forward, derivative = ctx.fns
+        if not ctx.slot.filled:
+            return grad * derivative(u), None, None, None
+        return grad * secant_slope(forward, derivative, u, y, ctx.slot.ub), None, None, None
+
+
+class DeferredPassThrough(Function):
+    """Forward ``y`` (computed with its own graph to the module's parameters); ``u`` receives
+    ``g ⊙ f'(u)``, then ``g ⊙`` secant once the slot is filled."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, y: Tensor, forward: Callable, derivative: Callable, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(u, y.detach())
+        ctx.fns = (forward, derivative)
+        ctx.slot = slot
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        u, y = ctx.saved_tensors
+        forward, derivative = ctx.fns
+        with torch.no_grad():
+            if ctx.slot.filled:
+                slope = secant_slope(forward, derivative, u, y, ctx.slot.ub)
+            else:
+                slope = derivative(u)
+        return grad * slope, grad, None, None, None
+
+
+def _norm(*tensors: Tensor | None) -> Tensor | None:
+    """Joint L2 norm (a 0-d float64 tensor: no host synchronisation)."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return None
+    return torch.sqrt(sum(t.double().square().sum() for t in present))
+
+
+def _rescale(target: Tensor | None, *tensors: Tensor | None) -> None:
+    """Scale ``tensors`` jointly (in place) to the L2 norm ``target``; all-zero ones stay zero."""
+    now = _norm(*tensors)
+    if target is None or now is None:
+        return
+    factor = torch.where(now > 0, target / now, torch.ones_like(now))
+    for t in tensors:
+        if t is not None:
+            t.mul_(factor.to(t.dtype))
+
+
+class DeferredAffine(Function):
+    """Linear / Conv{1,2,3}d: ordinary backward, then Eq. 11 with the slot's weight and input
+    (and, for AG-2 Linear, the averaged gradients rescaled to the ordinary norms)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, weight: Tensor, bias: Tensor | None, kind: str, conv_args: tuple,
+                slot: DeferredSlot) -> Tensor:  # type: ignore[override]
+        if kind == "linear":
+            y = torch.nn.functional.linear(u, weight, bias)
+        else:
+            from .secant import _CONV
+
+            y = _CONV[kind](u, weight, bias, *conv_args)
+        ctx.save_for_backward(u, weight)
+        ctx.kind, ctx.conv_args, ctx.has_bias, ctx.slot = kind, conv_args, bias is not None, slot
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        u, weight = ctx.saved_tensors
+        slot = ctx.slot
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not slot.filled:
+            gu, gw, gb = _affine_grads(ctx.kind, ctx.conv_args, ctx.has_bias, needs, grad, u, weight)
+            if slot.rescale:
+                slot.norms = (_norm(gu), _norm(gw, gb))
+            return gu, gw, gb, None, None, None
+        u_mean = torch.add(u, slot.ub).mul_(0.5) if needs[1] else u
+        w_mean = torch.add(weight, slot.weight).mul_(0.5) if needs[0] else weight
+        gu, gw, gb = _affine_grads(ctx.kind, ctx.conv_args, ctx.has_bias, needs, grad, u_mean, w_mean)
+        if slot.rescale and slot.norms is not None:
+            _rescale(slot.norms[0], gu)
+            _rescale(slot.norms[1], gw, gb)
+        return gu, gw, gb, None, None, None

@@ -1,0 +1,159 @@
+"""What every averaged-gradient optimizer wrapper shares: the parameter map, the non-finite
+guard, gradient plumbing and checkpoint state."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..states import ModelLayout
+
+__all__ = ["OptimizerWrapper", "Closure"]
+
+Closure = Callable[[], Tensor]
+
+
+def _is_optimizer(obj: Any) -> bool:
+    return all(hasattr(obj, a) for a in ("step", "param_groups", "state", "state_dict", "load_state_dict"))
+
+
+def all_finite(*tensors: Tensor | None) -> bool:
+    """Whether every element of every tensor is finite (one host synchronisation)."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return True
+    flags = torch.stack([torch.isfinite(t).all() for t in present])
+    return bool(flags.all())
+
+
+class OptimizerWrapper:
+    """Base of :class:`~ttadapt.AG1`, :class:`~ttadapt.AG2`, :class:`~ttadapt.AG3` and
+    :class:`~ttadapt.SAM`.
+
+    ``optimizer`` is any ``torch.optim`` optimizer (or one with the same interface, such as
+    pytorch-optimizer's) over parameters of ``model``. The wrapper calls its ``step()`` with the
+    gradient its method prescribes; LR schedulers attach to ``wrapper.optimizer`` as usual.
+
+    A step whose loss or (ordinary or averaged) gradient is not finite is skipped: parameters,
+    buffers (BatchNorm statistics) and optimizer state stay exactly as they were,
+    :attr:`skipped_steps` counts it and a ``RuntimeWarning`` says so.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not _is_optimizer(optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (or have its interface), got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.step_count = 0
+        self.skipped_steps = 0
+        self._names()  # validate now: a clear error beats one at the first step
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _names(self) -> dict[str, Tensor]:
+        """``{name: parameter}`` for the optimizer's parameters that require a gradient, by the
+        model's canonical names."""
+        by_id = {id(p): name for name, p in ModelLayout(self.model).params.items()}
+        out: dict[str, Tensor] = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                name = by_id.get(id(p))
+                if name is None:
+                    raise ValueError(
+                        f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not a parameter of "
+                        "the model; build the optimizer from model.parameters() (or a subset of them)"
+                    )
+                if p.requires_grad:
+                    out[name] = p
+        return out
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @staticmethod
+    def _set_grads(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
+        for name, p in params.items():
+            p.grad = grads[name].to(p.dtype) if name in grads else None
+
+    # -- guard --------------------------------------------------------------------------------
+    @staticmethod
+    def _save_buffers(layout: ModelLayout) -> dict[str, Tensor]:
+        return {name: b.detach().clone() for name, b in layout.buffers.items()}
+
+    @staticmethod
+    def _restore_buffers(layout: ModelLayout, saved: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, b in layout.buffers.items():
+                b.copy_(saved[name])
+
+    def _skip(self, what: str) -> None:
+        self.skipped_steps += 1
+        warnings.warn(
+            f"ttadapt.{type(self).__name__}: non-finite {what}; the update was skipped "
+            f"({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    @staticmethod
+    def _check_closure(closure: Closure | None) -> Closure:
+        if closure is None or not callable(closure):
+            raise TypeError(
+                "step() needs a closure: a zero-argument callable that runs the model on the batch and returns "
+                "the loss (without calling backward)"
+            )
+        return closure
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def _hyper(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically: the base optimizer's state dict, the
+        step counters, and the method's own state (AG-3's anchors)."""
+        return {
+            "method": type(self).__name__,
+            "hyper": self._hyper(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or "optimizer" not in state:
+            raise ValueError("not a ttadapt optimizer-wrapper state dict (no 'optimizer' entry)")
+        method = state.get("method")
+        if method is not None and method != type(self).__name__:
+            raise ValueError(f"this state dict belongs to ttadapt.{method}, not ttadapt.{type(self).__name__}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state.get("step", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._load_extra_state(state)
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
+        return f"{type(self).__name__}({type(self.optimizer).__name__}{', ' + hyper if hyper else ''}, step={self.step_count})"
+
+
+def l1_norm(tensors: Mapping[str, Tensor] | list[Tensor]) -> float:
+    """Σ|x| over all tensors, accumulated in float64."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    total = sum((t.detach().double().abs().sum() for t in values), torch.zeros((), dtype=torch.float64))
+    return float(total)
+
+

@@ -1,0 +1,128 @@
+"""AG-1 and AG-2: forward-looking averaged-gradient steps (spec §3, paper Alg. 2).
+
+Each step, on one batch:
+
+1. one forward at θ with a graph, one backward: the ordinary gradient g;
+2. the forecast: the base optimizer's real ``step()`` with g gives θ′; its state advances with
+   g and is kept (s ← s′);
+3. one forward at θ′ without a graph, then a second backward through the graph of step 1: the
+   averaged gradient G′ between θ and θ′, graph state θ, loss gradient taken at θ′'s output;
+4. AG-1: θ ← θ − |θ′ − θ| ⊙ sign(G′) — the forecast's per-coordinate magnitude, the averaged
+   gradient's direction;
+   AG-2: a dry run of the base optimizer from the state *before* step 2 with G′ gives θ″ (then
+   discarded); θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁.
+
+Cost: 2·T_fwd + 2·T_bwd + 2·T_opt (the graph of step 1 is differentiated twice, see
+:class:`ttadapt.averaged.DeferredAverage`). ``linear=True`` uses the Linear variant in step 3;
+AG-2 Linear also rescales each affine layer's averaged gradients to the ordinary ones' L2 norms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..averaged import DeferredAverage
+from ..states import ModelLayout
+from .base import Closure, OptimizerWrapper, all_finite, l1_norm
+from .snapshot import OptimizerSnapshot
+
+__all__ = ["AG1", "AG2"]
+
+
+class _ForwardLooking(OptimizerWrapper):
+    _full_vector = False
+
+    def __init__(self, model: nn.Module, optimizer: Any, *, linear: bool = False) -> None:
+        super().__init__(model, optimizer)
+        self.linear = bool(linear)
+        #: L1 length of the last forecast step ‖θ′ − θ‖₁ and of the committed step ‖Δ‖₁
+        self.last_forecast_l1: float | None = None
+        self.last_step_l1: float | None = None
+
+    def _hyper(self) -> dict[str, Any]:
+        return {"linear": self.linear}
+
+    def step(self, closure: Closure) -> Tensor:
+        """One update on the batch the closure evaluates; returns the loss at θ (before it)."""
+        closure = self._check_closure(closure)
+        params = self._names()
+        layout = ModelLayout(self.model)
+        buffers = self._save_buffers(layout)
+        run = DeferredAverage(self.model, closure, linear=self.linear, rescale=self._full_vector and self.linear, layout=layout)
+        loss = run.loss
+        if not all_finite(loss):
+            self._restore_buffers(layout, buffers)
+            self._skip("loss")
+            return loss
+        grads = run.ordinary_grad()
+        if not all_finite(*(grads[n] for n in params)):
+            self._restore_buffers(layout, buffers)
+            self._skip("gradient")
+            return loss
+        theta = {n: run.start[n].detach() for n in params}
+        before = OptimizerSnapshot(self.optimizer)
+        old_grads = {n: p.grad for n, p in params.items()}
+        self._set_grads(params, grads)
+        self.optimizer.step()  # the forecast; its state is the committed one (s ← s′)
+        forecast = {n: p.detach() for n, p in params.items()}
+        averaged = run.averaged_grad(forecast, seed="other")
+        if not all_finite(*(averaged[n] for n in params)):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(theta[n])
+                    p.grad = old_grads[n]
+            before.restore()
+            self._restore_buffers(layout, buffers)
+            self._skip("averaged gradient")
+            return loss
+        with torch.no_grad():
+            delta = {n: params[n].detach() - theta[n] for n in params}
+            self.last_forecast_l1 = l1_norm(delta)
+            if self._full_vector:
+                self._ag2_update(params, theta, delta, averaged, before)
+            else:
+                for n, p in params.items():
+                    p.copy_(theta[n]).addcmul_(delta[n].abs_(), averaged[n].sign().to(p.dtype), value=-1)
+            self.last_step_l1 = l1_norm({n: params[n].detach() - theta[n] for n in params})
+        self._set_grads(params, grads)
+        self.step_count += 1
+        return loss
+
+    def _ag2_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], delta: dict[str, Tensor],
+                    averaged: dict[str, Tensor], before: OptimizerSnapshot) -> None:
+        committed = OptimizerSnapshot(self.optimizer)
+        before.restore()
+        for n, p in params.items():
+            p.copy_(theta[n])
+        self._set_grads(params, averaged)
+        self.optimizer.step()  # dry run from the state before the forecast, with G′
+        committed.restore()
+        second = {n: p.detach() - theta[n] for n, p in params.items()}
+        length = l1_norm(second)
+        scale = self.last_forecast_l1 / length if length > 0 else 0.0
+        for n, p in params.items():
+            p.copy_(theta[n]).add_(second[n], alpha=scale)
+
+
+class AG1(_ForwardLooking):
+    """AG-1: the forecast's step magnitude per coordinate, the averaged gradient's sign.
+
+    Args:
+        model: the model the closure evaluates.
+        optimizer: the base optimizer over (some of) ``model``'s parameters.
+        linear: AG-1 Linear (Linear variant of the averaged backward for affine layers).
+
+    ``step(closure)`` returns the loss at the parameters before the update. After it, ``.grad``
+    holds the ordinary gradient (what the base optimizer's state advanced with).
+    """
+
+
+class AG2(_ForwardLooking):
+    """AG-2: the base optimizer's step with the averaged gradient, scaled to the forecast's L1
+    length (two dry runs of the base optimizer per step). ``linear=True`` is AG-2 Linear, with
+    the per-layer rescaling of the averaged gradients to the ordinary gradients' L2 norms."""
+
+    _full_vector = True

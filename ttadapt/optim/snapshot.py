@@ -1,0 +1,149 @@
+"""Bit-exact snapshots of an optimizer's state, for forecasts by dry run (spec §3, DESIGN §5).
+
+AG-1 / AG-2 read the base optimizer's update by running its real ``step()`` and then putting
+everything back: per-parameter state (moments, step counters, SOAP's eigenbases), ``param_groups``
+entries other than the parameters (learning rate, betas, pytorch-optimizer's ``group["step"]``),
+scalar attributes, and the same for optimizers nested inside wrapper optimizers (Lookahead's
+``optimizer``, SAM-style ``base_optimizer``). Tensors are restored with in-place ``copy_`` so
+that references held elsewhere (fused kernels, schedulers) stay valid; state the dry run created
+is deleted. A snapshot can be restored any number of times.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["OptimizerSnapshot", "dry_run"]
+
+_NESTED = ("optimizer", "base_optimizer", "inner_optimizer", "_optimizer")
+_SKIP_ATTRS = {"param_groups", "state", "defaults", *_NESTED}
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+
+
+def _restore(live: Any, saved: Any) -> Any:
+    """Make ``live`` equal to ``saved``, in place where possible; return the restored value."""
+    if isinstance(saved, Tensor):
+        if isinstance(live, Tensor) and _same_layout(live, saved):
+            with torch.no_grad():
+                live.copy_(saved)
+            return live
+        return saved.clone()
+    if isinstance(saved, dict):
+        if not isinstance(live, dict):
+            return _clone(saved)
+        for k in [k for k in live if k not in saved]:
+            del live[k]
+        for k, v in saved.items():
+            live[k] = _restore(live.get(k), v)
+        return live
+    if isinstance(saved, list):
+        if not isinstance(live, list):
+            return _clone(saved)
+        restored = [_restore(live[i] if i < len(live) else None, v) for i, v in enumerate(saved)]
+        live[:] = restored
+        return live
+    if isinstance(saved, tuple):
+        return tuple(_restore(None, v) for v in saved)
+    return copy.deepcopy(saved)
+
+
+def _plain_attr(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, Tensor)) or value is None
+
+
+def _optimizers(optimizer: Any) -> list[Any]:
+    """``optimizer`` and every optimizer nested in it (wrapper optimizers), each once."""
+    found: list[Any] = []
+    stack = [optimizer]
+    while stack:
+        opt = stack.pop()
+        if any(opt is f for f in found):
+            continue
+        found.append(opt)
+        for attr in _NESTED:
+            inner = getattr(opt, attr, None)
+            if inner is not None and hasattr(inner, "param_groups") and hasattr(inner, "state"):
+                stack.append(inner)
+    return found
+
+
+class OptimizerSnapshot:
+    """Everything a ``step()`` of ``optimizer`` can change, except the parameters themselves."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.parts = []
+        for opt in _optimizers(optimizer):
+            state = {p: _clone(s) for p, s in opt.state.items()}
+            groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            attrs = {k: _clone(v) for k, v in vars(opt).items() if k not in _SKIP_ATTRS and not k.startswith("__") and _plain_attr(v)}
+            self.parts.append((opt, state, groups, attrs))
+
+    def restore(self) -> None:
+        """Put the optimizer back into the captured state, bit for bit."""
+        for opt, state, groups, attrs in self.parts:
+            for p in [p for p in opt.state if p not in state]:
+                del opt.state[p]
+            for p, saved in state.items():
+                if p in opt.state:
+                    opt.state[p] = _restore(opt.state[p], saved)
+                else:
+                    opt.state[p] = _clone(saved)
+            for group, saved in zip(opt.param_groups, groups):
+                for k in [k for k in group if k != "params" and k not in saved]:
+                    del group[k]
+                for k, v in saved.items():
+                    group[k] = _restore(group.get(k), v)
+            for k, v in attrs.items():
+                setattr(opt, k, _restore(getattr(opt, k, None), v))
+
+
+def _params(optimizer: Any) -> list[Tensor]:
+    seen: dict[int, Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def dry_run(optimizer: Any, grads: dict[Tensor, Tensor | None] | None = None, params: Iterable[Tensor] | None = None) -> dict[Tensor, Tensor]:
+    """The parameters one ``optimizer.step()`` would produce, with everything restored after.
+
+    ``grads`` maps parameters to the gradient to step with (default: their current ``.grad``).
+    Returns ``{parameter: new value}``; parameters, their ``.grad`` and the optimizer's state are
+    left bit for bit as they were. No LR scheduler is stepped.
+    """
+    params = list(params) if params is not None else _params(optimizer)
+    snapshot = OptimizerSnapshot(optimizer)
+    values = [p.detach().clone() for p in params]
+    old_grads = [p.grad for p in params]
+    try:
+        if grads is not None:
+            for p in params:
+                p.grad = grads.get(p)
+        optimizer.step()
+        return {p: p.detach().clone() for p in params}
+    finally:
+        with torch.no_grad():
+            for p, v, g in zip(params, values, old_grads):
+                p.copy_(v)
+                p.grad = g
+        snapshot.restore()
