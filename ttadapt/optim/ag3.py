@@ -56,8 +56,8 @@ class AG3(OptimizerWrapper):
         """One update on the batch the closure evaluates; returns the loss at θ(t)."""
         closure = self._check_closure(closure)
         t = self.step_count
-        params = self._names()
         layout = ModelLayout(self.model)
+        params = self._names(layout)
         buffers = self._save_buffers(layout)
         a = anchor_index(t, self.d)
         old_grads = {n: p.grad for n, p in params.items()}

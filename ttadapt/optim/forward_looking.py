@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..averaged import DeferredAverage
 from ..states import ModelLayout
-from .base import Closure, OptimizerWrapper, all_finite, l1_norm
+from .base import Closure, OptimizerWrapper, all_finite
 from .snapshot import OptimizerSnapshot
 
 __all__ = ["AG1", "AG2"]
@@ -38,9 +38,8 @@ class _ForwardLooking(OptimizerWrapper):
     def __init__(self, model: nn.Module, optimizer: Any, *, linear: bool = False) -> None:
         super().__init__(model, optimizer)
         self.linear = bool(linear)
-        #: L1 length of the last forecast step ‖θ′ − θ‖₁ and of the committed step ‖Δ‖₁
+        #: L1 length ‖θ′ − θ‖₁ of the last forecast step (AG-2's committed step has this length)
         self.last_forecast_l1: float | None = None
-        self.last_step_l1: float | None = None
 
     def _hyper(self) -> dict[str, Any]:
         return {"linear": self.linear}
@@ -48,8 +47,8 @@ class _ForwardLooking(OptimizerWrapper):
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ (before it)."""
         closure = self._check_closure(closure)
-        params = self._names()
         layout = ModelLayout(self.model)
+        params = self._names(layout)
         buffers = self._save_buffers(layout)
         run = DeferredAverage(self.model, closure, linear=self.linear, rescale=self._full_vector and self.linear, layout=layout)
         loss = run.loss
@@ -62,13 +61,15 @@ class _ForwardLooking(OptimizerWrapper):
             self._restore_buffers(layout, buffers)
             self._skip("gradient")
             return loss
-        theta = {n: run.start[n].detach() for n in params}
+        theta = {n: run.start[n].detach() for n in params}  # θ (private copies: free to overwrite at the end)
         before = OptimizerSnapshot(self.optimizer)
         old_grads = {n: p.grad for n, p in params.items()}
         self._set_grads(params, grads)
-        self.optimizer.step()  # the forecast; its state is the committed one (s ← s′)
-        forecast = {n: p.detach() for n, p in params.items()}
-        averaged = run.averaged_grad(forecast, seed="other")
+        self.optimizer.step()  # the forecast θ′; its state is the committed one (s ← s′)
+        del grads
+        for p in params.values():
+            p.grad = None
+        averaged = run.averaged_grad({n: p.detach() for n, p in params.items()}, seed="other")
         if not all_finite(*(averaged[n] for n in params)):
             with torch.no_grad():
                 for n, p in params.items():
@@ -78,21 +79,29 @@ class _ForwardLooking(OptimizerWrapper):
             self._restore_buffers(layout, buffers)
             self._skip("averaged gradient")
             return loss
+        del old_grads
         with torch.no_grad():
-            delta = {n: params[n].detach() - theta[n] for n in params}
-            self.last_forecast_l1 = l1_norm(delta)
             if self._full_vector:
-                self._ag2_update(params, theta, delta, averaged, before)
+                self._ag2_update(params, theta, averaged, before)
             else:
-                for n, p in params.items():
-                    p.copy_(theta[n]).addcmul_(delta[n].abs_(), averaged[n].sign().to(p.dtype), value=-1)
-            self.last_step_l1 = l1_norm({n: params[n].detach() - theta[n] for n in params})
-        self._set_grads(params, grads)
+                self._ag1_update(params, theta, averaged)
+        self._set_grads(params, averaged)
         self.step_count += 1
         return loss
 
-    def _ag2_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], delta: dict[str, Tensor],
-                    averaged: dict[str, Tensor], before: OptimizerSnapshot) -> None:
+    def _ag1_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
+        """θ ← θ − |θ′ − θ| ⊙ sign(G′), with the parameters holding θ′ (five passes over memory)."""
+        lengths = []
+        for n, p in params.items():
+            step = p.sub_(theta[n])  # θ′ − θ, in the parameter's memory
+            lengths.append(torch.linalg.vector_norm(step, 1))
+            torch.addcmul(theta[n], step.abs_(), averaged[n].sign().to(p.dtype), value=-1, out=p)
+        self.last_forecast_l1 = _total(lengths)
+
+    def _ag2_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor],
+                    before: OptimizerSnapshot) -> None:
+        """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′."""
+        forecast_l1 = _total([torch.linalg.vector_norm(p.sub_(theta[n]), 1) for n, p in params.items()])
         committed = OptimizerSnapshot(self.optimizer)
         before.restore()
         for n, p in params.items():
@@ -100,11 +109,18 @@ class _ForwardLooking(OptimizerWrapper):
         self._set_grads(params, averaged)
         self.optimizer.step()  # dry run from the state before the forecast, with G′
         committed.restore()
-        second = {n: p.detach() - theta[n] for n, p in params.items()}
-        length = l1_norm(second)
-        scale = self.last_forecast_l1 / length if length > 0 else 0.0
+        length = _total([torch.linalg.vector_norm(p.sub_(theta[n]), 1) for n, p in params.items()])  # θ″ − θ
+        scale = forecast_l1 / length if length > 0 else 0.0
         for n, p in params.items():
-            p.copy_(theta[n]).add_(second[n], alpha=scale)
+            torch.add(theta[n], p, alpha=scale, out=p)
+        self.last_forecast_l1 = forecast_l1
+
+
+def _total(parts: list[Tensor]) -> float:
+    """Σ of per-tensor norms, in float64 (one host synchronisation)."""
+    if not parts:
+        return 0.0
+    return float(torch.stack([t.to(torch.float64) for t in parts]).sum())
 
 
 class AG1(_ForwardLooking):
@@ -116,7 +132,7 @@ class AG1(_ForwardLooking):
         linear: AG-1 Linear (Linear variant of the averaged backward for affine layers).
 
     ``step(closure)`` returns the loss at the parameters before the update. After it, ``.grad``
-    holds the ordinary gradient (what the base optimizer's state advanced with).
+    holds the averaged gradient G′ (the base optimizer's state advanced with the ordinary one).
     """
 
 

@@ -38,8 +38,8 @@ class SAM(OptimizerWrapper):
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ."""
         closure = self._check_closure(closure)
-        params = self._names()
         layout = ModelLayout(self.model)
+        params = self._names(layout)
         buffers = self._save_buffers(layout)
         names = list(params)
         loss = call_closure(closure)

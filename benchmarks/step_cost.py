@@ -1,0 +1,116 @@
+"""Time and peak memory of one optimizer step of each wrapper, relative to the base optimizer's
+plain step, measured in one run.
+
+    python benchmarks/step_cost.py [--cases resnet18 model_b] [--optimizers rmsprop adam soap] [--rounds N]
+
+Each method steps its own copy of the model with its own optimizer (same initial weights, same
+batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
+alike; the reported figure is the mean over the rounds (SOAP recomputes its preconditioner every
+10 steps, a median would hide that cost — use a multiple of 10 rounds). Memory: peak bytes of
+tensors alive at once during one step (dispatch-level tracker, see _memory.py), optimizer state
+created before the call excluded. Targets (issue 3): AG-3 <= 1.35x, AG-1/AG-2 <= 2.1x, AG-3 <=
+0.7x SAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ttadapt  # noqa: E402
+
+from _memory import peak_tensor_bytes  # noqa: E402
+from _models import model_b  # noqa: E402
+
+METHODS = ("plain", "AG1", "AG2", "AG1-Linear", "AG2-Linear", "AG3", "SAM")
+LR = {"rmsprop": 1e-4, "adam": 1e-4, "soap": 1e-4}
+
+
+def build_case(case: str):
+    torch.manual_seed(0)
+    if case == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    elif case == "model_b":
+        model = model_b()
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    return model.train(), x, y
+
+
+def make_step(method: str, model, optimizer_name: str, x, y):
+    opt = ttadapt.create_optimizer(optimizer_name, model.parameters(), LR[optimizer_name])
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    if method == "plain":
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = closure()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+    wrapper = {
+        "AG1": lambda: ttadapt.AG1(model, opt),
+        "AG2": lambda: ttadapt.AG2(model, opt),
+        "AG1-Linear": lambda: ttadapt.AG1(model, opt, linear=True),
+        "AG2-Linear": lambda: ttadapt.AG2(model, opt, linear=True),
+        "AG3": lambda: ttadapt.AG3(model, opt, d=45),
+        "SAM": lambda: ttadapt.SAM(model, opt, rho=0.05),
+    }[method]()
+    return lambda: wrapper.step(closure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b"])
+    parser.add_argument("--optimizers", nargs="*", default=["rmsprop", "adam", "soap"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 10 resnet18, 60 model_b)")
+    args = parser.parse_args()
+    methods = ["plain"] + [m for m in args.methods if m != "plain"]
+    print(f"# step_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads")
+    print()
+    head = " | ".join(f"{m} time / mem" for m in methods[1:])
+    print(f"| model | optimizer | plain step | {head} | AG3 / SAM time |")
+    print("|---|---|---|" + "---|" * (len(methods) - 1) + "---|")
+    for case in args.cases:
+        base_model, x, y = build_case(case)
+        rounds = args.rounds or (10 if case == "resnet18" else 60)
+        for optimizer_name in args.optimizers:
+            steps = {m: make_step(m, copy.deepcopy(base_model), optimizer_name, x, y) for m in methods}
+            for step in steps.values():  # warm up; creates optimizer state
+                step()
+                step()
+            times = {m: [] for m in methods}
+            for _ in range(rounds):
+                for m, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    times[m].append(time.perf_counter() - start)
+            mean = {m: statistics.fmean(v) for m, v in times.items()}
+            mem = {m: peak_tensor_bytes(step) for m, step in steps.items()}
+            cells = [f"{mean[m] / mean['plain']:.2f}x / {mem[m] / mem['plain']:.2f}x" for m in methods[1:]]
+            ag3_sam = f"{mean['AG3'] / mean['SAM']:.2f}" if "AG3" in mean and "SAM" in mean else "-"
+            print(f"| {case} | {optimizer_name} | {mean['plain'] * 1e3:.0f} ms, {mem['plain'] / 2**20:.1f} MB | "
+                  + " | ".join(cells) + f" | {ag3_sam} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
