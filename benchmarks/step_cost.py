@@ -5,7 +5,8 @@ plain step, measured in one run.
 
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
-alike; the reported figure is the mean over the rounds (SOAP recomputes its preconditioner every
+alike (with glibc told to keep freed memory, see _alloc.py, so that no method pays for the page
+faults of the one before it); the reported figure is the mean over the rounds (SOAP recomputes its preconditioner every
 10 steps, a median would hide that cost — use a multiple of 10 rounds). Memory: peak bytes of
 tensors alive at once during one step (dispatch-level tracker, see _memory.py), optimizer state
 created before the call excluded. Targets (issue 3): AG-3 <= 1.35x, AG-1/AG-2 <= 2.1x, AG-3 <=
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ttadapt  # noqa: E402
 
+from _alloc import keep_freed_memory  # noqa: E402
 from _memory import peak_tensor_bytes  # noqa: E402
 from _models import model_b  # noqa: E402
 
@@ -84,8 +86,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 10 resnet18, 60 model_b)")
     args = parser.parse_args()
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
+    cached = keep_freed_memory()
     print(f"# step_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, freed memory kept by the C allocator: {cached}")
     print()
     head = " | ".join(f"{m} time / mem" for m in methods[1:])
     print(f"| model | optimizer | plain step | {head} | AG3 / SAM time |")
