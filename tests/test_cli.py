@@ -48,3 +48,45 @@ def test_inspect_input_that_does_not_fit():
     assert result.exit_code == 2
     assert "does not run on input (2, 5, 32, 32)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_models_lists_the_zoo_with_parameter_counts():
+    result = runner.invoke(app, ["models"], terminal_width=200)
+    assert result.exit_code == 0
+    for text in ("model_a", "17,502", "8,228", "14,403", "resnet152_sigmoid", "60,192,808"):
+        assert text in result.output
+
+
+def test_inspect_takes_zoo_models():
+    result = runner.invoke(app, ["inspect", "--model", "model_b"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "tanh" in result.output and "elu" in result.output
+
+
+def test_train_writes_a_loadable_checkpoint(tmp_path):
+    import torch
+
+    from ttadapt import models
+
+    out = tmp_path / "sub" / "b.pt"
+    result = runner.invoke(app, ["train", "--model", "model_b", "--epochs", "1", "--lr", "3e-3", "--out", str(out)],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    model = models.create("model_b", weights=out)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    assert (out.stat().st_mode & 0o044) == 0o044  # readable like any file the user writes
+
+
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args, text in (
+        (["train", "--model", "model_x"], "unknown model"),
+        (["train", "--data", "cifar"], "unknown dataset"),
+        (["train", "--optimizer", "lion"], "unknown optimizer"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--data", "mnist", "--root", str(tmp_path)], "download"),
+    ):
+        result = runner.invoke(app, args, terminal_width=200)
+        assert result.exit_code == 2, (args, result.output)
+        assert text in result.output and "Traceback" not in result.output

@@ -24,6 +24,7 @@ Adding an activation is one call to :func:`register_activation` (functional form
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -220,7 +221,9 @@ def registered_activations() -> dict[str, Activation]:
 
 
 def registered_module_activations() -> dict[type, ModuleActivation]:
-    """Every module-class activation, by class."""
+    """Every module-class activation, by class (imports transformers, if installed, to list its
+    activation classes)."""
+    _ensure_transformers(import_it=True)
     return dict(_MODULE_ACTIVATIONS)
 
 
@@ -234,6 +237,8 @@ def lookup_call(func: Any) -> tuple[Activation, CallForm] | None:
 
 def lookup_module(module: nn.Module) -> ModuleActivation | None:
     """The module-class activation ``module`` is an instance of, or ``None``."""
+    if not _TRANSFORMERS_DONE and "transformers" in sys.modules:
+        _ensure_transformers(import_it=False)
     for cls in type(module).__mro__:
         entry = _MODULE_ACTIVATIONS.get(cls)
         if entry is not None:
@@ -452,10 +457,22 @@ for _f, _name in ((F.threshold, "threshold"), (F.hardshrink, "hardshrink"), (F.r
 
 
 # --------------------------------------------------------------------------------------------
-# Hugging Face transformers activation classes, registered by module class when transformers
-# is installed. Their derivative comes from autograd through the module's own forward, which is
+# Hugging Face transformers activation classes, registered by module class once transformers
+# is in use (importing it costs seconds, so ttadapt does not do it up front: a model made of its
+# classes has imported it already). Their derivative comes from autograd through the module's own forward, which is
 # exactly what the ordinary backward computes.
 # --------------------------------------------------------------------------------------------
+_TRANSFORMERS_DONE = False
+
+
+def _ensure_transformers(import_it: bool) -> None:
+    global _TRANSFORMERS_DONE
+    if _TRANSFORMERS_DONE or (not import_it and "transformers" not in sys.modules):
+        return
+    _TRANSFORMERS_DONE = True
+    _register_transformers()
+
+
 def _register_transformers() -> None:
     try:
         import transformers.activations as hf
@@ -498,6 +515,3 @@ def _clipped_gelu_kinks(module: nn.Module) -> tuple[float, ...]:
                         lo = mid
                 out.append(0.5 * (lo + hi))
     return tuple(sorted(out))
-
-
-_register_transformers()
