@@ -6,8 +6,9 @@ plain step, measured in one run.
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
 alike (with glibc told to keep freed memory, see _alloc.py, so that no method pays for the page
-faults of the one before it); the reported figure is the mean over the rounds (SOAP recomputes its preconditioner every
-10 steps, a median would hide that cost — use a multiple of 10 rounds). Memory: peak bytes of
+faults of the one before it); the reported figure is the median over the rounds, robust to the
+shared machine's hiccups. SOAP refreshes its preconditioner every 10 steps; with
+``--statistic mean`` and a multiple of 10 rounds that cost is spread over the steps instead. Memory: peak bytes of
 tensors alive at once during one step (dispatch-level tracker, see _memory.py), optimizer state
 created before the call excluded. Targets (issue 3): AG-3 <= 1.35x, AG-1/AG-2 <= 2.1x, AG-3 <=
 0.7x SAM.
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="*", default=["rmsprop", "adam", "soap"])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 10 resnet18, 60 model_b)")
+    parser.add_argument("--statistic", choices=("median", "mean"), default="median")
     args = parser.parse_args()
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
     cached = keep_freed_memory()
@@ -107,7 +109,8 @@ def main() -> None:
                     start = time.perf_counter()
                     step()
                     times[m].append(time.perf_counter() - start)
-            mean = {m: statistics.fmean(v) for m, v in times.items()}
+            summary = statistics.median if args.statistic == "median" else statistics.fmean
+            mean = {m: summary(v) for m, v in times.items()}
             mem = {m: peak_tensor_bytes(step) for m, step in steps.items()}
             cells = [f"{mean[m] / mean['plain']:.2f}x / {mem[m] / mem['plain']:.2f}x" for m in methods[1:]]
             ag3_sam = f"{mean['AG3'] / mean['SAM']:.2f}" if "AG3" in mean and "SAM" in mean else "-"

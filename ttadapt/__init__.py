@@ -5,6 +5,8 @@ between two parameter states, computed by one modified backward pass in which ea
 derivative becomes a secant slope.
 """
 
+from . import data, models
+from .adapt import Adapter
 from .activations import CallForm, register_activation, register_module_activation, registered_activations, unregister_activation
 from .averaged import averaged_backward, averaged_grad
 from .inspection import InspectionReport, inspect
@@ -26,6 +28,9 @@ __all__ = [
     "registered_activations",
     "unregister_activation",
     "CallForm",
+    "Adapter",
+    "models",
+    "data",
     "AG1",
     "AG2",
     "AG3",

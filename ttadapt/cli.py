@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -22,6 +23,11 @@ def _fail(message: str) -> None:
     """One clear line on stderr and exit status 2 — never a traceback."""
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _version(value: bool) -> None:
@@ -107,7 +113,7 @@ def inspect(
     try:
         report = run_inspect(net, x, linear=linear)
     except (RuntimeError, ValueError, TypeError) as err:
-        _fail(f"{model} does not run on input {tuple(x.shape)}: {str(err).splitlines()[0]}")
+        _fail(f"{model} does not run on input {tuple(x.shape)}: {_first_line(err)}")
     console.print(str(report), highlight=False)
 
 
@@ -171,9 +177,90 @@ def train(
         try:
             result = run_train(config, progress)
         except (DataError, ValueError, OSError) as err:
-            _fail(str(err).splitlines()[0])
+            _fail(_first_line(err))
     console.print(f"saved {result.checkpoint}: test loss {result.test_loss:.4f}, test accuracy {result.test_accuracy:.2%} "
                   f"({result.seconds:.0f} s)", highlight=False)
+
+
+@app.command()
+def adapt(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Zoo model (see `ttadapt models`). Without it: the embedded demo (shipped model_b, shifted mnist5k digits).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="imagenet | mnist5k | PATH to a .pt/.pth/.safetensors state dict.")] = None,
+    batch: Annotated[Optional[str], typer.Option("--batch", "-b", help="Folder of images, a glob, one image, or a .pt file (tensor or {'x', 'y'}).")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Labels file (.txt, .json or .csv), one class index per input.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="none, norm, grad (TENT with entropy), ag1, ag2, ag1_linear, ag2_linear, sam. Demo: several, comma-separated.")] = None,
+    steps: Annotated[int, typer.Option(help="Adaptation steps on the batch.")] = 10,
+    lr: Annotated[float, typer.Option(help="Learning rate of the base optimizer.")] = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="rmsprop, adam, adamw, sgd or soap.")] = "rmsprop",
+    loss: Annotated[str, typer.Option(help="entropy, filtered_entropy, or ce (needs --labels).")] = "entropy",
+    params: Annotated[str, typer.Option(help="Parameters to adapt: norm, all, or comma-separated name patterns.")] = "norm",
+    save: Annotated[Optional[str], typer.Option(help="Write the adapted weights (.safetensors or .pt).")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Write the predictions (.json or .csv).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Predictions shown per input.")] = 5,
+    download: Annotated[bool, typer.Option("--download", help="Allow downloading ImageNet weights.")] = False,
+    shift: Annotated[str, typer.Option(help="Demo: the distribution shift.")] = "brightness",
+    severity: Annotated[int, typer.Option(help="Demo: shift severity 1-5.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Demo: number of test digits.")] = 128,
+    seed: Annotated[int, typer.Option(help="Demo: seed of the digit sample and the shift.")] = 0,
+) -> None:
+    """Adapt a model to a batch at test time and show the predictions.
+
+    With no options, runs the embedded demo: the shipped model_b checkpoint on 128
+    brightness-shifted mnist5k test digits, comparing the source model, TENT-style gradient
+    steps and AG-1/AG-2 at the same steps and learning rate."""
+    from . import models as zoo
+    from .adapt import LOSSES, METHODS
+    from .batches import BatchError
+    from .cli_adapt import run_custom, run_default
+    from .data import DataError
+    from .models import WeightsError
+    from .optim import OPTIMIZERS
+
+    methods = tuple(m.strip() for m in (method or "").split(",") if m.strip())
+    for m in methods:
+        if m not in METHODS:
+            _fail(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
+    if loss not in LOSSES:
+        _fail(f"unknown loss {loss!r}; choose from: {', '.join(LOSSES)}")
+    if optimizer not in OPTIMIZERS:
+        _fail(f"unknown optimizer {optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
+    if steps < 0 or lr <= 0 or top_k < 1:
+        _fail("--steps must be >= 0, --lr > 0 and --top-k >= 1")
+    for path, kinds in ((save, (".safetensors", ".pt", ".pth")), (output, (".json", ".csv"))):
+        if path is not None and Path(path).suffix.lower() not in kinds:
+            _fail(f"{path}: use one of {', '.join(kinds)}")
+    try:
+        if model is None:
+            if batch is not None or weights is not None or labels is not None:
+                _fail("--batch, --weights and --labels need --model (without --model the embedded demo runs)")
+            from .data.shifts import SHIFTS
+
+            if shift not in SHIFTS:
+                _fail(f"unknown shift {shift!r}; choose from: {', '.join(SHIFTS)}")
+            if not 1 <= severity <= 5 or not 1 <= batch_size <= 1000:
+                _fail("--severity must be 1-5 and --batch-size 1-1000")
+            if loss == "ce":
+                _fail("the demo adapts without labels; use --loss entropy or filtered_entropy")
+            table = run_default(console, methods or ("none", "grad", "ag1", "ag2"), steps, lr, optimizer, loss, shift,
+                                severity, batch_size, seed)
+            console.print(table)
+            return
+        if model not in zoo.list_models():
+            _fail(f"unknown model {model!r}; available: {', '.join(zoo.list_models())}")
+        if batch is None:
+            _fail("--batch is required with --model (a folder of images, a glob, an image or a .pt file)")
+        if len(methods) > 1:
+            _fail("give one --method with --model")
+        chosen_params = params if params in ("norm", "all") else [p.strip() for p in params.split(",") if p.strip()]
+        run_custom(console, model_name=model, weights=weights, batch=batch, labels=labels, method=methods[0] if methods else "ag2",
+                   steps=steps, lr=lr, optimizer=optimizer, loss=loss, params=chosen_params, save=save, output=output,
+                   top_k=top_k, download=download)
+    except typer.Exit:
+        raise
+    except (BatchError, DataError, WeightsError, ValueError) as err:
+        _fail(_first_line(err))
+    except RuntimeError as err:
+        _fail(f"the model does not run on this batch: {_first_line(err)}")
 
 
 def main() -> None:

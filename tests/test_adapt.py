@@ -1,0 +1,221 @@
+"""Test-time adaptation: the Adapter's state handling, its methods on shifted mnist5k with the
+shipped checkpoint, and the `ttadapt adapt` command."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import ttadapt
+from ttadapt import Adapter, data, models
+from ttadapt.cli import app
+
+runner = CliRunner()
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 10))
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    x, y = data.load("mnist5k", "test").tensors
+    xs = data.shifts.apply(x[:64], "brightness", 3, seed=0)
+    return xs, y[:64]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["grad", "ag1", "ag2", "ag2_linear", "sam"])
+@pytest.mark.parametrize("opt", ["rmsprop", "adam", "soap"])
+def test_reset_and_episodic_restore_everything_bit_for_bit(method, opt):
+    model = bn_net()
+    x = torch.rand(16, 1, 28, 28)
+    adapter = Adapter(model, method=method, optimizer=opt, lr=1e-2, steps=3, params="all", episodic=False,
+                      collapse_guard=False)
+    initial = _state(model)
+    opt_state = copy.deepcopy(adapter.optimizer.state_dict())
+    first = adapter(x)
+    assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items() if "weight" in k)
+    adapter.reset()
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+    assert adapter.optimizer.state_dict() == opt_state or not adapter.optimizer.state
+    # episodic: every call starts from the initial state, so the same batch gives the same logits
+    adapter.episodic = True
+    again = adapter(x)
+    again2 = adapter(x)
+    assert torch.equal(again, again2) and torch.equal(again, first)
+
+
+def test_method_none_is_the_plain_model(shifted):
+    x, _ = shifted
+    model = models.create("model_b", weights="mnist5k").eval()
+    with torch.no_grad():
+        plain = model(x)
+    assert torch.equal(Adapter(copy.deepcopy(model), method="none")(x), plain)
+
+
+def test_norm_uses_test_batch_statistics_and_keeps_running_stats():
+    model = bn_net()
+    running = model[1].running_mean.clone()
+    x = torch.rand(16, 1, 28, 28) * 3 + 1
+    out = Adapter(model, method="norm")(x)
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        assert torch.allclose(out, reference(x), atol=1e-6)
+    assert torch.equal(model[1].running_mean, running)
+
+
+@pytest.mark.parametrize("method", ["grad", "ag1", "ag2"])
+def test_entropy_decreases_on_shifted_digits(shifted, method):
+    x, _ = shifted
+    adapter = Adapter(models.create("model_b", weights="mnist5k"), method=method, lr=1e-4, steps=5, params="all")
+    adapter(x)
+    report = adapter.last_report
+    assert not report.rolled_back and report.loss_after < report.loss_before
+
+
+def test_few_shot_ce_raises_accuracy_on_the_labelled_batch(shifted):
+    x, y = shifted
+    model = models.create("model_b", weights="mnist5k")
+    with torch.no_grad():
+        before = (model.eval()(x).argmax(1) == y).float().mean()
+    out = Adapter(model, method="ag2", loss="ce", optimizer="adam", lr=3e-3, steps=10, params="all")(x, y)
+    after = (out.argmax(1) == y).float().mean()
+    assert after > before + 0.1
+
+
+def test_filtered_entropy_ignores_unreliable_samples():
+    adapter = Adapter(bn_net(), method="grad", loss="filtered_entropy", params="all")
+    logits = torch.tensor([[10.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0.0] * 10])  # confident, uniform
+    loss = adapter.objective(logits, None)
+    assert torch.allclose(loss, ttadapt.adapt.entropy(logits[:1]).mean())
+
+
+def test_collapse_is_rolled_back_and_reported():
+    model = bn_net()
+    x = torch.rand(32, 1, 28, 28)
+    adapter = Adapter(model, method="grad", optimizer="sgd", lr=50.0, steps=5, params="all", episodic=False)
+    with torch.no_grad():
+        before = copy.deepcopy(model).eval()
+        for m in before.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.train()
+                m.momentum = 0.0
+        reference = before(x)
+    state = _state(model)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        out = adapter(x)
+    assert adapter.last_report.rolled_back and adapter.rolled_back == 1
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+def test_hugging_face_style_outputs():
+    class HF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = bn_net()
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    out = Adapter(HF(), method="ag1", params="norm", lr=1e-3)(torch.rand(8, 1, 28, 28))
+    assert out.shape == (8, 10)
+
+
+def test_bad_arguments():
+    for kwargs, text in (({"method": "tent"}, "unknown method"), ({"loss": "mse"}, "unknown loss"),
+                         ({"predict": "during"}, "predict"), ({"steps": -1}, "steps"), ({"lr": 0}, "lr")):
+        with pytest.raises(ValueError, match=text):
+            Adapter(bn_net(), **kwargs)
+    with pytest.raises(ValueError, match="selects no parameters"):
+        Adapter(models.create("model_b"), method="grad", params="norm")
+    with pytest.raises(ValueError, match="adapter\\(x, y\\)"):
+        Adapter(bn_net(), method="grad", loss="ce", params="all")(torch.rand(4, 1, 28, 28))
+
+
+# -- command line ----------------------------------------------------------------------------
+def test_cli_default_demo_runs():
+    result = runner.invoke(app, ["adapt", "--steps", "2", "--batch-size", "32"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for text in ("none", "grad", "ag1", "ag2", "accuracy", "brightness"):
+        assert text in result.output
+
+
+def _folder(tmp_path, n=3, size=40):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / f"im{i}.png")
+    return root
+
+
+def test_cli_resnet152_on_an_image_folder(tmp_path):
+    root = _folder(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n2\n3\n")
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    out_json, out_csv, saved = tmp_path / "pred.json", tmp_path / "pred.csv", tmp_path / "adapted.safetensors"
+    result = runner.invoke(app, ["adapt", "--model", "resnet152", "--batch", str(root), "--labels", str(labels),
+                                 "--method", "ag1", "--steps", "1", "--output", str(out_json), "--save", str(saved)],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    records = json.loads(out_json.read_text())
+    assert [r["input"] for r in records] == ["im0.png", "im1.png", "im2.png"]
+    assert len(records[0]["top"]) == 5 and records[0]["top"][0]["name"]  # ImageNet class names
+    assert models.create("resnet152", weights=saved) is not None
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before  # inputs untouched
+    result = runner.invoke(app, ["adapt", "--model", "resnet152", "--batch", str(root / "*.png"), "--method", "none",
+                                 "--output", str(out_csv), "--top-k", "2"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert out_csv.read_text().splitlines()[0] == "input,rank,class,name,probability"
+    assert len(out_csv.read_text().splitlines()) == 1 + 3 * 2
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    root = _folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    notimg = tmp_path / "notimg"
+    notimg.mkdir()
+    (notimg / "a.png").write_text("not an image")
+    two = tmp_path / "two.txt"
+    two.write_text("1\n2\n")
+    big = tmp_path / "big.txt"
+    big.write_text("1\n2\n5000\n")
+    gray = tmp_path / "gray.pt"
+    torch.save(torch.rand(2, 1, 64, 64), gray)
+    bad_weights = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad_weights)
+    cases = [
+        (["adapt", "--model", "resnet9"], "unknown model"),
+        (["adapt", "--method", "tent"], "unknown method"),
+        (["adapt", "--loss", "mse"], "unknown loss"),
+        (["adapt", "--model", "resnet152"], "--batch is required"),
+        (["adapt", "--model", "resnet152", "--batch", str(tmp_path / "missing")], "does not exist"),
+        (["adapt", "--model", "resnet152", "--batch", str(tmp_path / "empty")], "is empty"),
+        (["adapt", "--model", "resnet152", "--batch", str(notimg)], "is not an image"),
+        (["adapt", "--model", "resnet152", "--batch", str(gray)], "3-channel"),
+        (["adapt", "--model", "resnet152", "--batch", str(root), "--labels", str(two)], "2 labels for a batch of 3"),
+        (["adapt", "--model", "resnet152", "--batch", str(root), "--labels", str(big)], "class indices from 0 to 999"),
+        (["adapt", "--model", "resnet152", "--batch", str(root), "--weights", str(bad_weights)], "does not fit"),
+        (["adapt", "--model", "resnet152", "--batch", str(root), "--loss", "ce"], "--labels"),
+        (["adapt", "--model", "model_b", "--batch", str(root), "--output", str(tmp_path / "p.txt")], "use one of"),
+    ]
+    for args, text in cases:
+        result = runner.invoke(app, args, terminal_width=300)
+        assert result.exit_code == 2, (args, result.output)
+        assert text in result.output, (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output

@@ -1,0 +1,284 @@
+"""Test-time adaptation: a wrapper module whose call adapts the model on the batch and returns
+logits (DESIGN §6: the conventions of TENT, EATA and SAR, plus averaged-gradient methods and
+few-shot adaptation with labels).
+
+    adapter = ttadapt.Adapter(model, method="ag2", optimizer="rmsprop", lr=1e-3, steps=1)
+    for x in stream:
+        logits = adapter(x)            # adapts on x, then predicts (predict="after")
+
+The adapter configures the model in place, as TENT does: only the chosen parameters require a
+gradient, BatchNorm layers normalise with the test batch's statistics (their running statistics
+are left as they are), everything else runs in eval mode (no dropout). ``reset()`` puts the
+parameters, buffers and optimizer back to how they were when the adapter was made, bit for bit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .optim import AG1, AG2, SAM, OptimizerSnapshot, create_optimizer
+from .optim.base import all_finite
+from .states import evaluated_at
+
+__all__ = ["Adapter", "AdaptationReport", "METHODS", "LOSSES", "logits_of", "entropy"]
+
+METHODS = ("none", "norm", "grad", "ag1", "ag2", "ag1_linear", "ag2_linear", "sam")
+LOSSES = ("entropy", "filtered_entropy", "ce")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model output: a tensor, an object with ``.logits`` (Hugging Face), a
+    mapping with ``"logits"``, or the first element of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits") and isinstance(output.logits, Tensor):
+        return output.logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Per-sample Shannon entropy of the softmax, in nats."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class AdaptationReport:
+    """What happened on one batch."""
+
+    loss_before: float | None  # the adaptation loss at the first step
+    loss_after: float | None  # the adaptation loss after the last step (predict="after")
+    steps: int
+    rolled_back: bool = False
+    reason: str = ""
+
+
+class Adapter(nn.Module):
+    """Adapt ``model`` on every batch it is called with, then return logits.
+
+    Args:
+        model: any classifier (a Hugging Face output with ``.logits`` works).
+        method: ``"none"`` (the source model), ``"norm"`` (BatchNorm test statistics only),
+            ``"grad"`` (ordinary gradient; with ``loss="entropy"`` this is TENT), ``"ag1"``,
+            ``"ag2"``, ``"ag1_linear"``, ``"ag2_linear"`` (forward-looking averaged gradients),
+            ``"sam"`` (sharpness-aware; with ``filtered_entropy`` this is SAR's objective).
+        optimizer: ``"rmsprop"``, ``"adam"``, ``"adamw"``, ``"sgd"``, ``"soap"``, or a factory
+            ``params -> torch.optim.Optimizer``.
+        lr: learning rate of the base optimizer.
+        steps: update steps per batch.
+        loss: ``"entropy"``; ``"filtered_entropy"`` (only samples with entropy below
+            ``E0 = 0.4·ln C``, the EATA/SAR reliability filter); ``"ce"`` (cross-entropy with the
+            labels passed as ``adapter(x, y)``: few-shot adaptation).
+        params: ``"norm"`` (affine parameters of normalisation layers), ``"all"``, or
+            shell-style name patterns (``"layer4.*"`` or a list of them).
+        episodic: reset to the initial state before every batch.
+        predict: ``"after"`` (default: logits of the adapted model; one extra forward) or
+            ``"before"`` (logits of the forward the first update used, as TENT returns).
+        collapse_guard: roll the batch back when the loss or the predictions become non-finite
+            or the predictions collapse onto one class (≥ 95 % of a batch of ≥ 16 samples that
+            was not collapsed before); :attr:`last_report` and a warning say so.
+        rho: SAM's radius.
+    """
+
+    def __init__(self, model: nn.Module, *, method: str = "ag2", optimizer: str | Callable[[list[Tensor]], Any] = "rmsprop",
+                 lr: float = 1e-3, steps: int = 1, loss: str = "entropy", params: str | Sequence[str] = "norm",
+                 episodic: bool = True, predict: str = "after", collapse_guard: bool = True, rho: float = 0.05,
+                 optimizer_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+        if predict not in ("after", "before"):
+            raise ValueError(f"predict must be 'after' or 'before', got {predict!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        self.model = model
+        self.method, self.loss, self.steps, self.episodic, self.predict = method, loss, steps, episodic, predict
+        self.collapse_guard = collapse_guard
+        self.last_report: AdaptationReport | None = None
+        self.rolled_back = 0
+        self._configure()
+        self.adapted = self._select(params) if method not in ("none", "norm") else {}
+        self.optimizer = None
+        self.wrapper = None
+        if self.adapted:
+            plist = list(self.adapted.values())
+            self.optimizer = optimizer(plist) if callable(optimizer) else create_optimizer(optimizer, plist, lr, **(optimizer_kwargs or {}))
+            if method in ("ag1", "ag1_linear"):
+                self.wrapper = AG1(model, self.optimizer, linear=method.endswith("linear"))
+            elif method in ("ag2", "ag2_linear"):
+                self.wrapper = AG2(model, self.optimizer, linear=method.endswith("linear"))
+            elif method == "sam":
+                self.wrapper = SAM(model, self.optimizer, rho=rho)
+        elif method not in ("none", "norm"):
+            raise ValueError(f"params={params!r} selects no parameters of the model")
+        self._initial = self._capture()
+
+    # -- configuration ------------------------------------------------------------------------
+    def _configure(self) -> None:
+        model = self.model
+        model.eval()
+        if self.method == "none":
+            return
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()  # normalise with the test batch's statistics ...
+                m.momentum = 0.0  # ... and leave the running statistics as they are
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def _select(self, params: str | Sequence[str]) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        if params == "all":
+            chosen = dict(named)
+        elif params == "norm":
+            chosen = {}
+            for path, m in self.model.named_modules():
+                if isinstance(m, _NORMS):
+                    for pname, p in m.named_parameters(recurse=False):
+                        chosen[f"{path}.{pname}" if path else pname] = p
+        else:
+            patterns = [params] if isinstance(params, str) else list(params)
+            chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatch(n, pat) for pat in patterns)}
+        for p in chosen.values():
+            p.requires_grad_(True)
+        return chosen
+
+    # -- state ----------------------------------------------------------------------------------
+    def _capture(self) -> dict[str, Any]:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.adapted.items()},
+            "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
+            "optimizer": OptimizerSnapshot(self.optimizer) if self.optimizer is not None else None,
+            "counters": (self.wrapper.step_count, self.wrapper.skipped_steps) if self.wrapper is not None else None,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, p in self.adapted.items():
+                p.copy_(state["params"][n])
+                p.grad = None
+            for n, b in self.model.named_buffers():
+                b.copy_(state["buffers"][n])
+        if state["optimizer"] is not None:
+            state["optimizer"].restore()
+        if state["counters"] is not None:
+            self.wrapper.step_count, self.wrapper.skipped_steps = state["counters"]
+
+    def reset(self) -> None:
+        """Back to the state the adapter was created in: parameters, buffers, optimizer."""
+        self._restore(self._initial)
+
+    # -- the objective ----------------------------------------------------------------------
+    def objective(self, logits: Tensor, y: Tensor | None) -> Tensor:
+        if self.loss == "ce":
+            return F.cross_entropy(logits, y)
+        ent = entropy(logits)
+        if self.loss == "entropy":
+            return ent.mean()
+        reliable = ent < 0.4 * math.log(logits.shape[-1])
+        if not bool(reliable.any()):
+            return (ent * 0).sum()  # nothing reliable: a zero loss, no update
+        return ent[reliable].mean()
+
+    # -- the call -----------------------------------------------------------------------------
+    def forward(self, x: Any, y: Tensor | None = None) -> Tensor:
+        if self.method == "none":
+            self.last_report = AdaptationReport(None, None, 0)
+            return self.predict_only(x)
+        if self.episodic:
+            self.reset()
+        if self.method == "norm" or self.steps == 0:
+            self.last_report = AdaptationReport(None, None, 0)
+            return self.predict_only(x)
+        if self.loss == "ce":
+            if y is None:
+                raise ValueError("loss='ce' adapts with labels: call adapter(x, y)")
+            if not isinstance(y, Tensor) or y.dim() != 1:
+                raise ValueError("labels must be a 1-D tensor of class indices")
+        before_state = self._capture() if self.collapse_guard else None
+        first: list[Tensor] = []
+
+        def closure() -> Tensor:
+            logits = logits_of(self.model(x))
+            if not first:
+                first.append(logits.detach())
+            return self.objective(logits, y)
+
+        losses = []
+        skipped = self.wrapper.skipped_steps if self.wrapper is not None else 0
+        for _ in range(self.steps):
+            if self.wrapper is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # reported below instead
+                    losses.append(float(self.wrapper.step(closure)))
+            else:
+                losses.append(float(self._plain_step(closure)))
+        if self.predict == "after":
+            out = self.predict_only(x)
+            loss_after = float(self.objective(out, y)) if self.loss != "ce" or y is not None else None
+        else:
+            out, loss_after = first[0], None
+        report = AdaptationReport(losses[0] if losses else None, loss_after, self.steps)
+        if self.collapse_guard:
+            reason = ""
+            if self.wrapper is not None and self.wrapper.skipped_steps > skipped:
+                reason = "non-finite loss or gradient"
+            elif not all_finite(out) or (loss_after is not None and not math.isfinite(loss_after)):
+                reason = "non-finite predictions"
+            elif _collapsed(out) and not _collapsed(first[0]):
+                reason = "predictions collapsed onto one class"
+            if reason:
+                self._restore(before_state)
+                self.rolled_back += 1
+                report.rolled_back, report.reason = True, reason
+                warnings.warn(f"ttadapt.Adapter: {reason}; the batch was rolled back", RuntimeWarning, stacklevel=2)
+                out = self.predict_only(x)
+        self.last_report = report
+        return out
+
+    def predict_only(self, x: Any) -> Tensor:
+        """Logits of the model as it is now, without adapting and without touching its buffers
+        (BatchNorm's batch counter included)."""
+        with torch.no_grad(), evaluated_at(self.model, {}, copy_buffers=True):
+            return logits_of(self.model(x))
+
+    def _plain_step(self, closure: Callable[[], Tensor]) -> Tensor:
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = closure()
+        if loss.requires_grad:
+            loss.backward()
+        grads = [p.grad for p in self.adapted.values()]
+        if all_finite(loss, *grads):
+            self.optimizer.step()
+        return loss.detach()
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, loss={self.loss!r}, steps={self.steps}, episodic={self.episodic}, adapted={len(self.adapted)} tensors"
+
+
+def _collapsed(logits: Tensor) -> bool:
+    if logits.dim() != 2 or logits.shape[0] < 16:
+        return False
+    counts = torch.bincount(logits.argmax(-1), minlength=logits.shape[-1])
+    return float(counts.max()) >= 0.95 * logits.shape[0]
+
