@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 def model_b() -> nn.Sequential:
-    """The paper's Model B (spec §6): 2 × Conv+ELU+MaxPool, 28 × Linear(+Tanh); 8,228 parameters."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(1, 8, 3), nn.ELU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3), nn.ELU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(400, 10), nn.Tanh(),
-    ]
-    for _ in range(26):
-        layers += [nn.Linear(10, 10), nn.Tanh()]
-    layers.append(nn.Linear(10, 10))
-    return nn.Sequential(*layers)
+    """The paper's Model B (spec §6) from the zoo: 8,228 parameters."""
+    from ttadapt.models import ModelB
+
+    return ModelB()
 
 
 def wide_tanh_mlp(width: int = 512, depth: int = 28) -> nn.Sequential:
@@ -33,3 +28,22 @@ def small_relu_cnn() -> nn.Sequential:
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
     )
+
+
+def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model in train mode, inputs, labels) of a named benchmark case, seeded."""
+    torch.manual_seed(0)
+    if case == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    elif case == "model_b":
+        model = model_b()
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    elif case == "wide_tanh_mlp":
+        model = wide_tanh_mlp()
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    return model.train(), x, y

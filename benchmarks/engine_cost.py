@@ -29,25 +29,11 @@ from ttadapt.averaged import averaged_loss  # noqa: E402
 from ttadapt.sites import SiteSession  # noqa: E402
 
 from _memory import peak_tensor_bytes  # noqa: E402
-from _models import model_b, wide_tanh_mlp  # noqa: E402
+from _models import benchmark_case  # noqa: E402
 
 
 def build(case: str):
-    torch.manual_seed(0)
-    if case == "resnet18":
-        import torchvision
-
-        model = torchvision.models.resnet18(weights=None, num_classes=10)
-        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
-    elif case == "model_b":
-        model = model_b()
-        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    elif case == "wide_tanh_mlp":
-        model = wide_tanh_mlp()
-        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    else:
-        raise SystemExit(f"unknown case {case!r}")
-    model.train()
+    model, x, y = benchmark_case(case)
     other = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in model.named_parameters()}
 
     def closure():

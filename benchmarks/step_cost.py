@@ -32,25 +32,16 @@ import ttadapt  # noqa: E402
 
 from _alloc import keep_freed_memory  # noqa: E402
 from _memory import peak_tensor_bytes  # noqa: E402
-from _models import model_b  # noqa: E402
+from _models import benchmark_case  # noqa: E402
 
 METHODS = ("plain", "AG1", "AG2", "AG1-Linear", "AG2-Linear", "AG3", "SAM")
 LR = {"rmsprop": 1e-4, "adam": 1e-4, "soap": 1e-4}
 
 
 def build_case(case: str):
-    torch.manual_seed(0)
-    if case == "resnet18":
-        import torchvision
-
-        model = torchvision.models.resnet18(weights=None, num_classes=10)
-        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
-    elif case == "model_b":
-        model = model_b()
-        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    else:
-        raise SystemExit(f"unknown case {case!r}")
-    return model.train(), x, y
+    if case not in ("resnet18", "model_b"):
+        raise SystemExit(f"unknown case {case!r}; choose resnet18 or model_b")
+    return benchmark_case(case)
 
 
 def make_step(method: str, model, optimizer_name: str, x, y):

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttadapt
-from ttadapt.averaged import averaged_loss
 from ttadapt.sites import SiteSession
 
 from conftest import rel_err

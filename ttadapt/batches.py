@@ -8,14 +8,14 @@ import csv
 import glob as globlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 
 import torch
 from torch import Tensor
+
+from .atomic import write_bytes_atomically as write_atomically
 
 __all__ = ["BatchError", "Batch", "read_batch", "read_labels", "write_atomically", "IMAGE_SUFFIXES"]
 
@@ -138,26 +138,6 @@ def read_labels(path: str, names: list[str], num_classes: int) -> Tensor:
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise BatchError(f"{path}: labels must be class indices from 0 to {num_classes - 1}")
     return labels
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def serialize_state(state: dict[str, Tensor], suffix: str) -> bytes:

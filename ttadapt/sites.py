@@ -86,6 +86,22 @@ def _sole_owner(t: Tensor) -> bool:
     return use_count(storage._cdata) == 2 and storage.nbytes() == t.numel() * t.element_size()  # t + `storage`
 
 
+def _check_pair(k: int, rec: _Record, name: str, shape: torch.Size, dtype: torch.dtype) -> None:
+    """Site ``k`` of the pass at the graph state must match site ``k`` recorded at `other`."""
+    if rec.name != name or rec.shape != shape or rec.dtype != dtype:
+        raise SiteMismatchError(
+            f"averaged call #{k + 1} differs between the passes: {rec.name} with input "
+            f"{tuple(rec.shape)} {rec.dtype} at `other`, {name} with input {tuple(shape)} "
+            f"{dtype} at the current parameters. Both passes must follow the same control flow."
+        )
+    if rec.version is not None and rec.u._version != rec.version:
+        raise RuntimeError(
+            f"the input of averaged call #{k + 1} ({name}) was modified in place after the call "
+            "during the pass at `other`; ttadapt keeps that input by reference. Avoid in-place "
+            "operations on activation inputs after the activation."
+        )
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, session: "SiteSession") -> None:
         super().__init__()
@@ -195,17 +211,7 @@ class SiteSession:
             )
         for k, (rec, slot) in enumerate(zip(records, slots)):
             assert rec is not None
-            if rec.name != slot.name or rec.shape != slot.shape or rec.dtype != slot.dtype:
-                raise SiteMismatchError(
-                    f"averaged call #{k + 1} differs between the passes: {rec.name} with input "
-                    f"{tuple(rec.shape)} {rec.dtype} at `other`, {slot.name} with input {tuple(slot.shape)} "
-                    f"{slot.dtype} at the current parameters. Both passes must follow the same control flow."
-                )
-            if rec.version is not None and rec.u._version != rec.version:
-                raise RuntimeError(
-                    f"the input of averaged call #{k + 1} ({rec.name}) was modified in place after the call "
-                    "during the pass at `other`; ttadapt keeps that input by reference."
-                )
+            _check_pair(k, rec, slot.name, slot.shape, slot.dtype)
             slot.ub, slot.weight = rec.u, rec.weight
         self.records = []
 
@@ -292,18 +298,7 @@ class SiteSession:
             )
         rec = self.records[k]
         assert rec is not None
-        if rec.name != name or rec.shape != u.shape or rec.dtype != u.dtype:
-            raise SiteMismatchError(
-                f"averaged call #{k + 1} differs between the passes: {rec.name} with input "
-                f"{tuple(rec.shape)} {rec.dtype} at `other`, {name} with input {tuple(u.shape)} "
-                f"{u.dtype} at the current parameters. Both passes must follow the same control flow."
-            )
-        if rec.version is not None and rec.u._version != rec.version:
-            raise RuntimeError(
-                f"the input of averaged call #{k + 1} ({name}) was modified in place after the call "
-                "during the pass at `other`; ttadapt keeps that input by reference. Avoid in-place "
-                "operations on activation inputs after the activation."
-            )
+        _check_pair(k, rec, name, u.shape, u.dtype)
         self.records[k] = None  # release it as soon as it is consumed
         self.cursor = k + 1
         return rec

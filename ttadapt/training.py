@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import models as zoo
+from .atomic import torch_save_atomically
 from .data import load as load_data
 from .models.weights import CHECKPOINT_FORMAT
 from .optim import create_optimizer
@@ -65,23 +65,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 500) -> tuple
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_name: str, meta: dict[str, Any]) -> Path:
     """Write ``{format, model, state_dict, ...meta}`` with ``torch.save`` to a temporary file in
     the target directory, then rename it into place: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "model": model_name, "state_dict": model.state_dict(), **meta}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return torch_save_atomically(payload, path)
 
 
 def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:

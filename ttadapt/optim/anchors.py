@@ -12,24 +12,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ..atomic import torch_save_atomically
+
 __all__ = ["AnchorStore", "STORAGES"]
 
 STORAGES = ("device", "cpu", "disk")
-
-
-def _write_atomically(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename over ``path``: a
-    crash leaves either the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class AnchorStore:
@@ -80,7 +67,7 @@ class AnchorStore:
         else:
             assert self._directory is not None
             path = self._directory / f"anchor-{index:09d}.pt"
-            _write_atomically({n: t.detach().cpu() for n, t in state.items()}, path)
+            torch_save_atomically({n: t.detach().cpu() for n, t in state.items()}, path, private=True)
             self._files[index] = path
 
     def get(self, index: int) -> dict[str, Tensor]:
