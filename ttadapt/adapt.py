@@ -129,7 +129,8 @@ class Adapter(nn.Module):
             elif method == "sam":
                 self.wrapper = SAM(model, self.optimizer, rho=rho)
         elif method not in ("none", "norm"):
-            raise ValueError(f"params={params!r} selects no parameters of the model")
+            hint = " (the model has no normalisation layers: use params='all' or name patterns)" if params == "norm" else ""
+            raise ValueError(f"params={params!r} selects no parameters of the model{hint}")
         self._initial = self._capture()
 
     # -- configuration ------------------------------------------------------------------------

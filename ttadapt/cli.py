@@ -263,6 +263,44 @@ def adapt(
         _fail(f"the model does not run on this batch: {_first_line(err)}")
 
 
+@app.command()
+def bench(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (see recipes/).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. epochs=3 'methods=[grad, ag1]'.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default: bench-<recipe name>).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Number of seeds (overrides the recipe).")] = None,
+) -> None:
+    """Run an experiment recipe: resumable runs, per-run JSON, a Markdown table and PNG curves."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench import RecipeError, load_recipe, run_recipe
+    from .data import DataError
+    from .models import WeightsError
+
+    try:
+        items = list(overrides or [])
+        if seeds is not None:
+            items.append(f"seeds={seeds}")
+        spec = load_recipe(recipe, items)
+        lrs = [len(c["lr"]) if isinstance(c["lr"], list) else 1 for c in spec.optimizers.values()]
+        total = sum(lrs) * len(spec.methods) * spec.seeds
+        target = out or f"bench-{spec.name}"
+        with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task(spec.name, total=total)
+
+            def progress(name: str, skipped: bool) -> None:
+                bar.update(task, advance=1, description=f"{spec.name}: {name}{' (done before)' if skipped else ''}")
+
+            result = run_recipe(spec, target, progress)
+    except typer.Exit:
+        raise
+    except (RecipeError, DataError, WeightsError, ValueError, OSError) as err:
+        _fail(_first_line(err))
+    console.print(result["table"], highlight=False)
+    console.print(f"wrote {target}/table.md, {target}/runs/*.json, {target}/curves_*.png", highlight=False)
+
+
 def main() -> None:
     app()
 

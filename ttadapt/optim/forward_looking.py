@@ -40,6 +40,9 @@ class _ForwardLooking(OptimizerWrapper):
         self.linear = bool(linear)
         #: L1 length ‖θ′ − θ‖₁ of the last forecast step (AG-2's committed step has this length)
         self.last_forecast_l1: float | None = None
+        #: loss on the last batch at the forecast θ′ — the ordinary update's result, for
+        #: the batch-loss improvement metric (spec §4)
+        self.last_forecast_loss: Tensor | None = None
 
     def _hyper(self) -> dict[str, Any]:
         return {"linear": self.linear}
@@ -70,6 +73,7 @@ class _ForwardLooking(OptimizerWrapper):
         for p in params.values():
             p.grad = None
         averaged = run.averaged_grad({n: p.detach() for n, p in params.items()}, seed="other")
+        self.last_forecast_loss = run.other_loss
         if not all_finite(*(averaged[n] for n in params)):
             with torch.no_grad():
                 for n, p in params.items():
