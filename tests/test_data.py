@@ -180,3 +180,28 @@ def test_imdb_missing_is_a_clear_error(tmp_path):
         data.load("imdb", "train")
     with pytest.raises(DataError, match="does not exist"):
         data.load("imdb", "train", root=tmp_path / "nope")
+
+
+def _idx_files(raw, n_train=3, n_test=2):
+    """Tiny MNIST files in the original IDX format, as torchvision reads them."""
+    import struct
+
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        pixels = (torch.rand(n, 28, 28, generator=g) * 255).to(torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + pixels.numpy().tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+    return pixels
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_digits_from_a_local_root(tmp_path, name, folder):
+    test_pixels = _idx_files(tmp_path / folder / "raw")
+    train = data.load(name, "train", root=tmp_path)
+    test = data.load(name, "test", root=tmp_path)
+    assert len(train) == 3 and len(test) == 2
+    x, y = test.tensors
+    assert x.shape == (2, 1, 28, 28) and y.tolist() == [0, 1]
+    assert torch.equal((x[:, 0] * 255).round().to(torch.uint8), test_pixels)
