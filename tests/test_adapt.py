@@ -219,3 +219,12 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert text in result.output, (args, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_rejected_configuration_leaves_the_model_untouched():
+    model = models.create("model_b")
+    flags = [p.requires_grad for p in model.parameters()]
+    training = model.training
+    with pytest.raises(ValueError, match="no normalisation layers"):
+        Adapter(model, method="ag1", params="norm")
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training == training

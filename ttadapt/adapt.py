@@ -115,8 +115,13 @@ class Adapter(nn.Module):
         self.collapse_guard = collapse_guard
         self.last_report: AdaptationReport | None = None
         self.rolled_back = 0
-        self._configure()
         self.adapted = self._select(params) if method not in ("none", "norm") else {}
+        if not self.adapted and method not in ("none", "norm"):  # checked before the model is touched
+            hint = " (the model has no normalisation layers: use params='all' or name patterns)" if params == "norm" else ""
+            raise ValueError(f"params={params!r} selects no parameters of the model{hint}")
+        self._configure()
+        for p in self.adapted.values():
+            p.requires_grad_(True)
         self.optimizer = None
         self.wrapper = None
         if self.adapted:
@@ -128,9 +133,6 @@ class Adapter(nn.Module):
                 self.wrapper = AG2(model, self.optimizer, linear=method.endswith("linear"))
             elif method == "sam":
                 self.wrapper = SAM(model, self.optimizer, rho=rho)
-        elif method not in ("none", "norm"):
-            hint = " (the model has no normalisation layers: use params='all' or name patterns)" if params == "norm" else ""
-            raise ValueError(f"params={params!r} selects no parameters of the model{hint}")
         self._initial = self._capture()
 
     # -- configuration ------------------------------------------------------------------------
@@ -159,8 +161,6 @@ class Adapter(nn.Module):
         else:
             patterns = [params] if isinstance(params, str) else list(params)
             chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatch(n, pat) for pat in patterns)}
-        for p in chosen.values():
-            p.requires_grad_(True)
         return chosen
 
     # -- state ----------------------------------------------------------------------------------
