@@ -99,9 +99,17 @@ def _record_pass(model: nn.Module, closure: Closure, layout: ModelLayout, sessio
     return seeds, loss_b.detach()
 
 
-def _swap_output_grads(seeds: list[list[Tensor | None]], active: Callable[[], bool] = lambda: True) -> Callable[[Callable], Callable]:
-    """A root-forward wrapper that, while ``active()``, replaces the loss gradient arriving at
-    each model output leaf by the matching one of ``seeds`` (the output gradient at `other`)."""
+def _seed_output(t: Tensor, s: Tensor | None) -> None:
+    """Make the loss gradient arriving at model output ``t`` the one taken at `other` (``s``;
+    ``None``: the loss did not use that output there)."""
+    if s is not None and s.shape != t.shape:
+        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
+    t.register_hook(lambda g: torch.zeros_like(g) if s is None else s.to(g.dtype))
+
+
+def _swap_output_grads(seeds: list[list[Tensor | None]]) -> Callable[[Callable], Callable]:
+    """A root-forward wrapper that replaces the loss gradient arriving at each model output leaf
+    by the matching one of ``seeds`` (the output gradient at `other`)."""
     calls = [0]
 
     def wrap(forward: Callable) -> Callable:
@@ -114,15 +122,7 @@ def _swap_output_grads(seeds: list[list[Tensor | None]], active: Callable[[], bo
             leaves, _ = pytree.tree_flatten(out)
             for t, s in zip(leaves, seeds[k]):
                 if _float_tensor(t) and t.requires_grad:
-                    if s is not None and s.shape != t.shape:
-                        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
-
-                    def hook(g: Tensor, s: Tensor | None = s) -> Tensor:
-                        if not active():
-                            return g
-                        return torch.zeros_like(g) if s is None else s.to(g.dtype)
-
-                    t.register_hook(hook)
+                    _seed_output(t, s)
             return out
 
         return run
@@ -295,11 +295,8 @@ class DeferredAverage:
                 raise RuntimeError(f"the closure called the model {len(self._outputs)} times at the current parameters but {len(seeds)} times at `other`")
             for out, out_seeds in zip(self._outputs, seeds):
                 for t, s in zip(out, out_seeds):
-                    if t is None:
-                        continue
-                    if s is not None and s.shape != t.shape:
-                        raise RuntimeError(f"model output shape {tuple(t.shape)} differs from {tuple(s.shape)} at `other`")
-                    t.register_hook(lambda g, s=s: torch.zeros_like(g) if s is None else s.to(g.dtype))
+                    if t is not None:
+                        _seed_output(t, s)
         self._done = True
         grads = self._grads(retain=False)
         self._outputs = []
