@@ -96,7 +96,7 @@ def run_custom(console: Console, *, model_name: str, weights: Optional[str], bat
     info = models.model_info(model_name)
     model = models.create(model_name, weights=weights, download=download)
     b = read_batch(batch, info.input)
-    num_classes = _num_classes(model, info)
+    num_classes = models.num_classes_of(model_name, model)
     y = b.labels
     if labels is not None:
         y = read_labels(labels, b.names, num_classes)
@@ -161,13 +161,6 @@ def _format_predictions(records: list[dict], suffix: str) -> bytes:
             lines.append(f"{json.dumps(r['input'])},{rank},{t['class']},{name},{t['probability']:.6f}"
                          + (f",{r['label']}" if "label" in r else ""))
     return ("\n".join(lines) + "\n").encode()
-
-
-def _num_classes(model, info) -> int:
-    for name, value in model.state_dict().items():
-        if name.startswith(info.head) and name.endswith("weight") and value.dim() == 2:
-            return int(value.shape[0])
-    return info.num_classes
 
 
 def _categories(num_classes: int, kind: str) -> list[str] | None:

@@ -25,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - optional dependency
 from .averaged import averaged_loss
 from .optim.ag3 import anchor_index
 from .optim.anchors import AnchorStore
+from .optim.sam import sam_point
 from .states import evaluated_at
 
 __all__ = ["AveragedGradientTrainer"]
@@ -76,9 +77,7 @@ class AveragedGradientTrainer(Trainer):
         loss = closure()
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, grads)]
-        norm = torch.sqrt(sum(g.double().square().sum() for g in grads))
-        factor = self.sam_rho / (norm + 1e-12)
-        perturbed = {n: (params[n].detach() + g * factor.to(g.dtype)).requires_grad_(True) for n, g in zip(names, grads)}
+        perturbed = sam_point(params, dict(zip(names, grads)), self.sam_rho)
         with evaluated_at(module, perturbed, copy_buffers=True):
             loss_e = closure()
         sharp = torch.autograd.grad(loss_e, [perturbed[n] for n in names], allow_unused=True)

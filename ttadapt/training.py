@@ -74,7 +74,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     epochs, metrics)`` is called after every epoch."""
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
         raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-    info = zoo.model_info(config.model)
+    zoo.model_info(config.model)  # an unknown name fails before any data is read
     train_set = load_data(config.data, "train", **config.data_options)
     test_set = load_data(config.data, "test", **config.data_options)
     torch.manual_seed(config.seed)
@@ -103,7 +103,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     out = Path(config.out) if config.out else Path(f"{config.model}_{config.data}.pt")
     meta = {
         "data": config.data,
-        "num_classes": _num_classes(model, info),
+        "num_classes": zoo.num_classes_of(config.model, model),
         "config": {k: v for k, v in asdict(config).items() if k != "out"},
         "test_loss": history[-1]["test_loss"],
         "test_accuracy": history[-1]["test_accuracy"],
@@ -112,12 +112,3 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     }
     path = save_checkpoint(out, model, config.model, meta)
     return TrainResult(path, history[-1]["test_loss"], history[-1]["test_accuracy"], history[-1]["train_loss"], seconds, history)
-
-
-def _num_classes(model: nn.Module, info: zoo.ModelInfo) -> int:
-    for name, value in model.state_dict().items():
-        if name.startswith(info.head) and name.endswith("weight"):
-            return int(value.shape[0])
-    return info.num_classes
-
-

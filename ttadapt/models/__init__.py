@@ -28,7 +28,7 @@ from . import resnet as _resnet
 from .small import ModelA, ModelB, ModelC
 from .weights import CHECKPOINT_FORMAT, WeightsError, load_into, read_state_dict, shipped_checkpoint
 
-__all__ = ["create", "list_models", "register_model", "model_info", "ModelInfo", "WeightsError", "count_parameters",
+__all__ = ["create", "list_models", "num_classes_of", "register_model", "model_info", "ModelInfo", "WeightsError", "count_parameters",
            "CHECKPOINT_FORMAT", "ModelA", "ModelB", "ModelC"]
 
 
@@ -107,6 +107,12 @@ def _head_classes(info: ModelInfo, state: dict) -> int | None:
         if key.removeprefix("module.").startswith(info.head) and key.endswith("weight") and value.dim() == 2:
             return int(value.shape[0])
     return None
+
+
+def num_classes_of(name: str, model: nn.Module) -> int:
+    """How many classes the head of zoo model ``name`` (built and possibly loaded) predicts."""
+    info = model_info(name)
+    return _head_classes(info, model.state_dict()) or info.num_classes
 
 
 def _replace_head(info: ModelInfo, model: nn.Module, classes: int) -> nn.Module:

@@ -11,7 +11,23 @@ from ..averaged import call_closure
 from ..states import ModelLayout, evaluated_at
 from .base import Closure, OptimizerWrapper, all_finite
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "sam_point"]
+
+
+def sam_point(params: dict[str, Tensor], grads: dict[str, Tensor], rho: float, adaptive: bool = False,
+              eps: float = 1e-12) -> dict[str, Tensor]:
+    """θ + ρ·g/‖g‖ (ASAM with ``adaptive``: θ + ρ·T²g/‖Tg‖, T = |θ|), as fresh leaf tensors that
+    require a gradient; the parameters themselves are not touched."""
+    with torch.no_grad():
+        scaled = {n: g * params[n].abs() if adaptive else g for n, g in grads.items()}
+        norm = torch.sqrt(sum(s.double().square().sum() for s in scaled.values())) if scaled else torch.zeros((), dtype=torch.float64)
+        factor = rho / (norm + eps)
+        out = {}
+        for n, s in scaled.items():
+            p = params[n]
+            e = s * p.abs() if adaptive else s
+            out[n] = (p.detach() + e * factor.to(p.dtype)).requires_grad_(True)
+    return out
 
 
 class SAM(OptimizerWrapper):
@@ -50,15 +66,7 @@ class SAM(OptimizerWrapper):
             self._restore_buffers(layout, buffers)
             self._skip("loss" if not all_finite(loss) else "gradient")
             return loss
-        with torch.no_grad():
-            scaled = [g * params[n].abs() if self.adaptive else g for n, g in zip(names, grads)]
-            norm = torch.sqrt(sum(s.double().square().sum() for s in scaled)) if scaled else torch.zeros((), dtype=torch.float64)
-            factor = self.rho / (norm + self.eps)
-            perturbed = {}
-            for n, s in zip(names, scaled):
-                p = params[n]
-                e = s * params[n].abs() if self.adaptive else s
-                perturbed[n] = (p.detach() + e * factor.to(p.dtype)).requires_grad_(True)
+        perturbed = sam_point(params, dict(zip(names, grads)), self.rho, self.adaptive, self.eps)
         with evaluated_at(layout, perturbed, copy_buffers=True):
             loss_e = call_closure(closure)
         sharp = list(torch.autograd.grad(loss_e, [perturbed[n] for n in names], allow_unused=True)) if loss_e.requires_grad else [None] * len(names)
