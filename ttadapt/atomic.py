@@ -3,26 +3,29 @@ directory, flushed to disk, then renamed over the target (``os.replace`` is atom
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 
-__all__ = ["write_bytes_atomically", "torch_save_atomically"]
+__all__ = ["atomic_file", "write_bytes_atomically", "torch_save_atomically"]
 
 
-def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, private: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically. The file gets the permissions of any file the user
-    creates (umask), or owner-only ones with ``private``."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, private: bool = False) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content replaces ``path`` only when the block ends without an
+    exception; until then (and after a crash) ``path`` keeps its previous content and the
+    temporary file is removed. The file gets the permissions of any file the user creates
+    (umask), or owner-only ones with ``private``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         if not private:
@@ -33,11 +36,18 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, private: boo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, private=private) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def torch_save_atomically(obj: Any, path: str | os.PathLike, *, private: bool = False) -> Path:
-    """``torch.save(obj, path)``, atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return write_bytes_atomically(path, buffer.getvalue(), private=private)
+    """``torch.save(obj, path)``, atomically; streamed to the temporary file (no in-memory copy
+    of a multi-gigabyte checkpoint)."""
+    with atomic_file(path, private=private) as fh:
+        torch.save(obj, fh)
+    return Path(path)

@@ -139,9 +139,15 @@ def averaged_loss(
     linear: bool = False,
     session: SiteSession | None = None,
     layout: ModelLayout | None = None,
+    other_closure: Closure | None = None,
 ) -> Tensor:
     """Run both passes and return the loss at the current parameters, whose graph carries the
     averaged backward. ``loss.backward()`` then accumulates the averaged gradient into ``.grad``.
+
+    ``other_closure`` (default: ``closure``) runs the pass at ``other``. Under
+    DistributedDataParallel, give ``closure`` calling the DDP wrapper (its reducer then averages
+    the averaged gradient across ranks during ``backward``) and ``other_closure`` calling
+    ``ddp.module`` with ``model=ddp.module`` (the no-graph pass must not touch the wrapper).
     """
     if seed not in ("current", "other"):
         raise ValueError(f"seed must be 'current' or 'other', got {seed!r}")
@@ -153,7 +159,7 @@ def averaged_loss(
     session.linear = linear
     rng = fork_rng(layout)
 
-    seeds, _ = _record_pass(model, closure, layout, session, state, seed == "other")
+    seeds, _ = _record_pass(model, other_closure or closure, layout, session, state, seed == "other")
 
     rng.rewind()
     root = _root_forward(model, _swap_output_grads(seeds)) if seed == "other" else contextlib.nullcontext()

@@ -301,6 +301,43 @@ def bench(
     console.print(f"wrote {target}/table.md, {target}/runs/*.json, {target}/curves_*.png", highlight=False)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(
+    ctx: typer.Context,
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe YAML (see recipes/resnet152_imagenet_ood_ag3.yaml).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/checkpoint.pt.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines on the terminal.")] = False,
+) -> None:
+    """Fine-tune a zoo model: plain, AG-3, AG-3-1 or SAM around SOAP/Adam/RMSprop/SGD.
+
+    Overrides follow the recipe as dotted keys: `optim.lr=1e-3 method.name=sam` or
+    `--epochs 3`. Run on several processes with `torchrun --nproc_per_node N -m ttadapt finetune ...`.
+    Writes config.yaml, log.txt, metrics.jsonl, checkpoint.pt and model.pt into `out`."""
+    from .config import ConfigError
+    from .data import DataError
+    from .finetune import finetune as run_finetune
+    from .finetune import load_finetune_config
+    from .models import WeightsError
+
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    try:
+        config = load_finetune_config(recipe, list(ctx.args))
+    except ConfigError as err:
+        _fail(_first_line(err))
+    echo = None if quiet or rank != 0 else (lambda line: console.print(line, highlight=False, soft_wrap=True))
+    try:
+        result = run_finetune(config, resume=resume, echo=echo, progress=not quiet)
+    except (ConfigError, DataError, WeightsError) as err:
+        _fail(_first_line(err))
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; continue from the last checkpoint with --resume", highlight=False)
+        raise typer.Exit(code=130)
+    if rank == 0 and not quiet:
+        last = result.history[-1] if result.history else None
+        summary = f", last eval top-1 {last['top1']:.2%}" if last else ""
+        console.print(f"finished {result.steps} steps in {result.seconds:.0f} s{summary}; wrote {result.out}", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -52,8 +52,14 @@ class AG3(OptimizerWrapper):
     def _hyper(self) -> dict[str, Any]:
         return {"d": self.d, "linear": self.linear, "anchor_storage": self.anchors.storage}
 
-    def step(self, closure: Closure) -> Tensor:
-        """One update on the batch the closure evaluates; returns the loss at θ(t)."""
+    def step(self, closure: Closure, *, anchor_closure: Closure | None = None) -> Tensor:
+        """One update on the batch the closure evaluates; returns the loss at θ(t).
+
+        ``anchor_closure`` (default: ``closure``) runs the no-graph pass at the anchor. With
+        DistributedDataParallel, ``closure`` calls the DDP wrapper and ``anchor_closure`` calls
+        ``ddp.module`` (this wrapper's ``model``); the averaged gradient then flows through the
+        wrapper's graph and its reducer averages it across ranks.
+        """
         closure = self._check_closure(closure)
         t = self.step_count
         layout = ModelLayout(self.model)
@@ -66,7 +72,8 @@ class AG3(OptimizerWrapper):
             loss = call_closure(closure)
         else:
             anchor = self.anchors.get(a)
-            loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params}, seed="current", linear=self.linear, layout=layout)
+            loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params}, seed="current", linear=self.linear,
+                                 layout=layout, other_closure=anchor_closure)
         if loss.requires_grad:
             loss.backward()
         loss = loss.detach()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,15 +38,22 @@ class SAM(OptimizerWrapper):
     perturbation is undone exactly: nothing is subtracted) and on private copies of the buffers
     (so BatchNorm statistics are updated once per step, by the first pass). Cost:
     2·T_fwd + 2·T_bwd + T_opt.
+
+    ``reduce``: a callable applied in place to the list of gradients of each pass before they are
+    used, e.g. an all-reduce mean across data-parallel ranks (``ttadapt finetune`` passes one), so
+    that the perturbation and the update are those of the global batch. The closure then calls
+    the unwrapped module, not a DistributedDataParallel wrapper.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any, *, rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any, *, rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12,
+                 reduce: Callable[[list[Tensor]], None] | None = None) -> None:
         if not (isinstance(rho, (int, float)) and rho >= 0):
             raise ValueError(f"rho must be a non-negative number, got {rho!r}")
         super().__init__(model, optimizer)
         self.rho = float(rho)
         self.adaptive = bool(adaptive)
         self.eps = float(eps)
+        self.reduce = reduce
 
     def _hyper(self) -> dict[str, Any]:
         return {"rho": self.rho, "adaptive": self.adaptive}
@@ -61,6 +68,8 @@ class SAM(OptimizerWrapper):
         loss = call_closure(closure)
         grads = list(torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)) if loss.requires_grad else [None] * len(names)
         grads = [g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, grads)]
+        if self.reduce is not None:
+            self.reduce(grads)
         loss = loss.detach()
         if not all_finite(loss, *grads):
             self._restore_buffers(layout, buffers)
@@ -71,6 +80,8 @@ class SAM(OptimizerWrapper):
             loss_e = call_closure(closure)
         sharp = list(torch.autograd.grad(loss_e, [perturbed[n] for n in names], allow_unused=True)) if loss_e.requires_grad else [None] * len(names)
         sharp = [g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, sharp)]
+        if self.reduce is not None:
+            self.reduce(sharp)
         if not all_finite(loss_e, *sharp):
             self._restore_buffers(layout, buffers)
             self._skip("perturbed gradient")
