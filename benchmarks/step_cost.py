@@ -2,6 +2,7 @@
 plain step, measured in one run.
 
     python benchmarks/step_cost.py [--cases resnet18 model_b] [--optimizers rmsprop adam soap] [--rounds N]
+    python benchmarks/step_cost.py --cases resnet152 --methods AG3 SAM --optimizers soap adam --ag3-d 300   # issue 7
 
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
@@ -39,12 +40,12 @@ LR = {"rmsprop": 1e-4, "adam": 1e-4, "soap": 1e-4}
 
 
 def build_case(case: str):
-    if case not in ("resnet18", "model_b"):
-        raise SystemExit(f"unknown case {case!r}; choose resnet18 or model_b")
+    if case not in ("resnet18", "model_b", "resnet152"):
+        raise SystemExit(f"unknown case {case!r}; choose resnet18, model_b or resnet152 (batch 4, 64×64)")
     return benchmark_case(case)
 
 
-def make_step(method: str, model, optimizer_name: str, x, y):
+def make_step(method: str, model, optimizer_name: str, x, y, ag3_d: int = 45):
     opt = ttadapt.create_optimizer(optimizer_name, model.parameters(), LR[optimizer_name])
 
     def closure():
@@ -64,7 +65,7 @@ def make_step(method: str, model, optimizer_name: str, x, y):
         "AG2": lambda: ttadapt.AG2(model, opt),
         "AG1-Linear": lambda: ttadapt.AG1(model, opt, linear=True),
         "AG2-Linear": lambda: ttadapt.AG2(model, opt, linear=True),
-        "AG3": lambda: ttadapt.AG3(model, opt, d=45),
+        "AG3": lambda: ttadapt.AG3(model, opt, d=ag3_d),
         "SAM": lambda: ttadapt.SAM(model, opt, rho=0.05),
     }[method]()
     return lambda: wrapper.step(closure)
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 10 resnet18, 60 model_b)")
     parser.add_argument("--statistic", choices=("median", "mean"), default="median")
+    parser.add_argument("--ag3-d", type=int, default=45, help="AG-3's anchor period (the paper: 45 Adam/RMSprop, 300 SOAP)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = parser.parse_args()
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
     cached = keep_freed_memory()
@@ -88,9 +91,9 @@ def main() -> None:
     print("|---|---|---|" + "---|" * (len(methods) - 1) + "---|")
     for case in args.cases:
         base_model, x, y = build_case(case)
-        rounds = args.rounds or (10 if case == "resnet18" else 60)
+        rounds = args.rounds or {"resnet18": 10, "resnet152": 5}.get(case, 60)
         for optimizer_name in args.optimizers:
-            steps = {m: make_step(m, copy.deepcopy(base_model), optimizer_name, x, y) for m in methods}
+            steps = {m: make_step(m, copy.deepcopy(base_model), optimizer_name, x, y, args.ag3_d) for m in methods}
             for step in steps.values():  # warm up; creates optimizer state
                 step()
                 step()
@@ -102,7 +105,7 @@ def main() -> None:
                     times[m].append(time.perf_counter() - start)
             summary = statistics.median if args.statistic == "median" else statistics.fmean
             mean = {m: summary(v) for m, v in times.items()}
-            mem = {m: peak_tensor_bytes(step) for m, step in steps.items()}
+            mem = {m: (float("nan") if args.no_memory else peak_tensor_bytes(step)) for m, step in steps.items()}
             cells = [f"{mean[m] / mean['plain']:.2f}x / {mem[m] / mem['plain']:.2f}x" for m in methods[1:]]
             ag3_sam = f"{mean['AG3'] / mean['SAM']:.2f}" if "AG3" in mean and "SAM" in mean else "-"
             print(f"| {case} | {optimizer_name} | {mean['plain'] * 1e3:.0f} ms, {mem['plain'] / 2**20:.1f} MB | "

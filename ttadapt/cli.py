@@ -326,7 +326,7 @@ def finetune(
         _fail(_first_line(err))
     echo = None if quiet or rank != 0 else (lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
-        result = run_finetune(config, resume=resume, echo=echo, progress=not quiet)
+        result = run_finetune(config, resume=resume, echo=echo, progress=False if quiet else console)
     except (ConfigError, DataError, WeightsError) as err:
         _fail(_first_line(err))
     except KeyboardInterrupt:

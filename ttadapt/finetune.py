@@ -483,7 +483,7 @@ def finetune(
     *,
     resume: bool | str | os.PathLike = False,
     echo: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: Any = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> FinetuneResult:
     """Run ``config``; see the module docstring for what it writes.
@@ -491,7 +491,8 @@ def finetune(
     Args:
         resume: ``True`` continues from ``<out>/checkpoint.pt``, a path from that checkpoint.
         echo: called with every log line (rank 0), e.g. ``print``.
-        progress: show a Rich progress bar (rank 0).
+        progress: show a Rich progress bar (rank 0); ``True`` or the ``rich.console.Console`` to
+            draw it on (the one ``echo`` prints to, so log lines appear above the bar).
         on_step: called after every optimizer step with ``(global step, rank-0 batch loss)``.
     """
     _validate(config)
@@ -506,7 +507,7 @@ def finetune(
 
 
 def _run(config: FinetuneConfig, dist_info: _Dist, resume: bool | str | os.PathLike, echo: Callable[[str], None] | None,
-         progress: bool, on_step: Callable[[int, float], None] | None) -> FinetuneResult:
+         progress: Any, on_step: Callable[[int, float], None] | None) -> FinetuneResult:
     started = time.perf_counter()
     device = _device(config, dist_info)
     out = Path(config.out or f"runs/{config.name}")
@@ -639,7 +640,8 @@ def _run(config: FinetuneConfig, dist_info: _Dist, resume: bool | str | os.PathL
         state["skipped"] += wrapper.skipped_steps - before
         return loss
 
-    bar = _progress_bar(progress and dist_info.main, total_steps, state["step"], config.name)
+    bar = _progress_bar(bool(progress) and dist_info.main, total_steps, state["step"], config.name,
+                        None if isinstance(progress, bool) else progress)
     window: list[Tensor] = []
     window_start, window_steps = time.perf_counter(), 0
     with bar as task_update:
@@ -679,7 +681,7 @@ def _run(config: FinetuneConfig, dist_info: _Dist, resume: bool | str | os.PathL
                 epoch_done = state["batch"] >= steps_per_epoch
                 if val_set is not None and config.eval_every and (epoch_done and (epoch + 1) % config.eval_every == 0
                                                                   or state["step"] >= total_steps):
-                    metrics = _evaluate(net if ddp is None else model, val_set, config, device, dist_info, autocast)
+                    metrics = _evaluate(model, val_set, config, device, dist_info, autocast)
                     entry = {"epoch": epoch + 1, "step": state["step"], **metrics}
                     history.append(entry)
                     log.record(entry)
@@ -708,14 +710,14 @@ def _gather(obj: Any, dist_info: _Dist) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, done: int, name: str) -> Iterator[Callable[[int, float | None], None]]:
+def _progress_bar(enabled: bool, total: int, done: int, name: str, console: Any = None) -> Iterator[Callable[[int, float | None], None]]:
     if not enabled:
         yield lambda step, loss: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]finetune[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[status]}")) as bar:
+                  TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console) as bar:
         task = bar.add_task(name, total=total, completed=done, status="")
 
         def update(step: int, loss: float | None) -> None:
