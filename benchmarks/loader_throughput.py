@@ -40,11 +40,11 @@ def make_images(root: Path, count: int, classes: int = 8) -> None:
 
 
 def loader_rate(root: Path, workers: int, batch: int, image_size: int, batches: int) -> float:
-    from ttadapt.finetune import DataConfig, EpochSampler, _image_transforms, _SeededItems
+    from ttadapt.finetune.data import DataConfig, EpochSampler, SeededItems, image_transforms
     from ttadapt.data import imagefolder
 
-    train_tf, _ = _image_transforms(DataConfig(image_size=image_size), "imagenet")
-    items = _SeededItems(imagefolder(root, transform=train_tf), seed=0)
+    train_tf, _ = image_transforms(DataConfig(image_size=image_size), "imagenet")
+    items = SeededItems(imagefolder(root, transform=train_tf), seed=0)
     sampler = EpochSampler(len(items), batch, seed=0)
     loader = DataLoader(items, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
                         generator=torch.Generator(), persistent_workers=workers > 0)

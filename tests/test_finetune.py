@@ -354,3 +354,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     ckpt = read_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert (tmp_path / "two" / "log.txt").read_text().count("saved final checkpoint") == 1  # rank 0 only
+
+
+@pytest.mark.parametrize("method", ["ag3", "sam"])
+def test_bfloat16_autocast_path(tmp_path, method):
+    """The mixed-precision path GPUs take (amp=auto there), forced on the CPU with amp=bf16."""
+    result = finetune(_config(tmp_path, "amp", amp="bf16", **{"method.name": method, "method.d": 1}))
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    start = zoo.create("test_dropout_bn")
+    assert result.steps == 12 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    final = _params(tmp_path / "amp" / "model.pt")
+    assert all(final[n].dtype == torch.float32 for n in final if final[n].is_floating_point())  # weights stay float32
+    assert not torch.equal(final["head.weight"], start.state_dict()["head.weight"])
