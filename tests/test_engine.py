@@ -360,3 +360,43 @@ def test_inputs_the_caller_owns_are_never_overwritten():
     # kept[0]: the sigmoid's input in the pass at `other`, still held by the model's caller
     h_other = torch.tanh(x) + F.elu(other["scale"]) + F.gelu(x[:, :4])
     torch.testing.assert_close(kept[0], F.linear(h_other, other["l.weight"], other["l.bias"]))
+
+
+class _AffineThen(nn.Module):
+    def __init__(self, fn, inplace: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 40, dtype=torch.float64)
+        self.fn, self.inplace = fn, inplace
+
+    def forward(self, x):
+        return self.fn(self.lin(x), inplace=self.inplace)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_partial_exact_ties_take_the_derivative(act, inplace):
+    """Units whose input is identical at both states (a tie: 0/0) get f'(u); the others the
+    secant — checked in closed form, with ties on both sides of the kink."""
+    torch.manual_seed(0)
+    fn = {"relu": F.relu, "relu6": F.relu6, "hardtanh": F.hardtanh}[act]
+    model = _AffineThen(fn, inplace)
+    x = torch.randn(16, 5, dtype=torch.float64) * 3
+    c = torch.randn(40, dtype=torch.float64)
+
+    def closure():
+        return (model(x) * c).sum()
+
+    other = {"lin.weight": model.lin.weight.detach().clone(), "lin.bias": model.lin.bias.detach().clone()}
+    other["lin.weight"][:20] += torch.randn(20, 5, dtype=torch.float64)  # units 20..39 tie exactly
+    grads = ttadapt.averaged_grad(model, closure, other)
+    ua = model.lin(x).detach()
+    ub = F.linear(x, other["lin.weight"], other["lin.bias"])
+    with torch.no_grad():
+        secant = (fn(ub) - fn(ua)) / (ub - ua)
+        lo, hi = {"relu": (0.0, float("inf")), "relu6": (0.0, 6.0), "hardtanh": (-1.0, 1.0)}[act]
+        derivative = ((ua > lo) & (ua < hi)).double()
+        slope = torch.where(ub == ua, derivative, secant)
+    ties = ub == ua
+    assert ties.any() and (~ties).any() and (ties & (derivative == 1)).any() and (ties & (derivative == 0)).any()
+    torch.testing.assert_close(grads["lin.weight"], (c * slope).T @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["lin.bias"], (c * slope).sum(0), rtol=1e-12, atol=1e-12)

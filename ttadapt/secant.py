@@ -69,6 +69,20 @@ def _fill_close(slope: Tensor, close: Tensor, at: Tensor, derivative: Callable[[
     return slope
 
 
+def _fill_exact_ties(slope: Tensor, diff: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
+    """For slopes-0-or-1 activations: ``derivative(at)`` where the inputs agree exactly.
+
+    There ``f(ub) − f(ua) = 0 = ub − ua`` and the quotient is NaN; nowhere else can it be NaN or
+    infinite (``|f(ub) − f(ua)| ≤ |ub − ua|``). On the CPU one read-only sum finds out whether any
+    tie exists (usually none) instead of building a mask and counting it.
+    """
+    if slope.device.type != "cpu":
+        return torch.where(diff == 0, derivative(at).to(slope.dtype), slope)
+    if bool(torch.isfinite(slope.sum())):
+        return slope
+    return _fill_close(slope, torch.isnan(slope), at, derivative)
+
+
 def secant_slope(
     fn: Callable[[Tensor], Tensor],
     derivative: Callable[[Tensor], Tensor],
@@ -117,7 +131,7 @@ class SecantActivation(Function):
             diff = ub.sub_(u) if owned else ub - u
             y = call(u)
             slope = fb.sub_(y).div_(diff)
-            slope = _fill_close(slope, diff == 0, y, derivative)
+            slope = _fill_exact_ties(slope, diff, y, derivative)
         elif inplace:
             slope = secant_slope(fn, derivative, u, None, ub, owned)
             y = call(u)
