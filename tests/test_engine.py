@@ -372,9 +372,10 @@ class _AffineThen(nn.Module):
         return self.fn(self.lin(x), inplace=self.inplace)
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_partial_exact_ties_take_the_derivative(act, inplace):
+def test_partial_exact_ties_take_the_derivative(act, inplace, deferred):
     """Units whose input is identical at both states (a tie: 0/0) get f'(u); the others the
     secant — checked in closed form, with ties on both sides of the kink."""
     torch.manual_seed(0)
@@ -388,7 +389,14 @@ def test_partial_exact_ties_take_the_derivative(act, inplace):
 
     other = {"lin.weight": model.lin.weight.detach().clone(), "lin.bias": model.lin.bias.detach().clone()}
     other["lin.weight"][:20] += torch.randn(20, 5, dtype=torch.float64)  # units 20..39 tie exactly
-    grads = ttadapt.averaged_grad(model, closure, other)
+    if deferred:  # AG-1/AG-2's path: one graph, differentiated ordinarily first
+        from ttadapt.averaged import DeferredAverage
+
+        run = DeferredAverage(model, closure)
+        run.ordinary_grad()
+        grads = run.averaged_grad(other, seed="current")
+    else:
+        grads = ttadapt.averaged_grad(model, closure, other)
     ua = model.lin(x).detach()
     ub = F.linear(x, other["lin.weight"], other["lin.bias"])
     with torch.no_grad():

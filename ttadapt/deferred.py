@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .activations import _prelu_weight
-from .secant import _affine_grads, _compute_dtype, _fill_close, _prelu_slopes, secant_slope
+from .secant import _affine_grads, _compute_dtype, _fill_exact_ties, _prelu_slopes, secant_slope
 
 __all__ = ["DeferredSlot", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
 
@@ -52,7 +52,7 @@ def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor,
     if exact and _compute_dtype(ua.dtype) == ua.dtype:
         diff = ub - ua
         slope = fn(ub).sub_(fa).div_(diff)
-        return _fill_close(slope, diff == 0, ua, derivative)
+        return _fill_exact_ties(slope, diff, ua, derivative)
     return secant_slope(fn, derivative, ua, fa, ub)
 
 
