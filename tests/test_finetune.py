@@ -126,10 +126,12 @@ def test_run_writes_its_outputs_and_learns(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("method", ["plain", "ag3", "ag3_1", "sam"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method):
-    whole = finetune(_config(tmp_path, "whole", **{"method.name": method}))
-    interrupted = _config(tmp_path, "cut", **{"method.name": method})
+@pytest.mark.parametrize("method, optim", [("plain", "adam"), ("ag3", "adam"), ("ag3_1", "adam"), ("sam", "adam"),
+                                           ("ag3", "soap"), ("sam", "rmsprop"), ("plain", "sgd")])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, optim):
+    over = {"method.name": method, "optim.name": optim}
+    whole = finetune(_config(tmp_path, "whole", **over))
+    interrupted = _config(tmp_path, "cut", **over)
 
     def stop(step, loss):
         if step == 9:  # after the checkpoint of step 8 (mid-epoch 2), as if the process died

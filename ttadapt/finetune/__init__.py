@@ -22,7 +22,8 @@ uninterrupted one (same world size, CPU or deterministic kernels).
 of the same global batch a single process would take, so a recipe means the same on any number
 of GPUs. AG-3 under DDP runs its no-graph anchor pass on the unwrapped module and its graph pass
 through the DDP wrapper, so the reducer averages the averaged gradient across ranks; SAM's two
-gradients are all-reduced explicitly (the perturbation is that of the global batch).
+gradients are all-reduced explicitly (the perturbation is that of the global batch) and the model
+is not wrapped, so each rank keeps its own BatchNorm running statistics (rank 0's are saved).
 """
 
 
