@@ -338,10 +338,12 @@ def test_ddp_ag3_gradients_equal_single_process_on_the_concatenated_batch(tmp_pa
         torch.testing.assert_close(got["params"][n], p, rtol=1e-6, atol=1e-7)
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["ag3", "ag2"])
+def test_torchrun_two_processes_match_one_process(tmp_path, method):
     """The whole command under torchrun (gloo): rank 0 alone writes, and the run ends where the
-    single-process run with the same global batch ends."""
-    args = [str(REPO / "recipes" / "finetune_tiny.yaml"), "max_steps=6", "checkpoint_every=3", "-q"]
+    single-process run with the same global batch ends (AG-3 through the DDP reducer, AG-2 with
+    explicit all-reduces)."""
+    args = [str(REPO / "recipes" / "finetune_tiny.yaml"), "max_steps=6", "checkpoint_every=3", f"method.name={method}", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "ttadapt", "finetune", *args, f"out={tmp_path / 'one'}"],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -368,3 +370,44 @@ def test_bfloat16_autocast_path(tmp_path, method):
     final = _params(tmp_path / "amp" / "model.pt")
     assert all(final[n].dtype == torch.float32 for n in final if final[n].is_floating_point())  # weights stay float32
     assert not torch.equal(final["head.weight"], start.state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize("method", ["ag1", "ag2"])
+def test_forward_looking_methods_measure_the_batch_loss_improvement(tmp_path, method):
+    result = finetune(_config(tmp_path, method, **{"method.name": method, "method.measure_batch_loss": "true"}))
+    ckpt = read_checkpoint(tmp_path / method / "checkpoint.pt")
+    ag, plain = ckpt["decreases"]["ag"], ckpt["decreases"]["plain"]
+    assert len(ag) == len(plain) == result.steps == 12
+    expected = (sum(ag) - sum(plain)) / abs(sum(plain))
+    assert result.history[-1]["batch_loss_improvement"] == pytest.approx(expected, rel=1e-9)
+    assert "batch-loss improvement over the ordinary update" in (tmp_path / method / "log.txt").read_text()
+
+
+def test_forward_looking_resume_is_bit_identical(tmp_path):
+    over = {"method.name": "ag2", "method.measure_batch_loss": "true"}
+    whole = finetune(_config(tmp_path, "whole", **over))
+
+    def stop(step, loss):
+        if step == 9:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune(_config(tmp_path, "cut", **over), on_step=stop)
+    resumed = finetune(_config(tmp_path, "cut", **over), resume=True)
+    a, b = _params(tmp_path / "whole" / "model.pt"), _params(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed.history == whole.history
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")
+                                          if p.name.startswith(("resnet152_", "finetune_"))))
+def test_shipped_finetune_recipes_are_valid(recipe):
+    config = load_finetune_config(REPO / "recipes" / recipe)
+    assert config.name == Path(recipe).stem
+    if recipe.startswith("resnet152_"):  # the paper's appendix: ResNet-152, global batch 64, ImageNet weights
+        assert config.model.name == "resnet152" and config.data.batch_size == 64 and config.model.weights == "imagenet"
+    if recipe in ("resnet152_imagenet_ood_ag3.yaml", "resnet152_imagenet_ood_soap.yaml", "resnet152_imagenet_ood_sam.yaml"):
+        assert config.optim.name == "soap" and config.optim.options["betas"] == [0.95, 0.95]
+        assert config.optim.options["precondition_frequency"] == 10
+    if recipe == "resnet152_imagenet_ood_ag3.yaml":
+        assert config.method.name == "ag3" and config.method.d == 300

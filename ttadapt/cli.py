@@ -308,7 +308,7 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/checkpoint.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines on the terminal.")] = False,
 ) -> None:
-    """Fine-tune a zoo model: plain, AG-3, AG-3-1 or SAM around SOAP/Adam/RMSprop/SGD.
+    """Fine-tune a zoo model: plain, AG-1, AG-2, AG-3, AG-3-1 or SAM around SOAP/Adam/RMSprop/SGD.
 
     Overrides follow the recipe as dotted keys: `optim.lr=1e-3 method.name=sam` or
     `--epochs 3`. Run on several processes with `torchrun --nproc_per_node N -m ttadapt finetune ...`.

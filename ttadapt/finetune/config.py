@@ -16,7 +16,7 @@ from ..optim.anchors import STORAGES
 __all__ = ["FinetuneConfig", "ModelConfig", "DataConfig", "OptimConfig", "MethodConfig", "ScheduleConfig",
            "load_finetune_config", "METHODS"]
 
-METHODS = ("plain", "ag3", "ag3_1", "sam")
+METHODS = ("plain", "ag1", "ag2", "ag3", "ag3_1", "sam")
 
 
 @dataclass
@@ -64,12 +64,16 @@ class OptimConfig:
 
 @dataclass
 class MethodConfig:
-    """How the base optimizer's gradient is made: ``plain``, ``ag3`` (anchor period ``d``),
-    ``ag3_1`` (AG-3 with d = 1) or ``sam`` (radius ``rho``, ``adaptive`` for ASAM)."""
+    """How the update is made: ``plain``, ``ag1`` / ``ag2`` (forward-looking; ``linear`` for
+    their Linear variants), ``ag3`` (anchor period ``d``), ``ag3_1`` (AG-3 with d = 1) or
+    ``sam`` (radius ``rho``, ``adaptive`` for ASAM). ``measure_batch_loss`` (AG-1/AG-2): one more
+    no-graph forward per step gives the loss after the update, so that the run reports the
+    paper's batch-loss improvement over the ordinary update of the same L1 length."""
 
-    name: Literal["plain", "ag3", "ag3_1", "sam"] = "ag3"
+    name: Literal["plain", "ag1", "ag2", "ag3", "ag3_1", "sam"] = "ag3"
     d: int = 300
     linear: bool = False
+    measure_batch_loss: bool = False
     anchor_storage: Literal["device", "cpu", "disk"] = "device"
     anchor_dir: str | None = None
     rho: float = 0.05

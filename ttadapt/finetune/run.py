@@ -23,8 +23,9 @@ from ..atomic import torch_save_atomically, write_bytes_atomically
 from ..config import ConfigError, to_dict
 from ..data import DataError
 from ..models.weights import CHECKPOINT_FORMAT
-from ..optim import AG3, SAM, create_optimizer
+from ..optim import AG1, AG2, AG3, SAM, create_optimizer
 from ..optim.base import all_finite
+from ..states import evaluated_at, fork_rng
 from .config import FinetuneConfig, ScheduleConfig, validate
 from .data import EpochSampler, SeededItems, datasets, labels_of
 from .distributed import DistInfo, all_reduce_mean, gather, init_distributed
@@ -217,13 +218,15 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
 
     optimizer = create_optimizer(config.optim.name, model.parameters(), config.optim.lr, **config.optim.options)
     method = config.method
-    wrapper: AG3 | SAM | None = None
-    if method.name in ("ag3", "ag3_1"):
+    wrapper: AG1 | AG2 | AG3 | SAM | None = None
+    reduce = all_reduce_mean(dist_info.world) if dist_info.world > 1 else None
+    if method.name in ("ag1", "ag2"):
+        wrapper = (AG1 if method.name == "ag1" else AG2)(model, optimizer, linear=method.linear, reduce=reduce)
+    elif method.name in ("ag3", "ag3_1"):
         wrapper = AG3(model, optimizer, d=1 if method.name == "ag3_1" else method.d, linear=method.linear,
                       anchor_storage=method.anchor_storage, anchor_dir=method.anchor_dir)
     elif method.name == "sam":
-        wrapper = SAM(model, optimizer, rho=method.rho, adaptive=method.adaptive,
-                      reduce=all_reduce_mean(dist_info.world) if dist_info.world > 1 else None)
+        wrapper = SAM(model, optimizer, rho=method.rho, adaptive=method.adaptive, reduce=reduce)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = steps_per_epoch * config.epochs if config.max_steps is None else min(config.max_steps, steps_per_epoch * config.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule, total_steps))
@@ -233,7 +236,7 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        if method.name == "sam":  # no DDP wrapper: both gradients are all-reduced explicitly
+        if method.name in ("sam", "ag1", "ag2"):  # no DDP wrapper: their gradients are all-reduced explicitly
             for t in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(t.data, 0)
         else:
@@ -242,12 +245,15 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
 
     state = {"epoch": 0, "batch": 0, "step": 0, "skipped": 0}
     history: list[dict[str, float]] = []
+    measure = method.measure_batch_loss and method.name in ("ag1", "ag2")
+    decreases: dict[str, list[float]] = {"ag": [], "plain": []}  # per-step batch-loss decreases (measure_batch_loss)
     if saved is not None:
         model.load_state_dict(saved["model"])
         (wrapper or optimizer).load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state.update(saved["position"])
         history = list(saved.get("history", []))
+        decreases = {k: list(v) for k, v in saved.get("decreases", decreases).items()}
         rngs = saved["rng"]
         if len(rngs) != dist_info.world:
             warnings.warn(f"the checkpoint was written by {len(rngs)} process(es), this run has {dist_info.world}: "
@@ -279,6 +285,7 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
             "rng": rngs,
             "position": dict(state),
             "history": history,
+            "decreases": decreases,
             "world_size": dist_info.world,
             "torch": str(torch.__version__),
         }
@@ -311,13 +318,24 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
                 state["skipped"] += 1
                 warnings.warn(f"non-finite gradient at step {state['step']}; the update was skipped", RuntimeWarning, stacklevel=2)
             return loss.detach()
+        before = wrapper.skipped_steps
+        masks = fork_rng(model) if measure else None  # the measuring pass draws the step's dropout masks again
         if isinstance(wrapper, AG3):
-            before = wrapper.skipped_steps
             loss = wrapper.step(closure_on(net), anchor_closure=closure_on(model))
         else:
-            before = wrapper.skipped_steps
             loss = wrapper.step(closure_on(model))
         state["skipped"] += wrapper.skipped_steps - before
+        if measure and wrapper.skipped_steps == before and isinstance(wrapper, (AG1, AG2)) and wrapper.last_forecast_loss is not None:
+            now = fork_rng(model)
+            masks.rewind()
+            with torch.no_grad(), evaluated_at(model, {}, copy_buffers=True):
+                after = closure_on(model)()
+            now.rewind()
+            pair = torch.stack([loss - after, loss - wrapper.last_forecast_loss]).double()
+            if reduce is not None:
+                reduce([pair])
+            decreases["ag"].append(float(pair[0]))
+            decreases["plain"].append(float(pair[1]))
         return loss
 
     bar = _progress_bar(bool(progress) and dist_info.main, total_steps, state["step"], config.name,
@@ -362,6 +380,8 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
                 if val_set is not None and config.eval_every and (epoch_done and (epoch + 1) % config.eval_every == 0
                                                                   or state["step"] >= total_steps):
                     metrics = _evaluate(model, val_set, config, device, dist_info, autocast)
+                    if measure:
+                        metrics.update(_improvement(decreases))
                     entry = {"epoch": epoch + 1, "step": state["step"], **metrics}
                     history.append(entry)
                     log.record(entry)
@@ -370,6 +390,10 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
                     state["epoch"] += 1
                     state["batch"] = 0
     save(final=True)
+    if measure:
+        summary = _improvement(decreases)
+        log.line(f"batch-loss improvement over the ordinary update of the same L1 length: "
+                 f"{100 * summary['batch_loss_improvement']:+.2f} % over {len(decreases['ag'])} steps")
     if state["skipped"]:
         log.line(f"{state['skipped']} step(s) skipped: non-finite loss or gradient")
     seconds = time.perf_counter() - started
@@ -394,6 +418,17 @@ def _progress_bar(enabled: bool, total: int, done: int, name: str, console: Any 
             bar.update(task, completed=step, **({"status": f"loss {loss:.4f}"} if loss is not None else {}))
 
         yield update
+
+
+def _improvement(decreases: dict[str, list[float]]) -> dict[str, float]:
+    """The run's batch-loss improvement so far (spec §4; NaN while undefined)."""
+    from ..metrics import batch_loss_improvement
+
+    try:
+        value = batch_loss_improvement(decreases["ag"], decreases["plain"]).mean if decreases["ag"] else float("nan")
+    except ValueError:
+        value = float("nan")
+    return {"batch_loss_improvement": value, "decrease_ag": sum(decreases["ag"]), "decrease_plain": sum(decreases["plain"])}
 
 
 def _evaluate(model: nn.Module, dataset: Dataset, config: FinetuneConfig, device: torch.device, dist_info: DistInfo,

@@ -19,7 +19,7 @@ AG-2 Linear also rescales each affine layer's averaged gradients to the ordinary
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,15 @@ __all__ = ["AG1", "AG2"]
 class _ForwardLooking(OptimizerWrapper):
     _full_vector = False
 
-    def __init__(self, model: nn.Module, optimizer: Any, *, linear: bool = False) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any, *, linear: bool = False,
+                 reduce: Callable[[list[Tensor]], None] | None = None) -> None:
         super().__init__(model, optimizer)
         self.linear = bool(linear)
+        #: applied in place to the list of gradients (ordinary, then averaged) before they are
+        #: used, e.g. an all-reduce mean across data-parallel ranks; the closure then calls the
+        #: unwrapped module (the graph is built on private copies of the parameters, which a
+        #: DistributedDataParallel reducer would not see)
+        self.reduce = reduce
         #: L1 length ‖θ′ − θ‖₁ of the last forecast step (AG-2's committed step has this length)
         self.last_forecast_l1: float | None = None
         #: loss on the last batch at the forecast θ′ — the ordinary update's result, for
@@ -60,6 +66,8 @@ class _ForwardLooking(OptimizerWrapper):
             self._skip("loss")
             return loss
         grads = run.ordinary_grad()
+        if self.reduce is not None:
+            self.reduce([grads[n] for n in params])
         if not all_finite(*(grads[n] for n in params)):
             self._restore_buffers(layout, buffers)
             self._skip("gradient")
@@ -73,6 +81,8 @@ class _ForwardLooking(OptimizerWrapper):
         for p in params.values():
             p.grad = None
         averaged = run.averaged_grad({n: p.detach() for n, p in params.items()}, seed="other")
+        if self.reduce is not None:
+            self.reduce([averaged[n] for n in params])
         self.last_forecast_loss = run.other_loss
         if not all_finite(*(averaged[n] for n in params)):
             with torch.no_grad():
