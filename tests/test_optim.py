@@ -510,3 +510,31 @@ def test_soap_constructor_takes_reference_names_and_paper_defaults():
     assert made.param_groups[0]["precondition_frequency"] == 10
     rms = ttadapt.create_optimizer("rmsprop", m.parameters(), lr=1e-3)
     assert rms.param_groups[0]["alpha"] == 0.99
+
+
+@pytest.mark.parametrize("wrapper_name", ["AG1", "AG2", "AG2_linear"])
+@pytest.mark.parametrize("opt_name", ["adam", "adam_foreach", "soap"])
+def test_recycled_buffers_change_nothing(wrapper_name, opt_name):
+    """AG-1/AG-2 recycle last step's optimizer-state snapshots and copies of θ; a trajectory
+    equals, bit for bit, one where every step starts from a fresh wrapper (nothing to recycle)."""
+    data = batches("relu_bn_cnn", 6)
+    torch.manual_seed(5)
+    m_ref = cnn()
+    m_fresh = copy.deepcopy(m_ref)
+    opt_ref = OPTIMIZERS[opt_name](m_ref.parameters())
+    w_ref = WRAPPERS[wrapper_name](m_ref, opt_ref, None)
+    opt_fresh = OPTIMIZERS[opt_name](m_fresh.parameters())
+    state = None
+    pointers = []
+    for x, y in data:
+        w_ref.step(closure_for(m_ref, x, y))
+        pointers.append(sorted(t.data_ptr() for t in w_ref._spare_start.values()))
+        w = WRAPPERS[wrapper_name](m_fresh, opt_fresh, None)
+        if state is not None:
+            w.load_state_dict(state)
+        w.step(closure_for(m_fresh, x, y))
+        state = copy.deepcopy(w.state_dict())
+    assert pointers[1] == pointers[-1]  # the copies of θ were written into the same memory
+    for (n, a), b in zip(m_ref.named_parameters(), m_fresh.parameters()):
+        assert torch.equal(a, b), n
+    assert state_equal(opt_ref.state_dict(), opt_fresh.state_dict())

@@ -223,6 +223,21 @@ def averaged_grad(
     return {name: (g if g is not None else torch.zeros_like(p)) for (name, p), g in zip(params.items(), grads)}
 
 
+def _leaf_copies(params: Mapping[str, Tensor], reuse: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """Copies of ``params`` as leaf tensors that require a gradient, written into ``reuse``'s
+    tensors where they fit (a finished step's copies: no allocation)."""
+    out: dict[str, Tensor] = {}
+    for n, p in params.items():
+        old = reuse.get(n) if reuse is not None else None
+        if (old is not None and old.is_leaf and old.requires_grad and old.shape == p.shape and old.dtype == p.dtype
+                and old.device == p.device and old.stride() == p.stride()):
+            with torch.no_grad():
+                out[n] = old.copy_(p)
+        else:
+            out[n] = p.detach().clone().requires_grad_(True)
+    return out
+
+
 class DeferredAverage:
     """One forward at the current parameters θ, differentiated twice: first ordinarily, then —
     once the caller has chosen the other state from that gradient — averaged towards it.
@@ -239,17 +254,18 @@ class DeferredAverage:
         linear: the Linear variant for affine layers in the averaged backward.
         rescale: with ``linear``, rescale each affine layer's averaged input and parameter
             gradients to the L2 norms of the ordinary ones (AG-2 Linear).
+        reuse: a finished run's :attr:`start`, whose tensors receive the copies of θ.
     """
 
     def __init__(self, model: nn.Module, closure: Closure, *, linear: bool = False, rescale: bool = False,
-                 layout: ModelLayout | None = None) -> None:
+                 layout: ModelLayout | None = None, reuse: Mapping[str, Tensor] | None = None) -> None:
         if not callable(closure):
             raise TypeError(f"closure must be a zero-argument callable returning the loss, got {type(closure).__name__}")
         self.model, self.closure = model, closure
         self.layout = layout or ModelLayout(model)
         self.session = SiteSession(linear=linear)
         self.session.rescale = bool(rescale and linear)
-        self.start = {n: p.detach().clone().requires_grad_(True) for n, p in self.layout.trainable().items()}
+        self.start = _leaf_copies(self.layout.trainable(), reuse)
         self._rng = fork_rng(self.layout)
         self._outputs: list[list[Tensor | None]] = []
         self._done = False

@@ -35,6 +35,24 @@ def _clone(x: Any) -> Any:
     return copy.deepcopy(x)
 
 
+def _clone_into(x: Any, old: Any) -> Any:
+    """:func:`_clone`, writing tensors into ``old``'s same-layout tensors where it has them (a
+    previous snapshot being recycled: no allocation, no page faults)."""
+    if isinstance(x, Tensor):
+        if isinstance(old, Tensor) and _same_layout(old, x):
+            with torch.no_grad():
+                return old.copy_(x)
+        return x.detach().clone()
+    if isinstance(x, dict):
+        old = old if isinstance(old, dict) else {}
+        return {k: _clone_into(v, old.get(k)) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        old = old if isinstance(old, (list, tuple)) and len(old) == len(x) else [None] * len(x)
+        items = [_clone_into(v, o) for v, o in zip(x, old)]
+        return items if isinstance(x, list) else tuple(items)
+    return copy.deepcopy(x)
+
+
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
 
@@ -87,12 +105,20 @@ def _optimizers(optimizer: Any) -> list[Any]:
 
 
 class OptimizerSnapshot:
-    """Everything a ``step()`` of ``optimizer`` can change, except the parameters themselves."""
+    """Everything a ``step()`` of ``optimizer`` can change, except the parameters themselves.
 
-    def __init__(self, optimizer: Any) -> None:
+    ``reuse``: an older snapshot of the same optimizer that is no longer needed; its tensors
+    receive the new copies where their layouts match (the wrappers recycle last step's snapshots
+    so that a step allocates no new optimizer-state copies).
+    """
+
+    def __init__(self, optimizer: Any, reuse: "OptimizerSnapshot | None" = None) -> None:
         self.parts = []
+        old_parts = {id(part[0]): part for part in reuse.parts} if reuse is not None else {}
         for opt in _optimizers(optimizer):
-            state = {p: _clone(s) for p, s in opt.state.items()}
+            old = old_parts.get(id(opt))
+            old_state = old[1] if old is not None else {}
+            state = {p: _clone_into(s, old_state.get(p)) for p, s in opt.state.items()}
             groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
             attrs = {k: _clone(v) for k, v in vars(opt).items() if k not in _SKIP_ATTRS and not k.startswith("__") and _plain_attr(v)}
             self.parts.append((opt, state, groups, attrs))
