@@ -99,7 +99,11 @@ class AG3(OptimizerWrapper):
         hyper = state.get("hyper", {})
         if "d" in hyper and hyper["d"] != self.d:
             raise ValueError(f"this state dict was saved with d={hyper['d']}, this AG3 has d={self.d}")
-        self.anchors.load_state_dict(state.get("anchors", {}))
+        anchors = state.get("anchors", {})
+        if self.anchors.storage == "device":  # a checkpoint loaded onto the CPU: back next to the parameters
+            devices = {n: p.device for n, p in self._names().items()}
+            anchors = {i: {n: t.to(devices[n]) if n in devices else t for n, t in snap.items()} for i, snap in anchors.items()}
+        self.anchors.load_state_dict(anchors)
 
     def close(self) -> None:
         """Delete disk snapshots now (they are also deleted when the object is collected)."""
