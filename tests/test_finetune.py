@@ -75,7 +75,7 @@ def test_config_from_yaml_with_dotted_overrides(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["optim.learning_rate=1"], "unknown config key(s) optim.learning_rate; valid keys of optim: name, lr, options"),
     (["bogus=1"], "valid keys: name, model, data, optim, method, schedule, epochs"),
-    (["method.name=adamw"], "method.name: 'adamw' is not one of 'plain', 'ag3', 'ag3_1', 'sam'"),
+    (["method.name=adamw"], "method.name: 'adamw' is not one of 'plain', 'ag1', 'ag2', 'ag3', 'ag3_1', 'sam'"),
     (["epochs=two"], "epochs: expected an integer, got 'two'"),
     (["optim.name=lion"], "optim.name: unknown optimizer 'lion'"),
     (["model.name=resnet9000"], "model.name: unknown model 'resnet9000'"),
