@@ -338,11 +338,11 @@ def test_ddp_ag3_gradients_equal_single_process_on_the_concatenated_batch(tmp_pa
         torch.testing.assert_close(got["params"][n], p, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["ag3", "ag2"])
+@pytest.mark.parametrize("method", ["ag3", "ag2", "sam"])
 def test_torchrun_two_processes_match_one_process(tmp_path, method):
     """The whole command under torchrun (gloo): rank 0 alone writes, and the run ends where the
-    single-process run with the same global batch ends (AG-3 through the DDP reducer, AG-2 with
-    explicit all-reduces)."""
+    single-process run with the same global batch ends (AG-3 through the DDP reducer, AG-2 and
+    SAM with explicit all-reduces)."""
     args = [str(REPO / "recipes" / "finetune_tiny.yaml"), "max_steps=6", "checkpoint_every=3", f"method.name={method}", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "ttadapt", "finetune", *args, f"out={tmp_path / 'one'}"],
