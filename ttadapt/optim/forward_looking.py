@@ -69,6 +69,7 @@ class _ForwardLooking(OptimizerWrapper):
         spares, self._spare_snapshots = self._spare_snapshots, []
         loss = run.loss
         if not all_finite(loss):
+            self._spare_snapshots = spares
             self._restore_buffers(layout, buffers)
             self._skip("loss")
             return loss
@@ -76,6 +77,7 @@ class _ForwardLooking(OptimizerWrapper):
         if self.reduce is not None:
             self.reduce([grads[n] for n in params])
         if not all_finite(*(grads[n] for n in params)):
+            self._spare_snapshots = spares
             self._restore_buffers(layout, buffers)
             self._skip("gradient")
             return loss
