@@ -1,5 +1,5 @@
-"""``ttadapt finetune``: fine-tune a zoo model with a plain optimizer, AG-3, AG-3-1 or SAM — one
-process or many (``torchrun`` / DistributedDataParallel), with atomic checkpoints and exact resume.
+"""``ttadapt finetune``: fine-tune a zoo model with a plain optimizer, AG-1, AG-2, AG-3, AG-3-1 or
+SAM — one process or many (``torchrun`` / DistributedDataParallel), with atomic checkpoints and exact resume.
 
     from ttadapt.finetune import load_finetune_config, finetune
     config = load_finetune_config("recipes/resnet152_imagenet_ood_ag3.yaml", ["optim.lr=1e-3"])
@@ -21,11 +21,10 @@ uninterrupted one (same world size, CPU or deterministic kernels).
 ``data.batch_size`` is the global batch: with N processes each takes ``batch_size / N`` samples
 of the same global batch a single process would take, so a recipe means the same on any number
 of GPUs. AG-3 under DDP runs its no-graph anchor pass on the unwrapped module and its graph pass
-through the DDP wrapper, so the reducer averages the averaged gradient across ranks; SAM's two
-gradients are all-reduced explicitly (the perturbation is that of the global batch) and the model
-is not wrapped, so each rank keeps its own BatchNorm running statistics (rank 0's are saved).
+through the DDP wrapper, so the reducer averages the averaged gradient across ranks; SAM's and
+AG-1/AG-2's two gradients are all-reduced explicitly (the perturbation, the forecast and the
+averaged gradient are those of the global batch) and the model is not wrapped, so each rank keeps its own BatchNorm running statistics (rank 0's are saved).
 """
-
 
 from .config import (METHODS, DataConfig, FinetuneConfig, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig,
                      load_finetune_config)
