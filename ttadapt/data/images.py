@@ -78,7 +78,7 @@ def _torchvision_digits(cls_name: str, root: str | os.PathLike | None, split: st
         ds = cls(str(root), train=split == "train", download=download)
     except RuntimeError as exc:
         raise DataError(
-            f"{cls_name} is not under {root} ({exc}); put the dataset there, or pass download=True (--download) to fetch it"
+            f"{cls_name} is not under {root} ({exc}); put the dataset there, or allow fetching it with download=True (`ttadapt train --download`; `download: true` in a recipe's data options)"
         ) from exc
     return TensorDataset(ds.data.unsqueeze(1).float().div_(255), ds.targets.long())
 

@@ -72,7 +72,7 @@ def _read_with_datasets(root: Path | None, split: str, download: bool) -> tuple[
     if root is None:
         if not download:
             raise DataError("IMDb is not available locally: give the aclImdb folder or a folder of parquet/csv/json files "
-                            "(columns text, label), or pass download=True (--download) to fetch it from the Hugging Face hub")
+                            "(columns text, label), or allow fetching it from the Hugging Face hub with download=True (`ttadapt train --download`; `download: true` in a recipe's data options)")
         ds = datasets.load_dataset("stanfordnlp/imdb", split=split)
     else:
         files = sorted(p for p in root.iterdir() if p.suffix in (".parquet", ".csv", ".json", ".jsonl") and split in p.name)
