@@ -194,6 +194,14 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
+def test_a_fresh_run_never_overwrites_an_existing_checkpoint(tmp_path):
+    finetune(_config(tmp_path, "a", epochs=1))
+    before = (tmp_path / "a" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match="checkpoint.pt exists: continue that run with --resume"):
+        finetune(_config(tmp_path, "a", epochs=1))
+    assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == before
+
+
 def test_resume_with_a_different_recipe_is_refused(tmp_path):
     finetune(_config(tmp_path, "a", epochs=1))
     with pytest.raises(ConfigError, match=r"different config: optim.lr \(0.003 → 0.01\)"):

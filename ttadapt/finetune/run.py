@@ -197,6 +197,9 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
     if resume:
         saved = read_checkpoint(ckpt_path if resume is True else Path(resume))
         _check_resumable(saved["config"], config, ckpt_path)
+    elif ckpt_path.exists():  # a fresh run would overwrite another run's checkpoint
+        raise ConfigError(f"{ckpt_path} exists: continue that run with --resume, or choose another out "
+                          "(or delete the folder to start over)")
     if config.data.batch_size % dist_info.world:
         raise ConfigError(f"data.batch_size {config.data.batch_size} does not split over {dist_info.world} processes")
     per_rank = config.data.batch_size // dist_info.world
