@@ -282,6 +282,19 @@ def test_cli_unknown_keys_list_the_valid_ones(tmp_path):
     _one_line_error(result, "unknown config key(s) learning_rate; valid keys: name, model, data, optim, method, schedule")
 
 
+def test_cli_images_the_model_cannot_take(tmp_path):
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (20, 20), (60 * c, 0, 0)).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
+    result = runner.invoke(app, ["finetune", "model.name=test_dropout_bn", "model.weights=null", "data.name=imagefolder",
+                                 f"data.train={tmp_path / 'img'}", "data.image_size=20", "data.batch_size=4", "data.num_workers=0",
+                                 "model.num_classes=2", "optim.name=adam", f"out={tmp_path / 'o'}", "-q"], terminal_width=400)
+    _one_line_error(result, "fine-tuning stopped:")
+
+
 def test_cli_missing_recipe_and_bad_resume(tmp_path):
     _one_line_error(runner.invoke(app, ["finetune", str(tmp_path / "none.yaml")]), "does not exist")
     result = runner.invoke(app, ["finetune", str(REPO / "recipes" / "finetune_tiny.yaml"), f"out={tmp_path / 'empty'}", "--resume"])

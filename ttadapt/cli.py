@@ -320,8 +320,11 @@ def finetune(
     from .models import WeightsError
 
     rank = int(__import__("os").environ.get("RANK", "0"))
+    overrides = list(ctx.args)
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():  # no recipe: overrides only
+        recipe, overrides = None, [recipe, *overrides]
     try:
-        config = load_finetune_config(recipe, list(ctx.args))
+        config = load_finetune_config(recipe, overrides)
     except ConfigError as err:
         _fail(_first_line(err))
     echo = None if quiet or rank != 0 else (lambda line: console.print(line, highlight=False, soft_wrap=True))
@@ -329,6 +332,8 @@ def finetune(
         result = run_finetune(config, resume=resume, echo=echo, progress=False if quiet else console)
     except (ConfigError, DataError, WeightsError) as err:
         _fail(_first_line(err))
+    except (RuntimeError, OSError) as err:  # e.g. images the model cannot take, a full disk
+        _fail(f"fine-tuning stopped: {_first_line(err)} (the last checkpoint, if any, is intact: --resume continues from it)")
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; continue from the last checkpoint with --resume", highlight=False)
         raise typer.Exit(code=130)
