@@ -538,3 +538,26 @@ def test_recycled_buffers_change_nothing(wrapper_name, opt_name):
     for (n, a), b in zip(m_ref.named_parameters(), m_fresh.parameters()):
         assert torch.equal(a, b), n
     assert state_equal(opt_ref.state_dict(), opt_fresh.state_dict())
+
+
+@pytest.mark.parametrize("wrapper_name", ["AG1", "AG2", "AG2_linear"])
+def test_recorded_step_lengths(wrapper_name):
+    """record_lengths: the forecast's (L1, L2) and the committed step's, against the parameters
+    the test itself saw before and after the step."""
+    torch.manual_seed(0)
+    m = mlp()
+    opt = torch.optim.RMSprop(m.parameters(), lr=1e-2)
+    w = WRAPPERS[wrapper_name](m, opt, None)
+    w.record_lengths = True
+    for x, y in batches("tanh_mlp", 3):
+        before = [p.detach().clone() for p in m.parameters()]
+        w.step(closure_for(m, x, y))
+        f1, f2, s1, s2 = w.last_lengths
+        delta = [p.detach() - b for p, b in zip(m.parameters(), before)]
+        assert s1 == pytest.approx(sum(float(d.double().abs().sum()) for d in delta), rel=1e-5)
+        assert s2 == pytest.approx(sum(float(d.double().square().sum()) for d in delta) ** 0.5, rel=1e-5)
+        assert f1 == pytest.approx(w.last_forecast_l1, rel=1e-6)
+        if wrapper_name.startswith("AG2"):
+            assert s1 == pytest.approx(f1, rel=1e-5)  # AG-2 keeps the forecast's L1 length
+        else:
+            assert s1 <= f1 * (1 + 1e-6) and s2 <= f2 * (1 + 1e-6)  # AG-1: per-coordinate magnitudes

@@ -91,7 +91,9 @@ def _wrap(method: str, model, opt, recipe: Recipe):
     if method == "grad":
         return None
     if method.startswith(("ag1", "ag2")):
-        return (AG1 if method.startswith("ag1") else AG2)(model, opt, linear=method.endswith("linear"))
+        wrapper = (AG1 if method.startswith("ag1") else AG2)(model, opt, linear=method.endswith("linear"))
+        wrapper.record_lengths = True  # the table's relative step lengths
+        return wrapper
     if method == "ag3":
         return AG3(model, opt, d=recipe.ag3_d)
     if method == "ag3_1":
@@ -110,7 +112,8 @@ def run_one(recipe: Recipe, optimizer: str, method: str, lr: float, seed: int) -
     wrapper = _wrap(method, model, opt, recipe)
     loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     record: dict[str, Any] = {"optimizer": optimizer, "method": method, "lr": lr, "seed": seed,
-                              "train_loss": [], "test_loss": [], "test_accuracy": [], "decrease_ag": [], "decrease_plain": []}
+                              "train_loss": [], "test_loss": [], "test_accuracy": [], "decrease_ag": [], "decrease_plain": [],
+                              "l1_ag": [], "l2_ag": [], "l1_plain": [], "l2_plain": []}
     start = time.perf_counter()
     for _ in range(recipe.epochs):
         model.train()
@@ -132,6 +135,10 @@ def run_one(recipe: Recipe, optimizer: str, method: str, lr: float, seed: int) -
                         after = float(closure())
                     record["decrease_ag"].append(float(loss) - after)
                     record["decrease_plain"].append(float(loss) - float(wrapper.last_forecast_loss))
+                    if wrapper.last_lengths is not None:
+                        l1_plain, l2_plain, l1_ag, l2_ag = wrapper.last_lengths
+                        for key, value in (("l1_ag", l1_ag), ("l2_ag", l2_ag), ("l1_plain", l1_plain), ("l2_plain", l2_plain)):
+                            record[key].append(value)
             total += float(loss) * len(y)
             seen += len(y)
         test_loss, test_acc = evaluate(model, test_set)
@@ -200,8 +207,9 @@ def _report(recipe: Recipe, runs: dict, best: dict) -> str:
              f"{recipe.seeds} seeds; learning rate per row chosen by {recipe.objective}. Sample efficiency is on the "
              "training-loss curves against the same optimizer's gradient row (1.00 = equal); batch-loss improvement at "
              "matched L1 length (AG-1/AG-2 only).", "",
-             "| optimizer | method | lr | test accuracy | final test loss | final train loss | sample efficiency | batch-loss improvement |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| optimizer | method | lr | test accuracy | final test loss | final train loss | sample efficiency | batch-loss improvement | "
+             "relative avg. step length L1 / L2 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (opt, method), lr in best.items():
         recs = runs[(opt, method, lr)]
         acc = metrics.mean_sem([r["test_accuracy"][-1] * 100 for r in recs])
@@ -218,8 +226,19 @@ def _report(recipe: Recipe, runs: dict, best: dict) -> str:
                 imp = f"({100 * m.mean:.1f} ± {100 * m.sem:.1f}) %"
             except ValueError:
                 imp = "undefined"
-        lines.append(f"| {opt} | {method} | {lr:g} | {acc.mean:.2f} ± {acc.sem:.2f} % | {test_loss} | {train_loss} | {eff} | {imp} |")
+        lines.append(f"| {opt} | {method} | {lr:g} | {acc.mean:.2f} ± {acc.sem:.2f} % | {test_loss} | {train_loss} | {eff} | {imp} | "
+                     f"{_relative_lengths(recs)} |")
     return "\n".join(lines) + "\n"
+
+
+def _relative_lengths(recs: list[dict]) -> str:
+    """Average AG step length over the average ordinary (forecast) step length, L1 and L2, mean
+    over runs (the paper's last column); "-" for runs that did not record lengths."""
+    if not all(r.get("l1_plain") for r in recs):
+        return "-"
+    l1 = statistics.fmean(sum(r["l1_ag"]) / sum(r["l1_plain"]) for r in recs)
+    l2 = statistics.fmean(sum(r["l2_ag"]) / sum(r["l2_plain"]) for r in recs)
+    return f"{100 * l1:.1f} % / {100 * l2:.1f} %"
 
 
 def _plots(recipe: Recipe, runs: dict, best: dict, out: Path) -> None:

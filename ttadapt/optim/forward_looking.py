@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..averaged import DeferredAverage
+from ..metrics import step_lengths
 from ..states import ModelLayout
 from .base import Closure, OptimizerWrapper, all_finite
 from .snapshot import OptimizerSnapshot
@@ -53,6 +54,11 @@ class _ForwardLooking(OptimizerWrapper):
         #: loss on the last batch at the forecast θ′ — the ordinary update's result, for
         #: the batch-loss improvement metric (spec §4)
         self.last_forecast_loss: Tensor | None = None
+        #: set to True to have every step record :attr:`last_lengths` (two extra passes over
+        #: the parameters; off by default)
+        self.record_lengths = False
+        #: (L1, L2) of the forecast step θ′ − θ and (L1, L2) of the committed step, when recorded
+        self.last_lengths: tuple[float, float, float, float] | None = None
 
     def _hyper(self) -> dict[str, Any]:
         return {"linear": self.linear}
@@ -105,10 +111,13 @@ class _ForwardLooking(OptimizerWrapper):
             return loss
         del old_grads
         with torch.no_grad():
+            forecast = step_lengths([p - theta[n] for n, p in params.items()]) if self.record_lengths else None
             if self._full_vector:
                 self._ag2_update(params, theta, averaged, before, spares.pop() if spares else None)
             else:
                 self._ag1_update(params, theta, averaged)
+            if forecast is not None:
+                self.last_lengths = (*forecast, *step_lengths([p - theta[n] for n, p in params.items()]))
         self._set_grads(params, averaged)
         self.step_count += 1
         return loss
