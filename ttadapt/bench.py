@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import metrics
 from .atomic import write_bytes_atomically
+from .config import ConfigError, load_config
 from .data import load as load_data
 from .models import create as create_model
 from .optim import AG1, AG2, AG3, SAM, create_optimizer
@@ -30,7 +31,7 @@ __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "METHODS"]
 METHODS = ("grad", "ag1", "ag2", "ag1_linear", "ag2_linear", "ag3", "ag3_1", "sam")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe that cannot be run (unknown keys or values), naming what is valid."""
 
 
@@ -55,27 +56,10 @@ class Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe and apply ``key=value`` overrides (values parsed as YAML)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must hold a mapping of recipe keys")
-    for item in overrides or []:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        raw[key.strip()] = yaml.safe_load(value)
-    valid = [f.name for f in dataclasses.fields(Recipe)]
-    unknown = sorted(set(raw) - set(valid))
-    if unknown:
-        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    recipe = Recipe(**raw)
+        recipe = load_config(Recipe, path, overrides, what="recipe")
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from exc
     bad = [m for m in recipe.methods if m not in METHODS]
     if bad:
         raise RecipeError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")

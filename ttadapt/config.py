@@ -30,7 +30,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def _coerce(value: Any, hint: Any, where: str, what: str = "config") -> Any:
     """``value`` checked (and, where lossless, converted) against the annotation ``hint``."""
     origin = typing.get_origin(hint)
     if hint is Any:
@@ -44,7 +44,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, where)
+                return _coerce(value, option, where, what)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -58,7 +58,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping of {', '.join(_fields(hint))}, got {value!r}")
-        return from_dict(hint, value, where)
+        return from_dict(hint, value, where, what)
     if origin in (dict, Mapping) or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -67,7 +67,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(hint)
-        items = [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        items = [_coerce(v, args[0], f"{where}[{i}]", what) for i, v in enumerate(value)] if args else list(value)
         return tuple(items) if (origin is tuple or hint is tuple) else items
     if hint is bool:
         if not isinstance(value, bool):
@@ -93,17 +93,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "") -> T:
+def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "", what: str = "config") -> T:
     """Build dataclass ``cls`` from a (nested) mapping; unknown keys and ill-typed values raise
-    :class:`ConfigError` naming the dotted key and the valid keys or values."""
+    :class:`ConfigError` naming the dotted key and the valid keys or values (``what`` names the
+    kind of file in messages: "config", "recipe")."""
     fields = _fields(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys"
+        raise ConfigError(f"unknown {what} key(s) {', '.join(prefix + k for k in unknown)}; valid keys"
                           f"{' of ' + where if where else ''}: {', '.join(fields)}")
     hints = _hints(cls)
-    values = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in raw.items()}
+    values = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name, what) for name, value in raw.items()}
     try:
         obj = cls(**values)
     except (TypeError, ValueError) as err:
@@ -166,16 +167,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> di
     return raw
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None, what: str = "config") -> T:
     """Fill dataclass ``cls`` from the YAML file ``path`` (or only defaults with ``None``) and the
-    command-line ``overrides``."""
+    command-line ``overrides``; ``what`` names the kind of file in messages."""
     import yaml
 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"{what} file {str(path)!r} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
@@ -185,7 +186,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+            raise ConfigError(f"{path} must hold a mapping of {what} keys, got {type(loaded).__name__}")
         raw = loaded
     raw = apply_overrides(raw, parse_overrides(list(overrides or [])))
-    return from_dict(cls, raw)
+    return from_dict(cls, raw, what=what)
