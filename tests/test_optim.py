@@ -561,3 +561,30 @@ def test_recorded_step_lengths(wrapper_name):
             assert s1 == pytest.approx(f1, rel=1e-5)  # AG-2 keeps the forecast's L1 length
         else:
             assert s1 <= f1 * (1 + 1e-6) and s2 <= f2 * (1 + 1e-6)  # AG-1: per-coordinate magnitudes
+
+
+@pytest.mark.parametrize("wrapper_name", ["AG1", "AG2"])
+def test_recorded_loss_after_the_step(wrapper_name):
+    """record_loss_after: the loss at the updated parameters with the step's own dropout masks;
+    the global RNG and BatchNorm buffers end as without it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3))
+    twin = copy.deepcopy(m)
+    w = WRAPPERS[wrapper_name](m, torch.optim.RMSprop(m.parameters(), lr=1e-2), None)
+    w_twin = WRAPPERS[wrapper_name](twin, torch.optim.RMSprop(twin.parameters(), lr=1e-2), None)
+    w.record_loss_after = True
+    for x, y in batches("tanh_mlp", 2):
+        start = torch.get_rng_state()
+        w.step(closure_for(m, x, y))
+        rng_after = torch.get_rng_state()
+        torch.set_rng_state(start)
+        w_twin.step(closure_for(twin, x, y))
+        assert torch.equal(torch.get_rng_state(), rng_after)
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), twin.state_dict().values()))
+        torch.set_rng_state(start)
+        with torch.no_grad():
+            buffers = {k: v.clone() for k, v in m.named_buffers()}
+            expected = F.cross_entropy(m(x), y)
+            m.load_state_dict({**m.state_dict(), **buffers})
+        torch.set_rng_state(rng_after)
+        assert torch.equal(w.last_loss_after, expected)

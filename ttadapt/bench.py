@@ -23,7 +23,6 @@ from .config import ConfigError, load_config
 from .data import load as load_data
 from .models import create as create_model
 from .optim import AG1, AG2, AG3, SAM, create_optimizer
-from .states import evaluated_at
 from .training import evaluate
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "METHODS"]
@@ -76,7 +75,7 @@ def _wrap(method: str, model, opt, recipe: Recipe):
         return None
     if method.startswith(("ag1", "ag2")):
         wrapper = (AG1 if method.startswith("ag1") else AG2)(model, opt, linear=method.endswith("linear"))
-        wrapper.record_lengths = True  # the table's relative step lengths
+        wrapper.record_lengths = wrapper.record_loss_after = True  # the table's step lengths and loss decreases
         return wrapper
     if method == "ag3":
         return AG3(model, opt, d=recipe.ag3_d)
@@ -114,10 +113,8 @@ def run_one(recipe: Recipe, optimizer: str, method: str, lr: float, seed: int) -
                 loss = loss.detach()
             else:
                 loss = wrapper.step(closure)
-                if isinstance(wrapper, (AG1, AG2)) and wrapper.last_forecast_loss is not None:
-                    with torch.no_grad(), evaluated_at(model, {}, copy_buffers=True):
-                        after = float(closure())
-                    record["decrease_ag"].append(float(loss) - after)
+                if isinstance(wrapper, (AG1, AG2)) and wrapper.last_loss_after is not None:
+                    record["decrease_ag"].append(float(loss) - float(wrapper.last_loss_after))
                     record["decrease_plain"].append(float(loss) - float(wrapper.last_forecast_loss))
                     if wrapper.last_lengths is not None:
                         l1_plain, l2_plain, l1_ag, l2_ag = wrapper.last_lengths

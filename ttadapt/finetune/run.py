@@ -25,7 +25,6 @@ from ..data import DataError
 from ..models.weights import CHECKPOINT_FORMAT
 from ..optim import AG1, AG2, AG3, SAM, create_optimizer
 from ..optim.base import all_finite
-from ..states import evaluated_at, fork_rng
 from .config import FinetuneConfig, ScheduleConfig, validate
 from .data import EpochSampler, SeededItems, datasets, labels_of
 from .distributed import DistInfo, all_reduce_mean, gather, init_distributed
@@ -225,6 +224,7 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
     reduce = all_reduce_mean(dist_info.world) if dist_info.world > 1 else None
     if method.name in ("ag1", "ag2"):
         wrapper = (AG1 if method.name == "ag1" else AG2)(model, optimizer, linear=method.linear, reduce=reduce)
+        wrapper.record_loss_after = method.measure_batch_loss
     elif method.name in ("ag3", "ag3_1"):
         wrapper = AG3(model, optimizer, d=1 if method.name == "ag3_1" else method.d, linear=method.linear,
                       anchor_storage=method.anchor_storage, anchor_dir=method.anchor_dir)
@@ -322,19 +322,13 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
                 warnings.warn(f"non-finite gradient at step {state['step']}; the update was skipped", RuntimeWarning, stacklevel=2)
             return loss.detach()
         before = wrapper.skipped_steps
-        masks = fork_rng(model) if measure else None  # the measuring pass draws the step's dropout masks again
         if isinstance(wrapper, AG3):
             loss = wrapper.step(closure_on(net), anchor_closure=closure_on(model))
         else:
             loss = wrapper.step(closure_on(model))
         state["skipped"] += wrapper.skipped_steps - before
-        if measure and wrapper.skipped_steps == before and isinstance(wrapper, (AG1, AG2)) and wrapper.last_forecast_loss is not None:
-            now = fork_rng(model)
-            masks.rewind()
-            with torch.no_grad(), evaluated_at(model, {}, copy_buffers=True):
-                after = closure_on(model)()
-            now.rewind()
-            pair = torch.stack([loss - after, loss - wrapper.last_forecast_loss]).double()
+        if measure and isinstance(wrapper, (AG1, AG2)) and wrapper.last_loss_after is not None:
+            pair = torch.stack([loss - wrapper.last_loss_after, loss - wrapper.last_forecast_loss]).double()
             if reduce is not None:
                 reduce([pair])
             decreases["ag"].append(float(pair[0]))

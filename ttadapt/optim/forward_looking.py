@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..averaged import DeferredAverage
+from ..averaged import DeferredAverage, call_closure
 from ..metrics import step_lengths
-from ..states import ModelLayout
+from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
 from .snapshot import OptimizerSnapshot
 
@@ -59,6 +59,14 @@ class _ForwardLooking(OptimizerWrapper):
         self.record_lengths = False
         #: (L1, L2) of the forecast step θ′ − θ and (L1, L2) of the committed step, when recorded
         self.last_lengths: tuple[float, float, float, float] | None = None
+        #: set to True to have every step record :attr:`last_loss_after` (one more no-graph
+        #: forward; off by default)
+        self.record_loss_after = False
+        #: loss on the step's batch after the committed update (same dropout masks as the
+        #: step's passes, BatchNorm statistics untouched); None unless recorded and not skipped.
+        #: ``loss − last_loss_after`` against ``loss − last_forecast_loss`` is the spec's
+        #: batch-loss decrease of the AG update and of the ordinary one of the same L1 length
+        self.last_loss_after: Tensor | None = None
 
     def _hyper(self) -> dict[str, Any]:
         return {"linear": self.linear}
@@ -69,6 +77,8 @@ class _ForwardLooking(OptimizerWrapper):
         layout = ModelLayout(self.model)
         params = self._names(layout)
         buffers = self._save_buffers(layout)
+        self.last_loss_after = None
+        masks = fork_rng(layout) if self.record_loss_after else None  # the step's dropout masks, for the loss after it
         run = DeferredAverage(self.model, closure, linear=self.linear, rescale=self._full_vector and self.linear, layout=layout,
                               reuse=self._spare_start)
         self._spare_start = run.start
@@ -120,6 +130,12 @@ class _ForwardLooking(OptimizerWrapper):
                 self.last_lengths = (*forecast, *step_lengths([p - theta[n] for n, p in params.items()]))
         self._set_grads(params, averaged)
         self.step_count += 1
+        if masks is not None:
+            after_step = fork_rng(layout)
+            masks.rewind()
+            with torch.no_grad(), evaluated_at(layout, {}, copy_buffers=True):
+                self.last_loss_after = call_closure(closure).detach()
+            after_step.rewind()
         return loss
 
     def _ag1_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
