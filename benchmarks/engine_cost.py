@@ -3,7 +3,8 @@
     python benchmarks/engine_cost.py [--rounds N] [--quick]
 
 Time: medians over interleaved rounds (ordinary, no-grad forward, averaged, Linear variant,
-ordinary, ...), so that drifts of a shared machine hit all alike. The "cost-model floor" is the
+ordinary, ...), so that drifts of a shared machine hit all alike, with glibc told to keep freed
+memory (see _alloc.py: no method pays for the page faults of the one before it). The "cost-model floor" is the
 spec's 2·T_fwd + T_bwd measured: (no-grad forward + ordinary) / ordinary — what an averaged step
 would cost if the secants were free. Memory: the peak bytes of tensors alive at
 once during one call (every tensor an operator creates, forward and backward, counted by a
@@ -28,6 +29,7 @@ import ttadapt  # noqa: E402
 from ttadapt.averaged import averaged_loss  # noqa: E402
 from ttadapt.sites import SiteSession  # noqa: E402
 
+from _alloc import keep_freed_memory  # noqa: E402
 from _memory import peak_tensor_bytes  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 
@@ -78,8 +80,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 15 resnet18, 200 MLPs)")
     parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b", "wide_tanh_mlp"])
     args = parser.parse_args()
+    cached = keep_freed_memory()
     print(f"# engine_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, freed memory kept by the C allocator: {cached}")
     print()
     print("| model | ordinary fwd+bwd | cost-model floor | averaged / ordinary | Linear variant / ordinary | "
           "peak mem ordinary | averaged extra (allowed) | Linear extra (allowed) |")

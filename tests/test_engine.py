@@ -336,30 +336,80 @@ def test_half_precision_secant_is_formed_in_float32():
 
 
 def test_inputs_the_caller_owns_are_never_overwritten():
-    # The engine reuses the memory of kept inputs it alone holds; the batch itself, a parameter
-    # or a tensor the closure keeps must come through unchanged.
+    # The engine reuses the memory of kept inputs and outputs it alone holds (tensors of 64 KiB
+    # and more); the batch itself, a parameter or a tensor the closure keeps must come through
+    # unchanged.
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.l = nn.Linear(4, 4)
-            self.scale = nn.Parameter(torch.randn(4))
+            self.l = nn.Linear(256, 256)
+            self.scale = nn.Parameter(torch.randn(256))
 
         def forward(self, x):
-            h = torch.tanh(x) + F.elu(self.scale) + F.gelu(x[:, :4])
+            h = torch.tanh(x) + F.elu(self.scale) + F.gelu(x[:, :256])
             kept.append(self.l(h))
+            kept.append(torch.tanh(kept[-1]))  # a site's output the caller holds
             return torch.sigmoid(kept[-1])
 
     kept: list = []
     net = Net()
-    x = torch.randn(3, 4)
+    x = torch.randn(96, 256)
     x_before, scale_before = x.clone(), net.scale.detach().clone()
     other = {n: p.detach() + 0.3 for n, p in net.named_parameters()}
     ttadapt.averaged_grad(net, lambda: net(x).sum(), other)
     assert torch.equal(x, x_before)
     assert torch.equal(net.scale.detach(), scale_before)
-    # kept[0]: the sigmoid's input in the pass at `other`, still held by the model's caller
-    h_other = torch.tanh(x) + F.elu(other["scale"]) + F.gelu(x[:, :4])
-    torch.testing.assert_close(kept[0], F.linear(h_other, other["l.weight"], other["l.bias"]))
+    # kept[0], kept[1]: the second tanh's input and output in the pass at `other`, still held
+    h_other = torch.tanh(x) + F.elu(other["scale"]) + F.gelu(x[:, :256])
+    u_other = F.linear(h_other, other["l.weight"], other["l.bias"])
+    torch.testing.assert_close(kept[0], u_other)
+    torch.testing.assert_close(kept[1], torch.tanh(u_other))
+
+
+class _OutputScaledInPlace(nn.Module):
+    """``W2 · (2·f(W1·x + b1))`` with the factor 2 applied in place to the activation's output,
+    so the output the pass at `other` kept is modified after the call."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 256, dtype=torch.float64)
+        self.l2 = nn.Linear(256, 3, dtype=torch.float64)
+        self.fn = fn
+        self.inplace = True  # False: the same function out of place (for ordinary autograd)
+
+    def forward(self, x):
+        y = self.fn(self.l1(x))
+        return self.l2(y.mul_(2) if self.inplace else y.mul(2))
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("fn", [torch.tanh, F.silu, F.gelu], ids=["tanh", "silu", "gelu"])
+def test_outputs_modified_after_the_call_are_not_used(fn, deferred):
+    """The pass at `other` keeps each smooth activation's output to spare recomputing it; one
+    modified in place afterwards must be recomputed. Oracle: the exact path average (the loss is
+    linear after the activation and `other` differs only before it)."""
+    torch.manual_seed(3)
+    net = _OutputScaledInPlace(fn)
+    x = torch.randn(64, 6, dtype=torch.float64)  # 64 x 256 float64 outputs: 128 KiB, reusable
+    c = torch.randn(3, dtype=torch.float64)
+
+    def closure():
+        return (net(x) * c).sum()
+
+    other = {"l1.weight": net.l1.weight.detach() + 0.5 * torch.randn(256, 6, dtype=torch.float64),
+             "l1.bias": net.l1.bias.detach() + 0.5 * torch.randn(256, dtype=torch.float64)}
+    if deferred:
+        from ttadapt.averaged import DeferredAverage
+
+        run = DeferredAverage(net, closure)
+        run.ordinary_grad()
+        got = run.averaged_grad(other, seed="current")
+    else:
+        got = ttadapt.averaged_grad(net, closure, other)
+    net.inplace = False  # ordinary autograd refuses tanh's saved output modified in place
+    ref = ttadapt.path_average_grad(net, closure, None, other, points=48)
+    for name in ("l1.weight", "l1.bias"):
+        assert rel_err(got[name], ref[name]) < 1e-6, name
 
 
 class _AffineThen(nn.Module):

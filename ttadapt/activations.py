@@ -96,8 +96,10 @@ class Activation:
     # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) - f(ua) is then computed without
     # cancellation, so the plain secant is exact and the derivative is needed only where ub == ua.
     exact_secant: bool = False
-    # A closed form secant(ua, fa, ub, **settings) -> slope that is well conditioned everywhere
-    # (needs no division-by-zero rule): fewer elementwise passes than the generic quotient.
+    # A closed form secant(ua, fa, ub, fb=None, owned=False, fb_owned=False, **settings) -> slope
+    # that is well conditioned everywhere (needs no division-by-zero rule): fewer elementwise
+    # passes than the generic quotient. fb = f(ub) when the other pass kept it; owned / fb_owned
+    # allow overwriting ub / fb.
     secant: Callable[..., Tensor] | None = None
 
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:
@@ -361,14 +363,32 @@ register_activation(
     lambda u: aten.sigmoid_backward(_ones(u), torch.sigmoid(u)),
     _forms([torch.sigmoid, F.sigmoid, torch.special.expit, *_method("sigmoid")], [torch.sigmoid_, *_method("sigmoid_")]),
 )
-def _tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor) -> Tensor:
+_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _one(like: Tensor) -> Tensor:
+    """A cached 0-d tensor holding 1 with ``like``'s dtype and device (read-only by convention)."""
+    key = (like.dtype, like.device)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = like.new_ones(())
+    return one
+
+
+def _tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None = None, owned: bool = False,
+                 fb_owned: bool = False) -> Tensor:
     """tanh(b) − tanh(a) = (1 − tanh a·tanh b)·tanh(b − a): no cancellation, and tanh(d)/d → 1
-    as d → 0 (0/0 at d == 0 exactly, where the slope is 1 − tanh²a, the derivative)."""
-    d = ub - ua
-    ratio = torch.tanh(d).div_(d).nan_to_num_(nan=1.0)
+    as d → 0 (0/0 at d == 0 exactly, where the slope is 1 − tanh²a, the derivative).
+
+    ``fb = tanh(ub)`` when the other pass kept it; ``owned`` / ``fb_owned``: ``ub`` / ``fb`` may
+    be overwritten (then one new tensor, the slope, is allocated)."""
+    if fb is None:
+        fb, fb_owned = torch.tanh(ub), True
     # 1 − tanh a·tanh b by addcmul: rounded as ATen's tanh_backward rounds 1 − y², so that at
     # ub == ua the slope is the ordinary derivative bit for bit
-    return ratio.mul_(torch.addcmul(fa.new_ones(()), fa, torch.tanh(ub), value=-1.0))
+    cosh_factor = torch.addcmul(_one(fa), fa, fb, value=-1.0, out=fb if fb_owned else None)
+    d = ub.sub_(ua) if owned else ub - ua
+    return torch.tanh(d).div_(d).nan_to_num_(nan=1.0).mul_(cosh_factor)
 
 
 register_activation(

@@ -35,6 +35,7 @@ class DeferredSlot:
     shape: torch.Size
     dtype: torch.dtype
     ub: Tensor | None = None  # the input at the other state, once known
+    fb: Tensor | None = None  # the output there, when that pass kept it
     weight: Tensor | None = None  # PReLU slope / affine weight at the other state
     rescale: bool = False  # AG-2 Linear: rescale averaged gradients to the ordinary norms
     norms: tuple[Tensor | None, Tensor | None] | None = None  # ordinary ‖g_input‖, ‖g_params‖
@@ -45,15 +46,28 @@ class DeferredSlot:
 
 
 def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor, ub: Tensor, exact: bool,
-                     closed_form: Callable | None) -> Tensor:
-    """The secant slope of one activation between ``ua`` (with ``fa = f(ua)``) and ``ub``."""
+                     closed_form: Callable | None, fb: Tensor | None = None) -> Tensor:
+    """The secant slope of one activation between ``ua`` (with ``fa = f(ua)``) and ``ub`` (with
+    ``fb = f(ub)`` when known). Neither ``ub`` nor ``fb`` is overwritten."""
     if closed_form is not None and _compute_dtype(ua.dtype) == ua.dtype:
-        return closed_form(ua, fa, ub)
+        return closed_form(ua, fa, ub, fb)
     if exact and _compute_dtype(ua.dtype) == ua.dtype:
         diff = ub - ua
         slope = fn(ub).sub_(fa).div_(diff)
         return _fill_exact_ties(slope, diff, ua, derivative)
-    return secant_slope(fn, derivative, ua, fa, ub)
+    return secant_slope(fn, derivative, ua, fa, ub, fb=fb)
+
+
+def _keep_output(ctx: Any, y: Tensor) -> None:
+    """Keep ``f(ua)`` for the averaged backward outside autograd's saved-tensor checks: the model
+    may modify the activation's output in place afterwards (as plain autograd allows for
+    activations that save their input); :func:`_output` then recomputes it."""
+    ctx.y, ctx.y_version = y.detach(), y._version
+
+
+def _output(ctx: Any, fn: Callable, ua: Tensor) -> Tensor:
+    y = ctx.y
+    return y if y._version == ctx.y_version else fn(ua)
 
 
 class DeferredActivation(Function):
@@ -66,19 +80,20 @@ class DeferredActivation(Function):
         y = call(u)
         if inplace:
             ctx.mark_dirty(u)
-        ctx.save_for_backward(ua, y)
+        ctx.save_for_backward(ua)
+        _keep_output(ctx, y)
         ctx.fns = (fn, derivative, exact, closed_form)
         ctx.slot = slot
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        ua, y = ctx.saved_tensors
+        (ua,) = ctx.saved_tensors
         fn, derivative, exact, closed_form = ctx.fns
         slot = ctx.slot
         if not slot.filled:
             return grad * derivative(ua).to(grad.dtype), None, None, None, None, None, None, None
-        slope = activation_slope(fn, derivative, ua, y, slot.ub, exact, closed_form)
+        slope = activation_slope(fn, derivative, ua, _output(ctx, fn, ua), slot.ub, exact, closed_form, slot.fb)
         return grad * slope, None, None, None, None, None, None, None
 
 
@@ -117,18 +132,20 @@ class DeferredModule(Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, forward: Callable, derivative: Callable, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
         y = forward(u)
-        ctx.save_for_backward(u, y)
+        ctx.save_for_backward(u)
+        _keep_output(ctx, y)
         ctx.fns = (forward, derivative)
         ctx.slot = slot
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        u, y = ctx.saved_tensors
+        (u,) = ctx.saved_tensors
         forward, derivative = ctx.fns
         if not ctx.slot.filled:
             return grad * derivative(u), None, None, None
-        return grad * secant_slope(forward, derivative, u, y, ctx.slot.ub), None, None, None
+        y = _output(ctx, forward, u)
+        return grad * secant_slope(forward, derivative, u, y, ctx.slot.ub, fb=ctx.slot.fb), None, None, None
 
 
 class DeferredPassThrough(Function):
@@ -137,18 +154,19 @@ class DeferredPassThrough(Function):
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, y: Tensor, forward: Callable, derivative: Callable, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(u, y.detach())
+        ctx.save_for_backward(u)
+        _keep_output(ctx, y)
         ctx.fns = (forward, derivative)
         ctx.slot = slot
         return y.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        u, y = ctx.saved_tensors
+        (u,) = ctx.saved_tensors
         forward, derivative = ctx.fns
         with torch.no_grad():
             if ctx.slot.filled:
-                slope = secant_slope(forward, derivative, u, y, ctx.slot.ub)
+                slope = secant_slope(forward, derivative, u, _output(ctx, forward, u), ctx.slot.ub, fb=ctx.slot.fb)
             else:
                 slope = derivative(u)
         return grad * slope, grad, None, None, None

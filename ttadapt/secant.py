@@ -13,6 +13,7 @@ would save, so the averaged backward keeps the memory of the ordinary one.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,13 @@ from .activations import Activation, _prelu_weight
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision secants are formed in float32: their differences cancel badly otherwise."""
-    return torch.promote_types(dtype, torch.float32)
+    cdtype = _COMPUTE_DTYPES.get(dtype)
+    if cdtype is None:
+        cdtype = _COMPUTE_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return cdtype
+
+
+_COMPUTE_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
 def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
@@ -78,7 +85,7 @@ def _fill_exact_ties(slope: Tensor, diff: Tensor, at: Tensor, derivative: Callab
     """
     if slope.device.type != "cpu":
         return torch.where(diff == 0, derivative(at).to(slope.dtype), slope)
-    if bool(torch.isfinite(slope.sum())):
+    if math.isfinite(float(slope.sum())):  # (float() of a 0-d tensor: far cheaper than torch.isfinite)
         return slope
     return _fill_close(slope, torch.isnan(slope), at, derivative)
 
@@ -90,21 +97,26 @@ def secant_slope(
     fa: Tensor | None,
     ub: Tensor,
     owned: bool = False,
+    fb: Tensor | None = None,
+    fb_owned: bool = False,
 ) -> Tensor:
     """``(f(ub) - f(ua)) / (ub - ua)`` elementwise, ``f'(ua)`` where the inputs (nearly) agree.
 
-    ``fa`` may pass ``f(ua)`` when it is already computed in a sufficient precision; ``owned``
-    lets ``ub``'s memory hold the difference.
+    ``fa`` / ``fb`` may pass ``f(ua)`` / ``f(ub)`` when already computed (the pass at the other
+    state keeps its outputs); ``owned`` lets ``ub``'s memory hold the difference, ``fb_owned``
+    lets ``fb``'s hold the slope.
     """
     dtype = ua.dtype
     cdtype = _compute_dtype(dtype)
     if cdtype != dtype:
-        ua, ub, fa, owned = ua.to(cdtype), ub.to(cdtype), None, True
+        ua, ub, fa, fb, owned = ua.to(cdtype), ub.to(cdtype), None, None, True
     if fa is None:
         fa = fn(ua)
-    fb = fn(ub)
+    if fb is None:
+        fb, fb_owned = fn(ub), True
     diff = ub.sub_(ua) if owned else ub - ua
-    slope = fb.sub_(fa).div_(diff)
+    slope = fb.sub_(fa) if fb_owned else fb - fa
+    slope.div_(diff)
     slope = _fill_close(slope, close_mask(ua, diff, overwrite=True), ua, derivative)
     return slope.to(dtype)
 
@@ -118,10 +130,10 @@ class SecantActivation(Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool, closed_form: Callable | None = None) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool, closed_form: Callable | None = None, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:  # type: ignore[override]
         if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
             fa = None if inplace else call(u)
-            slope = closed_form(u, fn(u) if inplace else fa, ub)
+            slope = closed_form(u, fn(u) if inplace else fa, ub, fb, owned, fb_owned)
             y = call(u) if inplace else fa
         elif exact and _compute_dtype(u.dtype) == u.dtype:
             # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
@@ -133,11 +145,11 @@ class SecantActivation(Function):
             slope = fb.sub_(y).div_(diff)
             slope = _fill_exact_ties(slope, diff, y, derivative)
         elif inplace:
-            slope = secant_slope(fn, derivative, u, None, ub, owned)
+            slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)
             y = call(u)
         else:
             y = call(u)
-            slope = secant_slope(fn, derivative, u, y, ub, owned)
+            slope = secant_slope(fn, derivative, u, y, ub, owned, fb, fb_owned)
         if inplace:
             ctx.mark_dirty(u)
         ctx.save_for_backward(slope)
@@ -146,7 +158,7 @@ class SecantActivation(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
-        return grad * slope, None, None, None, None, None, None, None, None
+        return (grad * slope,) + (None,) * 10
 
 
 def _prelu_slopes(ua: Tensor, ub: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,15 +212,16 @@ class SecantModule(Function):
     """A whole activation-module call as one site (composite activations such as NewGELU)."""
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, ub: Tensor, forward: Callable[[Tensor], Tensor], derivative: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, u: Tensor, ub: Tensor, forward: Callable[[Tensor], Tensor], derivative: Callable[[Tensor], Tensor],
+                owned: bool = False, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:  # type: ignore[override]
         y = forward(u)
-        ctx.save_for_backward(secant_slope(forward, derivative, u, y, ub))
+        ctx.save_for_backward(secant_slope(forward, derivative, u, y, ub, owned, fb, fb_owned))
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
-        return grad * slope, None, None, None
+        return grad * slope, None, None, None, None, None, None
 
 
 class SecantPassThrough(Function):
@@ -316,11 +329,13 @@ def activation_callables(act: Activation, settings: dict) -> tuple[Callable, Cal
     derivative = lambda x: act.derivative(x, **settings)  # noqa: E731
     closed_form = None
     if act.secant is not None:
-        closed_form = (lambda a, fa, b: act.secant(a, fa, b, **settings)) if settings else act.secant
+        closed_form = (lambda *a: act.secant(*a, **settings)) if settings else act.secant
     return fn, derivative, closed_form
 
 
-def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool, owned: bool = False) -> Tensor:
-    """Apply :class:`SecantActivation` for a registered activation with its call settings."""
+def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool,
+                               owned: bool = False, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:
+    """Apply :class:`SecantActivation` for a registered activation with its call settings
+    (``fb``: the output at the other state, when that pass kept it)."""
     fn, derivative, closed_form = activation_callables(act, settings)
-    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned, closed_form)
+    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned, closed_form, fb, fb_owned)

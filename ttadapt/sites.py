@@ -56,6 +56,15 @@ class _Record:
     u: Tensor
     version: int | None  # the input's version counter when kept by reference; None for a copy
     weight: Tensor | None = None  # PReLU slope / affine weight at the other state
+    out: Tensor | None = None  # smooth activations: the output f(u) there, kept by reference
+    out_version: int | None = None
+
+    def kept_output(self) -> tuple[Tensor | None, bool]:
+        """``(f(u), may be overwritten)``; ``(None, False)`` if none was kept or it has been
+        modified in place since (then the secant recomputes it)."""
+        if self.out is None or self.out._version != self.out_version:
+            return None, False
+        return self.out, _sole_owner(self.out)
 
 
 @dataclass
@@ -73,15 +82,20 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+# Reusing a kept tensor's memory saves an allocation; below this size that is not worth a check.
+_OWN_MIN_BYTES = 1 << 16
+
+
 def _sole_owner(t: Tensor) -> bool:
     """Whether ``t`` is the only tensor on its memory (then the engine may overwrite it).
 
     A kept input is usually an intermediate of the finished pass at `other`; one that aliases the
     caller's data (the batch, a parameter, a view) has other owners and is never overwritten.
     """
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None or t._base is not None:
+    if t.numel() * t.element_size() < _OWN_MIN_BYTES or _USE_COUNT is None or t._base is not None:
         return False
+    use_count = _USE_COUNT
     storage = t.untyped_storage()
     return use_count(storage._cdata) == 2 and storage.nbytes() == t.numel() * t.element_size()  # t + `storage`
 
@@ -213,6 +227,7 @@ class SiteSession:
             assert rec is not None
             _check_pair(k, rec, slot.name, slot.shape, slot.dtype)
             slot.ub, slot.weight = rec.u, rec.weight
+            slot.fb = rec.kept_output()[0]
         self.records = []
 
     def _slot(self, name: str, u: Tensor) -> DeferredSlot:
@@ -281,6 +296,13 @@ class SiteSession:
             self._by_storage.setdefault(_storage_key(u), []).append(len(self.records))
         self.records.append(rec)
 
+    def _keep_output(self, u: Tensor, out: Any) -> None:
+        """Keep the output of the site just recorded: the secant then need not recompute f(ub)."""
+        if isinstance(out, Tensor) and out.shape == u.shape and out.dtype == u.dtype:
+            rec = self.records[-1]
+            assert rec is not None
+            rec.out, rec.out_version = out.detach(), out._version
+
     def _before_inplace(self, u: Tensor) -> None:
         """An in-place call is about to overwrite ``u``: copy records that still point at it."""
         for idx in self._by_storage.pop(_storage_key(u), []):
@@ -317,7 +339,10 @@ class SiteSession:
                 self._before_inplace(u)
             weight = given.get("weight") if act.parametric else None
             self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if not (act.exact_secant or act.parametric):  # f(ub) is worth keeping
+                self._keep_output(u, out)
+            return out
         if phase == "graph":
             slot = self._slot(name, u)
             settings = act.settings(given)
@@ -342,7 +367,8 @@ class SiteSession:
             return func(*args, **kwargs)
         call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
         owned = rec.version is None or _sole_owner(rec.u)
-        return averaged_activation_output(act, call, u, rec.u, settings, inplace, owned=owned)
+        fb, fb_owned = rec.kept_output()
+        return averaged_activation_output(act, call, u, rec.u, settings, inplace, owned, fb, fb_owned)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -391,7 +417,9 @@ class SiteSession:
                     return fwd(u)
                 if phase == "record":
                     self._keep(name, u, copy=False)
-                    return fwd(u)
+                    out = fwd(u)
+                    self._keep_output(u, out)
+                    return out
                 derivative = lambda x: entry.derivative(module, fwd, x)  # noqa: E731
                 trainable = [p for p in module.parameters() if p.requires_grad]
                 if phase == "graph":
@@ -400,13 +428,15 @@ class SiteSession:
                         return DeferredModule.apply(u, fwd, derivative, slot) if u.requires_grad else fwd(u)
                     return DeferredPassThrough.apply(u, fwd(u.detach()), fwd, derivative, slot)
                 rec = self._next(name, u)
+                owned = rec.version is None or _sole_owner(rec.u)
+                fb, fb_owned = rec.kept_output()
                 if not trainable:
                     if not u.requires_grad:
                         return fwd(u)
-                    return SecantModule.apply(u, rec.u, fwd, derivative)
+                    return SecantModule.apply(u, rec.u, fwd, derivative, owned, fb, fb_owned)
                 y = fwd(u.detach())  # graph to the module's own parameters, at the graph state
                 with torch.no_grad():
-                    slope = secant_slope(fwd, derivative, u.detach(), y.detach(), rec.u)
+                    slope = secant_slope(fwd, derivative, u.detach(), y.detach(), rec.u, owned, fb, fb_owned)
                 return SecantPassThrough.apply(u, y, slope)
             finally:
                 self.opaque -= 1
