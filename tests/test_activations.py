@@ -42,6 +42,19 @@ def test_derivative_matches_autograd(name, settings):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name,settings", [c for c in _cases() if registered_activations()[c.values[0]].vjp is not None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vjp_is_autograds_backward_bit_for_bit(name, settings, dtype):
+    """``vjp(g, u, f(u))`` — AG-1 / AG-2's ordinary backward — is plain autograd's, exactly."""
+    act = registered_activations()[name]
+    torch.manual_seed(0)
+    u = torch.randn(3000, dtype=dtype) * 4
+    g = torch.randn(3000, dtype=dtype)
+    x = u.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(act.fn(x, **settings), x, g)
+    assert torch.equal(act.vjp(g, u, act.fn(u, **settings), **settings), want)
+
+
 def test_prelu_derivative():
     act = registered_activations()["prelu"]
     u = torch.randn(4, 3, 5, dtype=torch.float64)
@@ -143,3 +156,28 @@ def test_closed_form_secants_match_the_quotient(name):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     same = act.secant(ua, act.fn(ua), ua.clone())
     assert torch.equal(same, act.derivative(ua)), "at ub == ua the slope is the derivative, bit for bit"
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "softplus", "elu", "sigmoid", "mish"])
+@pytest.mark.parametrize("close_share", [0.0, 0.01, 0.5])
+def test_generic_secant_takes_the_derivative_exactly_where_inputs_are_close(name, close_share):
+    """The division-by-zero rule of the generic secant, with none, a few or half of the units
+    close: the derivative there, the float64 quotient (to float32 rounding) elsewhere."""
+    from ttadapt.secant import secant_slope
+
+    act = registered_activations()[name]
+    torch.manual_seed(1)
+    n = 4000
+    ua = torch.randn(n) * 3
+    ub = ua + torch.randn(n).sign() * (0.05 + torch.rand(n))
+    close = torch.rand(n) < close_share
+    ub[close] = ua[close] + torch.randn(int(close.sum())) * 1e-6  # |Δu| below sqrt(eps)·(1 + |u|)
+    got = secant_slope(act.fn, act.derivative, ua, act.fn(ua), ub.clone())
+    # (to rounding: a kernel's vectorised and scalar tails may differ in the last bit)
+    torch.testing.assert_close(got[close], act.derivative(ua)[close], rtol=1e-6, atol=1e-7)
+    a64, b64 = ua.double()[~close], ub.double()[~close]
+    want = (act.fn(b64) - act.fn(a64)) / (b64 - a64)
+    # float32 rounding of f(ua), f(ub) (GELU's float32 kernel: up to ~10 units) and of their
+    # difference, amplified by 1/|Δu|
+    bound = 16 * torch.finfo(torch.float32).eps * (act.fn(a64).abs() + act.fn(b64).abs() + 1) / (b64 - a64).abs()
+    assert bool(((got[~close].double() - want).abs() <= bound).all())

@@ -101,6 +101,9 @@ class Activation:
     # passes than the generic quotient. fb = f(ub) when the other pass kept it; owned / fb_owned
     # allow overwriting ub / fb.
     secant: Callable[..., Tensor] | None = None
+    # vjp(grad, u, y, **settings) -> grad ⊙ f'(u) in one kernel (ATen's own backward; y = f(u)):
+    # the ordinary backward of AG-1 / AG-2's graph pass, as fast as PyTorch's.
+    vjp: Callable[..., Tensor] | None = None
 
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:
         """The full settings of one call: the defaults overlaid with what the call gave."""
@@ -165,6 +168,7 @@ def register_activation(
     parametric: bool = False,
     exact_secant: bool = False,
     secant: Callable[..., Tensor] | None = None,
+    vjp: Callable[..., Tensor] | None = None,
 ) -> Activation:
     """Register an elementwise activation and the callables that compute it.
 
@@ -179,7 +183,7 @@ def register_activation(
     inside a module registered with :func:`register_module_activation`.
     """
     forms = tuple(forms)
-    act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric, exact_secant, secant)
+    act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric, exact_secant, secant, vjp)
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
@@ -279,6 +283,7 @@ register_activation(
     [CallForm(F.relu, (), "inplace")] + _forms([torch.relu, *_method("relu")], [torch.relu_, *_method("relu_")]),
     kinks=lambda: (0.0,),
     exact_secant=True,
+    vjp=lambda g, u, y: aten.threshold_backward(g, u, 0),
 )
 register_activation(
     "relu6",
@@ -287,6 +292,7 @@ register_activation(
     [CallForm(F.relu6, (), "inplace")],
     kinks=lambda: (0.0, 6.0),
     exact_secant=True,
+    vjp=lambda g, u, y: aten.hardtanh_backward(g, u, 0.0, 6.0),
 )
 register_activation(
     "leaky_relu",
@@ -295,6 +301,7 @@ register_activation(
     [CallForm(F.leaky_relu, ("negative_slope",), "inplace"), CallForm(F.leaky_relu_, ("negative_slope",), True)],
     defaults={"negative_slope": 0.01},
     kinks=lambda negative_slope=0.01: (0.0,),
+    vjp=lambda g, u, y, negative_slope=0.01: aten.leaky_relu_backward(g, u, negative_slope, False),
 )
 register_activation(
     "prelu",
@@ -320,6 +327,7 @@ register_activation(
     [CallForm(F.elu, ("alpha",), "inplace"), CallForm(F.elu_, ("alpha",), True)],
     defaults={"alpha": 1.0},
     kinks=lambda alpha=1.0: (0.0,),
+    vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, False, u),
 )
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
@@ -329,6 +337,7 @@ register_activation(
     lambda u: aten.elu_backward(_ones(u), _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
     [CallForm(F.selu, (), "inplace")] + _forms([torch.selu], [torch.selu_]),
     kinks=lambda: (0.0,),
+    vjp=lambda g, u, y: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
 )
 register_activation(
     "celu",
@@ -337,6 +346,7 @@ register_activation(
     [CallForm(F.celu, ("alpha",), "inplace")] + _forms([torch.celu], [torch.celu_], ("alpha",)),
     defaults={"alpha": 1.0},
     kinks=lambda alpha=1.0: (0.0,),
+    vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, u),
 )
 register_activation(
     "gelu",
@@ -344,24 +354,28 @@ register_activation(
     lambda u, approximate="none": aten.gelu_backward(_ones(u), u, approximate=approximate),
     [CallForm(F.gelu, ("approximate",))],
     defaults={"approximate": "none"},
+    vjp=lambda g, u, y, approximate="none": aten.gelu_backward(g, u, approximate=approximate),
 )
 register_activation(
     "silu",
     F.silu,
     lambda u: aten.silu_backward(_ones(u), u),
     [CallForm(F.silu, (), "inplace")],
+    vjp=lambda g, u, y: aten.silu_backward(g, u),
 )
 register_activation(
     "mish",
     F.mish,
     lambda u: aten.mish_backward(_ones(u), u),
     [CallForm(F.mish, (), "inplace")],
+    vjp=lambda g, u, y: aten.mish_backward(g, u),
 )
 register_activation(
     "sigmoid",
     torch.sigmoid,
     lambda u: aten.sigmoid_backward(_ones(u), torch.sigmoid(u)),
     _forms([torch.sigmoid, F.sigmoid, torch.special.expit, *_method("sigmoid")], [torch.sigmoid_, *_method("sigmoid_")]),
+    vjp=lambda g, u, y: aten.sigmoid_backward(g, y),
 )
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
@@ -397,6 +411,7 @@ register_activation(
     lambda u: aten.tanh_backward(_ones(u), torch.tanh(u)),
     _forms([torch.tanh, F.tanh, *_method("tanh")], [torch.tanh_, *_method("tanh_")]),
     secant=_tanh_secant,
+    vjp=lambda g, u, y: aten.tanh_backward(g, y),
 )
 register_activation(
     "softplus",
@@ -404,6 +419,7 @@ register_activation(
     lambda u, beta=1.0, threshold=20.0: aten.softplus_backward(_ones(u), u, beta, threshold),
     [CallForm(F.softplus, ("beta", "threshold"))],
     defaults={"beta": 1.0, "threshold": 20.0},
+    vjp=lambda g, u, y, beta=1.0, threshold=20.0: aten.softplus_backward(g, u, beta, threshold),
 )
 register_activation(
     "softsign",
@@ -420,6 +436,7 @@ register_activation(
     defaults={"min_val": -1.0, "max_val": 1.0},
     kinks=lambda min_val=-1.0, max_val=1.0: (min_val, max_val),
     exact_secant=True,
+    vjp=lambda g, u, y, min_val=-1.0, max_val=1.0: aten.hardtanh_backward(g, u, min_val, max_val),
 )
 register_activation(
     "hardswish",
@@ -427,6 +444,7 @@ register_activation(
     lambda u: aten.hardswish_backward(_ones(u), u),
     [CallForm(F.hardswish, (), "inplace")],
     kinks=lambda: (-3.0, 3.0),
+    vjp=lambda g, u, y: aten.hardswish_backward(g, u),
 )
 register_activation(
     "hardsigmoid",
@@ -434,6 +452,7 @@ register_activation(
     lambda u: aten.hardsigmoid_backward(_ones(u), u),
     [CallForm(F.hardsigmoid, (), "inplace")],
     kinks=lambda: (-3.0, 3.0),
+    vjp=lambda g, u, y: aten.hardsigmoid_backward(g, u),
 )
 register_activation(
     "logsigmoid",
@@ -454,6 +473,7 @@ register_activation(
     [CallForm(F.softshrink, ("lambd",))],
     defaults={"lambd": 0.5},
     kinks=lambda lambd=0.5: (-lambd, lambd),
+    vjp=lambda g, u, y, lambd=0.5: aten.softshrink_backward(g, u, lambd),
 )
 
 # Pointwise nonlinear calls that are *not* averaged. `inspect` lists them so that a user sees

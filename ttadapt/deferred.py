@@ -75,26 +75,29 @@ class DeferredActivation(Function):
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, call: Callable, fn: Callable, derivative: Callable, inplace: bool, exact: bool,
-                closed_form: Callable | None, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
+                closed_form: Callable | None, slot: DeferredSlot, vjp: Callable | None = None) -> Tensor:  # type: ignore[override]
         ua = u.detach().clone() if inplace else u  # an in-place call would overwrite the input
         y = call(u)
         if inplace:
             ctx.mark_dirty(u)
         ctx.save_for_backward(ua)
         _keep_output(ctx, y)
-        ctx.fns = (fn, derivative, exact, closed_form)
+        ctx.fns = (fn, derivative, exact, closed_form, vjp)
         ctx.slot = slot
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (ua,) = ctx.saved_tensors
-        fn, derivative, exact, closed_form = ctx.fns
+        fn, derivative, exact, closed_form, vjp = ctx.fns
         slot = ctx.slot
-        if not slot.filled:
-            return grad * derivative(ua).to(grad.dtype), None, None, None, None, None, None, None
+        none = (None,) * 8
+        if not slot.filled:  # the ordinary backward
+            if vjp is not None and grad.dtype == ua.dtype:
+                return (vjp(grad, ua, _output(ctx, fn, ua)),) + none
+            return (grad * derivative(ua).to(grad.dtype),) + none
         slope = activation_slope(fn, derivative, ua, _output(ctx, fn, ua), slot.ub, exact, closed_form, slot.fb)
-        return grad * slope, None, None, None, None, None, None, None
+        return (grad * slope,) + none
 
 
 def _prelu_weight_grad(gw: Tensor, weight_shape: torch.Size, weight_numel: int) -> Tensor:

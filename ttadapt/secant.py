@@ -34,13 +34,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _COMPUTE_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
-def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
+def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False, none_if_clear: bool = False) -> Tensor | None:
     """Where the two inputs are too close for a secant (the paper's division-by-zero rule):
     ``|ub − ua| ≤ tol·(1 + |ua|)`` with ``tol = sqrt(eps)``.
 
     That threshold balances the cancellation error of the secant, ~eps·|f|/|Δu|, against the
     error of using the derivative instead, ~|f''|·|Δu|. ``overwrite`` lets it reuse ``diff``'s
-    memory (the caller no longer needs it).
+    memory (the caller no longer needs it). With ``none_if_clear``, on the CPU, one read-only
+    minimum first checks whether any element is close (usually none once the states differ) and
+    returns ``None`` if not — cheaper than building a boolean mask and counting it.
     """
     tol = torch.finfo(ua.dtype).eps ** 0.5
     gap = diff.abs_() if overwrite else diff.abs()
@@ -52,6 +54,8 @@ def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
             flat_gap[start:start + _BLOCK].sub_(flat_u[start:start + _BLOCK].abs(), alpha=tol)
     else:
         gap.sub_(ua.abs(), alpha=tol)
+    if none_if_clear and gap.device.type == "cpu" and gap.numel() and float(gap.min()) > tol:
+        return None
     return gap <= tol
 
 
@@ -87,7 +91,13 @@ def _fill_exact_ties(slope: Tensor, diff: Tensor, at: Tensor, derivative: Callab
         return torch.where(diff == 0, derivative(at).to(slope.dtype), slope)
     if math.isfinite(float(slope.sum())):  # (float() of a 0-d tensor: far cheaper than torch.isfinite)
         return slope
-    return _fill_close(slope, torch.isnan(slope), at, derivative)
+    ties = torch.isnan(slope)
+    if slope.is_contiguous():  # ties are few (values that coincide in rounding): index them
+        idx = ties.view(-1).nonzero().squeeze(1)
+        if idx.numel() * 8 <= slope.numel():
+            slope.view(-1)[idx] = derivative(at.reshape(-1)[idx]).to(slope.dtype)
+            return slope
+    return torch.where(ties, derivative(at).to(slope.dtype), slope)
 
 
 def secant_slope(
@@ -117,7 +127,9 @@ def secant_slope(
     diff = ub.sub_(ua) if owned else ub - ua
     slope = fb.sub_(fa) if fb_owned else fb - fa
     slope.div_(diff)
-    slope = _fill_close(slope, close_mask(ua, diff, overwrite=True), ua, derivative)
+    close = close_mask(ua, diff, overwrite=True, none_if_clear=True)
+    if close is not None:
+        slope = _fill_close(slope, close, ua, derivative)
     return slope.to(dtype)
 
 

@@ -28,7 +28,7 @@ from ..averaged import DeferredAverage, call_closure
 from ..metrics import step_lengths
 from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
-from .snapshot import OptimizerSnapshot
+from .snapshot import OptimizerSnapshot, SwappedState, swappable
 
 __all__ = ["AG1", "AG2"]
 
@@ -151,14 +151,22 @@ class _ForwardLooking(OptimizerWrapper):
                     before: OptimizerSnapshot, spare: OptimizerSnapshot | None) -> None:
         """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′."""
         forecast_l1 = _total([p.sub_(theta[n]).abs_().sum() for n, p in params.items()])  # p is overwritten next
-        committed = OptimizerSnapshot(self.optimizer, reuse=spare)
-        self._spare_snapshots.append(committed)
-        before.restore()
+        if swappable(self.optimizer):
+            # run the dry step on the snapshot's own tensors (spent afterwards) while the
+            # committed state objects wait aside: no state copied at all
+            committed = before.swap_in()
+        else:
+            committed = OptimizerSnapshot(self.optimizer, reuse=spare)
+            self._spare_snapshots.append(committed)
+            before.restore()
         for n, p in params.items():
             p.copy_(theta[n])
         self._set_grads(params, averaged)
         self.optimizer.step()  # dry run from the state before the forecast, with G′
-        committed.restore()
+        if isinstance(committed, SwappedState):
+            committed.put_back()
+        else:
+            committed.restore()
         steps = [p.sub_(theta[n]) for n, p in params.items()]  # θ″ − θ
         length = _total(list(torch._foreach_norm(steps, 1))) if steps else 0.0
         scale = forecast_l1 / length if length > 0 else 0.0

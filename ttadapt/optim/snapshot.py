@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["OptimizerSnapshot", "dry_run"]
+__all__ = ["OptimizerSnapshot", "SwappedState", "dry_run", "swappable"]
 
 _NESTED = ("optimizer", "base_optimizer", "inner_optimizer", "_optimizer")
 _SKIP_ATTRS = {"param_groups", "state", "defaults", *_NESTED}
@@ -123,6 +123,30 @@ class OptimizerSnapshot:
             attrs = {k: _clone(v) for k, v in vars(opt).items() if k not in _SKIP_ATTRS and not k.startswith("__") and _plain_attr(v)}
             self.parts.append((opt, state, groups, attrs))
 
+    def swap_in(self) -> SwappedState:
+        """Install this snapshot's state objects as the optimizer's state — no copying — and
+        return what the optimizer held. A ``step()`` then runs from the captured state and
+        writes into this snapshot's tensors (the snapshot is spent: recycle it with ``reuse=``);
+        :meth:`SwappedState.put_back` reinstates the optimizer's own state objects. Only for
+        optimizers that look their state up on every step (:func:`swappable`)."""
+        parts = []
+        for opt, state, groups, attrs in self.parts:
+            live = dict(opt.state)
+            versions = [(t, t._version) for entry in live.values() for t in _tensors(entry)]
+            live_groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            live_attrs = {k: _clone(getattr(opt, k, None)) for k in attrs}
+            parts.append((opt, live, live_groups, live_attrs, versions))
+            opt.state.clear()
+            opt.state.update(state)
+            for group, saved in zip(opt.param_groups, groups):
+                for k in [k for k in group if k != "params" and k not in saved]:
+                    del group[k]
+                for k, v in saved.items():
+                    group[k] = _restore(group.get(k), v)
+            for k, v in attrs.items():
+                setattr(opt, k, _restore(getattr(opt, k, None), v))
+        return SwappedState(parts)
+
     def restore(self) -> None:
         """Put the optimizer back into the captured state, bit for bit."""
         for opt, state, groups, attrs in self.parts:
@@ -140,6 +164,50 @@ class OptimizerSnapshot:
                     group[k] = _restore(group.get(k), v)
             for k, v in attrs.items():
                 setattr(opt, k, _restore(getattr(opt, k, None), v))
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    """Every tensor inside a state entry (dicts, lists, tuples)."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def swappable(optimizer: Any) -> bool:
+    """Whether :meth:`OptimizerSnapshot.swap_in` is safe: every (nested) optimizer is one of
+    ``torch.optim``'s or ``pytorch_optimizer``'s, which look their state up in ``state[p]`` on
+    every ``step()`` instead of holding on to the tensors."""
+    return all(type(opt).__module__.startswith(("torch.optim.", "pytorch_optimizer.")) for opt in _optimizers(optimizer))
+
+
+class SwappedState:
+    """What :meth:`OptimizerSnapshot.swap_in` took out of the optimizer; :meth:`put_back`
+    reinstates it — the same objects, untouched."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def put_back(self) -> None:
+        for opt, state, groups, attrs, versions in reversed(self.parts):  # (nested optimizers may share a state dict)
+            opt.state.clear()
+            opt.state.update(state)
+            for group, saved in zip(opt.param_groups, groups):
+                for k in [k for k in group if k != "params" and k not in saved]:
+                    del group[k]
+                for k, v in saved.items():
+                    group[k] = _restore(group.get(k), v)
+            for k, v in attrs.items():
+                setattr(opt, k, _restore(getattr(opt, k, None), v))
+            changed = [t for t, v in versions if t._version != v]
+            if changed:
+                raise RuntimeError(
+                    f"{type(opt).__name__} wrote into optimizer state it was not given during a dry run (it keeps "
+                    "references to its state tensors); its state is no longer exact"
+                )
 
 
 def _params(optimizer: Any) -> list[Tensor]:
