@@ -657,3 +657,23 @@ def test_swapped_state_detects_an_optimizer_that_keeps_references():
     opt.step()
     with pytest.raises(RuntimeError, match="keeps references to its state tensors"):
         swapped.put_back()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.complex64])
+def test_all_finite_against_isfinite(dtype):
+    """The non-finite guard's check against ``torch.isfinite(...).all()``, including finite
+    values whose sum overflows (must still count as finite)."""
+    from ttadapt.optim.base import all_finite
+
+    big = torch.finfo(torch.float32 if dtype == torch.complex64 else dtype).max / 2
+    cases = [
+        [torch.randn(100).to(dtype), torch.randn(3, 4).to(dtype)],
+        [torch.full((10,), big).to(dtype)],  # sum overflows, every element finite
+        [torch.randn(50).to(dtype), torch.tensor([1.0, float("nan")]).to(dtype)],
+        [torch.tensor([float("inf"), 1.0]).to(dtype)],
+        [torch.tensor([float("-inf"), float("inf")]).to(dtype)],
+        [torch.tensor(2.0).to(dtype), None, torch.zeros(0, dtype=dtype)],
+    ]
+    for tensors in cases:
+        want = all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+        assert all_finite(*tensors) is want
