@@ -176,11 +176,17 @@ class DeferredPassThrough(Function):
 
 
 def _norm(*tensors: Tensor | None) -> Tensor | None:
-    """Joint L2 norm (a 0-d float64 tensor: no host synchronisation)."""
+    """Joint L2 norm (a 0-d float64 tensor: no host synchronisation). Each tensor's norm is one
+    read-only pass in its own precision (no float64 copy of a gradient); they combine in float64."""
     present = [t.detach() for t in tensors if t is not None]
     if not present:
         return None
-    return torch.sqrt(sum(t.double().square().sum() for t in present))
+    return torch.sqrt(sum(_vector_norm(t).double().square() for t in present))
+
+
+def _vector_norm(t: Tensor) -> Tensor:
+    # half-precision norms overflow beyond 65504: those are taken in float32
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if t.element_size() < 4 and t.is_floating_point() else None)
 
 
 def _rescale(target: Tensor | None, *tensors: Tensor | None) -> None:
