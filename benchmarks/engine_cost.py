@@ -1,6 +1,6 @@
 """Cost of one averaged gradient against one ordinary forward+backward, measured in one run.
 
-    python benchmarks/engine_cost.py [--rounds N] [--quick]
+    python benchmarks/engine_cost.py [--rounds N] [--cases ...] [--breakdown]
 
 Time: medians over interleaved rounds (ordinary, no-grad forward, averaged, Linear variant,
 ordinary, ...), so that drifts of a shared machine hit all alike, with glibc told to keep freed
@@ -62,6 +62,49 @@ def stored_bytes(model, closure, other, linear: bool) -> int:
     return session.recorded_bytes
 
 
+def breakdown(model, closure, other, rounds: int) -> dict[str, float]:
+    """Medians (ms) of the averaged gradient's parts next to their ordinary counterparts: the
+    pass at `other` against a no-graph forward, the graph pass against a forward with a graph,
+    and the two backwards."""
+    from ttadapt.states import ModelLayout, evaluated_at, resolve_state
+
+    layout = ModelLayout(model)
+    state = resolve_state(layout, other)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def timed(f):
+        start = time.perf_counter()
+        out = f()
+        return time.perf_counter() - start, out
+
+    parts: dict[str, list[float]] = {k: [] for k in ("no-grad forward", "pass at other", "forward", "graph pass",
+                                                       "ordinary backward", "averaged backward")}
+    for r in range(rounds + 2):
+        with torch.no_grad():
+            t_ng, _ = timed(closure)
+        t_fwd, loss = timed(closure)
+        t_bwd, _ = timed(lambda: torch.autograd.grad(loss, params))
+        session = SiteSession()
+
+        def record():
+            with evaluated_at(layout, state), session.run(model, "record", layout), torch.no_grad():
+                closure()
+
+        t_rec, _ = timed(record)
+
+        def graph_pass():
+            with torch.enable_grad(), session.run(model, "apply", layout):
+                return closure()
+
+        t_apply, loss = timed(graph_pass)
+        session.finish_apply()
+        t_abwd, _ = timed(lambda: torch.autograd.grad(loss, params))
+        if r >= 2:  # warm-up
+            for k, v in zip(parts, (t_ng, t_rec, t_fwd, t_apply, t_bwd, t_abwd)):
+                parts[k].append(v)
+    return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
+
+
 def timing(methods: dict, rounds: int) -> dict[str, float]:
     for f in methods.values():  # warm up
         f()
@@ -79,11 +122,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 15 resnet18, 200 MLPs)")
     parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b", "wide_tanh_mlp"])
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: time each part of the averaged gradient next to its ordinary counterpart")
     args = parser.parse_args()
     cached = keep_freed_memory()
     print(f"# engine_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, freed memory kept by the C allocator: {cached}")
     print()
+    if args.breakdown:
+        print("| model | no-grad forward | pass at `other` | forward | graph pass | ordinary backward | averaged backward |")
+        print("|---|---|---|---|---|---|---|")
+        for case in args.cases:
+            model, closure, other, _ = build(case)
+            b = breakdown(model, closure, other, args.rounds or (10 if case == "resnet18" else 60))
+            print(f"| {case} | " + " | ".join(f"{v:.1f} ms" for v in b.values()) + " |", flush=True)
+        return
     print("| model | ordinary fwd+bwd | cost-model floor | averaged / ordinary | Linear variant / ordinary | "
           "peak mem ordinary | averaged extra (allowed) | Linear extra (allowed) |")
     print("|---|---|---|---|---|---|---|---|")

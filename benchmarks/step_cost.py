@@ -86,7 +86,7 @@ def main() -> None:
     print(f"# step_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, freed memory kept by the C allocator: {cached}")
     print()
-    head = " | ".join(f"{m} time / mem" for m in methods[1:])
+    head = " | ".join(f"{m} time" + ("" if args.no_memory else " / mem") for m in methods[1:])
     print(f"| model | optimizer | plain step | {head} | AG3 / SAM time |")
     print("|---|---|---|" + "---|" * (len(methods) - 1) + "---|")
     for case in args.cases:
@@ -106,9 +106,11 @@ def main() -> None:
             summary = statistics.median if args.statistic == "median" else statistics.fmean
             mean = {m: summary(v) for m, v in times.items()}
             mem = {m: (float("nan") if args.no_memory else peak_tensor_bytes(step)) for m, step in steps.items()}
-            cells = [f"{mean[m] / mean['plain']:.2f}x / {mem[m] / mem['plain']:.2f}x" for m in methods[1:]]
+            mem_cell = (lambda m: "") if args.no_memory else (lambda m: f" / {mem[m] / mem['plain']:.2f}x")
+            cells = [f"{mean[m] / mean['plain']:.2f}x{mem_cell(m)}" for m in methods[1:]]
             ag3_sam = f"{mean['AG3'] / mean['SAM']:.2f}" if "AG3" in mean and "SAM" in mean else "-"
-            print(f"| {case} | {optimizer_name} | {mean['plain'] * 1e3:.0f} ms, {mem['plain'] / 2**20:.1f} MB | "
+            plain_mem = "" if args.no_memory else f", {mem['plain'] / 2**20:.1f} MB"
+            print(f"| {case} | {optimizer_name} | {mean['plain'] * 1e3:.0f} ms{plain_mem} | "
                   + " | ".join(cells) + f" | {ag3_sam} |", flush=True)
 
 
