@@ -605,7 +605,14 @@ def _own_soap(params):
     return own(params, lr=1e-2, precondition_frequency=2, merge_dims=False)
 
 
-@pytest.mark.parametrize("opt_name", ["adam", "adam_fused", "soap"])
+def _lookahead(params, own: bool):
+    from pytorch_optimizer import Lookahead
+
+    cls = type("_OwnLookahead", (Lookahead,), {"__module__": __name__}) if own else Lookahead
+    return cls(torch.optim.Adam(params, lr=1e-2), k=2, alpha=0.5)
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adam_fused", "soap", "lookahead"])
 def test_ag2_swapping_state_equals_copying_it(opt_name):
     """AG-2's dry step from the state before the forecast: swapping the snapshot's state objects
     in (torch.optim / pytorch-optimizer) gives, bit for bit, the trajectory and optimizer state
@@ -616,8 +623,10 @@ def test_ag2_swapping_state_equals_copying_it(opt_name):
     torch.manual_seed(7)
     m_swap = cnn()
     m_copy = copy.deepcopy(m_swap)
-    o_swap = OPTIMIZERS[opt_name](m_swap.parameters())
-    if opt_name == "soap":
+    o_swap = _lookahead(m_swap.parameters(), own=False) if opt_name == "lookahead" else OPTIMIZERS[opt_name](m_swap.parameters())
+    if opt_name == "lookahead":  # a wrapper optimizer with its own state around Adam's
+        o_copy = _lookahead(m_copy.parameters(), own=True)
+    elif opt_name == "soap":
         o_copy = _own_soap(m_copy.parameters())
     else:
         o_copy = _OwnAdam(m_copy.parameters(), lr=1e-2, **({"fused": True} if opt_name == "adam_fused" else {}))

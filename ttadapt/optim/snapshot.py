@@ -130,21 +130,19 @@ class OptimizerSnapshot:
         :meth:`SwappedState.put_back` reinstates the optimizer's own state objects. Only for
         optimizers that look their state up on every step (:func:`swappable`)."""
         parts = []
+        swapped: set[int] = set()  # nested optimizers may share one state dict: swap it once
         for opt, state, groups, attrs in self.parts:
-            live = dict(opt.state)
-            versions = [(t, t._version) for entry in live.values() for t in _tensors(entry)]
+            live = None
+            if id(opt.state) not in swapped:
+                swapped.add(id(opt.state))
+                live = dict(opt.state)
+                opt.state.clear()
+                opt.state.update(state)
+            versions = [(t, t._version) for entry in (live or {}).values() for t in _tensors(entry)]
             live_groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
             live_attrs = {k: _clone(getattr(opt, k, None)) for k in attrs}
             parts.append((opt, live, live_groups, live_attrs, versions))
-            opt.state.clear()
-            opt.state.update(state)
-            for group, saved in zip(opt.param_groups, groups):
-                for k in [k for k in group if k != "params" and k not in saved]:
-                    del group[k]
-                for k, v in saved.items():
-                    group[k] = _restore(group.get(k), v)
-            for k, v in attrs.items():
-                setattr(opt, k, _restore(getattr(opt, k, None), v))
+            _restore_settings(opt, groups, attrs)
         return SwappedState(parts)
 
     def restore(self) -> None:
@@ -157,13 +155,18 @@ class OptimizerSnapshot:
                     opt.state[p] = _restore(opt.state[p], saved)
                 else:
                     opt.state[p] = _clone(saved)
-            for group, saved in zip(opt.param_groups, groups):
-                for k in [k for k in group if k != "params" and k not in saved]:
-                    del group[k]
-                for k, v in saved.items():
-                    group[k] = _restore(group.get(k), v)
-            for k, v in attrs.items():
-                setattr(opt, k, _restore(getattr(opt, k, None), v))
+            _restore_settings(opt, groups, attrs)
+
+
+def _restore_settings(opt: Any, groups: list[dict], attrs: dict[str, Any]) -> None:
+    """Put back ``param_groups`` entries (other than the parameters) and plain attributes."""
+    for group, saved in zip(opt.param_groups, groups):
+        for k in [k for k in group if k != "params" and k not in saved]:
+            del group[k]
+        for k, v in saved.items():
+            group[k] = _restore(group.get(k), v)
+    for k, v in attrs.items():
+        setattr(opt, k, _restore(getattr(opt, k, None), v))
 
 
 def _tensors(x: Any) -> list[Tensor]:
@@ -192,16 +195,11 @@ class SwappedState:
         self.parts = parts
 
     def put_back(self) -> None:
-        for opt, state, groups, attrs, versions in reversed(self.parts):  # (nested optimizers may share a state dict)
-            opt.state.clear()
-            opt.state.update(state)
-            for group, saved in zip(opt.param_groups, groups):
-                for k in [k for k in group if k != "params" and k not in saved]:
-                    del group[k]
-                for k, v in saved.items():
-                    group[k] = _restore(group.get(k), v)
-            for k, v in attrs.items():
-                setattr(opt, k, _restore(getattr(opt, k, None), v))
+        for opt, state, groups, attrs, versions in reversed(self.parts):
+            if state is not None:
+                opt.state.clear()
+                opt.state.update(state)
+            _restore_settings(opt, groups, attrs)
             changed = [t for t, v in versions if t._version != v]
             if changed:
                 raise RuntimeError(
