@@ -425,9 +425,11 @@ class _AffineThen(nn.Module):
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_partial_exact_ties_take_the_derivative(act, inplace, deferred):
+@pytest.mark.parametrize("tied_units", [20, 3])
+def test_partial_exact_ties_take_the_derivative(act, inplace, deferred, tied_units):
     """Units whose input is identical at both states (a tie: 0/0) get f'(u); the others the
-    secant — checked in closed form, with ties on both sides of the kink."""
+    secant — checked in closed form, with ties on both sides of the kink. Half the units tied
+    (the masked path) or 3 of 40 (the indexed path for a handful of ties)."""
     torch.manual_seed(0)
     fn = {"relu": F.relu, "relu6": F.relu6, "hardtanh": F.hardtanh}[act]
     model = _AffineThen(fn, inplace)
@@ -438,7 +440,8 @@ def test_partial_exact_ties_take_the_derivative(act, inplace, deferred):
         return (model(x) * c).sum()
 
     other = {"lin.weight": model.lin.weight.detach().clone(), "lin.bias": model.lin.bias.detach().clone()}
-    other["lin.weight"][:20] += torch.randn(20, 5, dtype=torch.float64)  # units 20..39 tie exactly
+    moved = 40 - tied_units
+    other["lin.weight"][:moved] += torch.randn(moved, 5, dtype=torch.float64)  # the last units tie exactly
     if deferred:  # AG-1/AG-2's path: one graph, differentiated ordinarily first
         from ttadapt.averaged import DeferredAverage
 

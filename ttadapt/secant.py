@@ -62,20 +62,24 @@ def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False, none_if_clear:
 _BLOCK = 1 << 18
 
 
-def _fill_close(slope: Tensor, close: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
+def _fill_close(slope: Tensor, close: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor],
+                few: bool = False) -> Tensor:
     """Replace the secant by ``derivative(at)`` where ``close`` (``derivative`` is elementwise).
 
     On the CPU only the close elements are evaluated when they are few (the usual case once the
-    states differ); on accelerators one ``where`` avoids a host synchronisation.
+    states differ); on accelerators one ``where`` avoids a host synchronisation. ``few``: the
+    caller expects a handful (then they are indexed at once, without counting them first).
     """
-    if slope.device.type != "cpu":
-        return torch.where(close, derivative(at).to(slope.dtype), slope)
-    count = int(torch.count_nonzero(close))
-    if count == 0:
-        return slope
-    if count * 8 > close.numel() or not slope.is_contiguous():
+    if not few and slope.device.type == "cpu":
+        count = int(torch.count_nonzero(close))
+        if count == 0:
+            return slope
+        few = count * 8 <= close.numel()
+    if not few or slope.device.type != "cpu" or not slope.is_contiguous():
         return torch.where(close, derivative(at).to(slope.dtype), slope)
     idx = close.reshape(-1).nonzero().squeeze(1)
+    if idx.numel() * 8 > close.numel():  # more than the caller expected
+        return torch.where(close, derivative(at).to(slope.dtype), slope)
     slope.view(-1)[idx] = derivative(at.reshape(-1)[idx]).to(slope.dtype)
     return slope
 
@@ -85,19 +89,14 @@ def _fill_exact_ties(slope: Tensor, diff: Tensor, at: Tensor, derivative: Callab
 
     There ``f(ub) − f(ua) = 0 = ub − ua`` and the quotient is NaN; nowhere else can it be NaN or
     infinite (``|f(ub) − f(ua)| ≤ |ub − ua|``). On the CPU one read-only sum finds out whether any
-    tie exists (usually none) instead of building a mask and counting it.
+    tie exists (usually none) instead of building a mask and counting it; ties that do exist are
+    values that coincide in rounding, a handful.
     """
     if slope.device.type != "cpu":
         return torch.where(diff == 0, derivative(at).to(slope.dtype), slope)
     if math.isfinite(float(slope.sum())):  # (float() of a 0-d tensor: far cheaper than torch.isfinite)
         return slope
-    ties = torch.isnan(slope)
-    if slope.is_contiguous():  # ties are few (values that coincide in rounding): index them
-        idx = ties.view(-1).nonzero().squeeze(1)
-        if idx.numel() * 8 <= slope.numel():
-            slope.view(-1)[idx] = derivative(at.reshape(-1)[idx]).to(slope.dtype)
-            return slope
-    return torch.where(ties, derivative(at).to(slope.dtype), slope)
+    return _fill_close(slope, torch.isnan(slope), at, derivative, few=True)
 
 
 def secant_slope(
