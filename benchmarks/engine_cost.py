@@ -66,7 +66,8 @@ def breakdown(model, closure, other, rounds: int) -> dict[str, float]:
     """Medians (ms) of the averaged gradient's parts next to their ordinary counterparts: the
     pass at `other` against a no-graph forward, the graph pass against a forward with a graph,
     and the two backwards."""
-    from ttadapt.states import ModelLayout, evaluated_at, resolve_state
+    from ttadapt.averaged import _record_pass
+    from ttadapt.states import ModelLayout, resolve_state
 
     layout = ModelLayout(model)
     state = resolve_state(layout, other)
@@ -85,12 +86,7 @@ def breakdown(model, closure, other, rounds: int) -> dict[str, float]:
         t_fwd, loss = timed(closure)
         t_bwd, _ = timed(lambda: torch.autograd.grad(loss, params))
         session = SiteSession()
-
-        def record():
-            with evaluated_at(layout, state), session.run(model, "record", layout), torch.no_grad():
-                closure()
-
-        t_rec, _ = timed(record)
+        t_rec, _ = timed(lambda: _record_pass(model, closure, layout, session, state, want_seeds=False))
 
         def graph_pass():
             with torch.enable_grad(), session.run(model, "apply", layout):

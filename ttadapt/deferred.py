@@ -58,7 +58,7 @@ def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor,
     return secant_slope(fn, derivative, ua, fa, ub, fb=fb)
 
 
-def _keep_output(ctx: Any, y: Tensor) -> None:
+def _save_output(ctx: Any, y: Tensor) -> None:
     """Keep ``f(ua)`` for the averaged backward outside autograd's saved-tensor checks: the model
     may modify the activation's output in place afterwards (as plain autograd allows for
     activations that save their input); :func:`_output` then recomputes it."""
@@ -81,7 +81,7 @@ class DeferredActivation(Function):
         if inplace:
             ctx.mark_dirty(u)
         ctx.save_for_backward(ua)
-        _keep_output(ctx, y)
+        _save_output(ctx, y)
         ctx.fns = (fn, derivative, exact, closed_form, vjp)
         ctx.slot = slot
         return y
@@ -136,7 +136,7 @@ class DeferredModule(Function):
     def forward(ctx: Any, u: Tensor, forward: Callable, derivative: Callable, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
         y = forward(u)
         ctx.save_for_backward(u)
-        _keep_output(ctx, y)
+        _save_output(ctx, y)
         ctx.fns = (forward, derivative)
         ctx.slot = slot
         return y
@@ -158,7 +158,7 @@ class DeferredPassThrough(Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, y: Tensor, forward: Callable, derivative: Callable, slot: DeferredSlot) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(u)
-        _keep_output(ctx, y)
+        _save_output(ctx, y)
         ctx.fns = (forward, derivative)
         ctx.slot = slot
         return y.clone()

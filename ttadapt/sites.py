@@ -97,9 +97,8 @@ def _sole_owner(t: Tensor) -> bool:
     """
     if t.numel() * t.element_size() < _OWN_MIN_BYTES or _USE_COUNT is None or t._base is not None:
         return False
-    use_count = _USE_COUNT
     storage = t.untyped_storage()
-    return use_count(storage._cdata) == 2 and storage.nbytes() == t.numel() * t.element_size()  # t + `storage`
+    return _USE_COUNT(storage._cdata) == 2 and storage.nbytes() == t.numel() * t.element_size()  # t + `storage`
 
 
 def _check_pair(k: int, rec: _Record, name: str, shape: torch.Size, dtype: torch.dtype) -> None:

@@ -123,7 +123,7 @@ class _ForwardLooking(OptimizerWrapper):
         with torch.no_grad():
             forecast = step_lengths([p - theta[n] for n, p in params.items()]) if self.record_lengths else None
             if self._full_vector:
-                self._ag2_update(params, theta, averaged, before, spares.pop() if spares else None)
+                self._ag2_update(params, theta, averaged, before, spares)
             else:
                 self._ag1_update(params, theta, averaged)
             if forecast is not None:
@@ -148,7 +148,7 @@ class _ForwardLooking(OptimizerWrapper):
         self.last_forecast_l1 = _total(lengths)
 
     def _ag2_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor],
-                    before: OptimizerSnapshot, spare: OptimizerSnapshot | None) -> None:
+                    before: OptimizerSnapshot, spares: list[OptimizerSnapshot]) -> None:
         """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′."""
         forecast_l1 = _total([p.sub_(theta[n]).abs_().sum() for n, p in params.items()])  # p is overwritten next
         if swappable(self.optimizer):
@@ -156,7 +156,7 @@ class _ForwardLooking(OptimizerWrapper):
             # committed state objects wait aside: no state copied at all
             committed = before.swap_in()
         else:
-            committed = OptimizerSnapshot(self.optimizer, reuse=spare)
+            committed = OptimizerSnapshot(self.optimizer, reuse=spares.pop() if spares else None)
             self._spare_snapshots.append(committed)
             before.restore()
         for n, p in params.items():
