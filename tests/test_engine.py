@@ -422,6 +422,74 @@ class _AffineThen(nn.Module):
         return self.fn(self.lin(x), inplace=self.inplace)
 
 
+@pytest.mark.parametrize("rare", ["nan", "close"])
+@pytest.mark.parametrize("where", ["none", "one row", "tail", "rows and tail", "many rows", "everywhere"])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "strided", "small"])
+def test_rare_elements_are_replaced_exactly_where_flagged(rare, where, layout):
+    """The row-wise search for ties / close inputs against one whole-tensor ``where``: same
+    elements replaced, the rest untouched, wherever the flagged elements sit (rows of 1024
+    elements; a tail of 77; many rows: the whole tensor in blocks), in memory order for a
+    permuted layout, by one ``where`` for a strided one."""
+    from ttadapt.secant import _ROW, _fill_rare
+
+    torch.manual_seed(0)
+    n = 6 if layout == "small" else 40 * _ROW + 77
+    slope, at = torch.rand(n), torch.randn(n)
+    key = slope.clone() if rare == "nan" else torch.rand(n) + 0.5
+    tol = 1e-3
+    spots = {"none": [], "one row": [3 * _ROW + 5, 3 * _ROW + 900], "tail": [n - 1],
+             "rows and tail": [7, 20 * _ROW + 1, n - 30], "many rows": list(range(0, 30 * _ROW, _ROW)),
+             "everywhere": list(range(0, n, 3))}[where]
+    spots = [i for i in spots if 0 <= i < n]
+    key[spots] = float("nan") if rare == "nan" else tol / 2
+    if rare == "nan":
+        slope = key
+    if layout == "permuted":  # a block of memory, not contiguous
+        slope, key, at = (t.view(-1)[: 40 * _ROW].view(_ROW, 40).T for t in (slope, key, at))
+    if layout == "strided":  # every other element
+        slope, key, at = (t[::2] for t in (slope, key, at))
+    flagged = torch.isnan(key) if rare == "nan" else key <= tol
+    want = torch.where(flagged, torch.sigmoid(at), slope)
+    def copy(t):  # same strides (clone would make a strided tensor contiguous)
+        return torch.empty_strided(t.size(), t.stride()).copy_(t)
+
+    s_in = copy(slope)
+    assert s_in.is_contiguous() == (layout in ("contiguous", "small"))
+    got = _fill_rare(s_in, s_in if rare == "nan" else copy(key), at, torch.sigmoid, rare, tol)
+    assert torch.equal(got, want)
+    kept = {"permuted": lambda i: i < 40 * _ROW, "strided": lambda i: i % 2 == 0}.get(layout, lambda i: True)
+    assert int(flagged.sum()) == len([i for i in spots if kept(i)])
+
+
+def test_ties_in_a_few_rows_and_the_tail_take_the_derivative():
+    """Ties confined to a few samples (zero inputs: the unchanged bias alone) of a batch large
+    enough for the row-wise search, one of them the last (the tail): f'(u) there, the secant
+    elsewhere, checked in closed form (ReLU, in place, both the direct and the deferred path)."""
+    from ttadapt.averaged import DeferredAverage
+
+    torch.manual_seed(0)
+    model = _AffineThen(F.relu, True)
+    x = torch.randn(2049, 5, dtype=torch.float64)  # 80 rows of 1024 elements and a tail of 40
+    x[[100, 101, 1500, 2048]] = 0.0
+    c = torch.randn(40, dtype=torch.float64)
+
+    def closure():
+        return (model(x) * c).sum()
+
+    other = {"lin.weight": model.lin.weight.detach() + torch.randn(40, 5, dtype=torch.float64),
+             "lin.bias": model.lin.bias.detach().clone()}
+    ua = model.lin(x).detach()
+    ub = F.linear(x, other["lin.weight"], other["lin.bias"])
+    with torch.no_grad():
+        slope = torch.where(ub == ua, (ua > 0).double(), (F.relu(ub) - F.relu(ua)) / (ub - ua))
+    assert int((ub == ua).sum()) == 4 * 40
+    run = DeferredAverage(model, closure)
+    run.ordinary_grad()
+    for grads in (ttadapt.averaged_grad(model, closure, other), run.averaged_grad(other, seed="current")):
+        torch.testing.assert_close(grads["lin.weight"], (c * slope).T @ x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads["lin.bias"], (c * slope).sum(0), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh"])
 @pytest.mark.parametrize("inplace", [False, True])

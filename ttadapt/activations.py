@@ -261,7 +261,9 @@ T = torch.Tensor
 
 
 def _ones(u: Tensor) -> Tensor:
-    return torch.ones_like(u)
+    """The all-ones output gradient that turns an ATen backward kernel into the derivative: a
+    cached 1 expanded to ``u``'s shape (no full-size allocation and fill)."""
+    return _one(u).expand_as(u)
 
 
 def _method(*names: str) -> list:

@@ -54,7 +54,7 @@ def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor,
     if exact and _compute_dtype(ua.dtype) == ua.dtype:
         diff = ub - ua
         slope = fn(ub).sub_(fa).div_(diff)
-        return _fill_exact_ties(slope, diff, ua, derivative)
+        return _fill_exact_ties(slope, ua, derivative)
     return secant_slope(fn, derivative, ua, fa, ub, fb=fb)
 
 

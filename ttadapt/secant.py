@@ -13,7 +13,6 @@ would save, so the averaged backward keeps the memory of the ordinary one.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -34,15 +33,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _COMPUTE_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
-def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False, none_if_clear: bool = False) -> Tensor | None:
-    """Where the two inputs are too close for a secant (the paper's division-by-zero rule):
-    ``|ub − ua| ≤ tol·(1 + |ua|)`` with ``tol = sqrt(eps)``.
+def _close_gap(ua: Tensor, diff: Tensor, overwrite: bool = False) -> tuple[Tensor, float]:
+    """``(gap, tol)`` with ``gap = |ub − ua| − tol·|ua|``: the inputs are too close for a secant
+    (the paper's division-by-zero rule) where ``gap ≤ tol``, i.e. ``|ub − ua| ≤ tol·(1 + |ua|)``,
+    ``tol = sqrt(eps)``.
 
     That threshold balances the cancellation error of the secant, ~eps·|f|/|Δu|, against the
-    error of using the derivative instead, ~|f''|·|Δu|. ``overwrite`` lets it reuse ``diff``'s
-    memory (the caller no longer needs it). With ``none_if_clear``, on the CPU, one read-only
-    minimum first checks whether any element is close (usually none once the states differ) and
-    returns ``None`` if not — cheaper than building a boolean mask and counting it.
+    error of using the derivative instead, ~|f''|·|Δu|. ``overwrite`` lets ``gap`` reuse
+    ``diff``'s memory (the caller no longer needs it).
     """
     tol = torch.finfo(ua.dtype).eps ** 0.5
     gap = diff.abs_() if overwrite else diff.abs()
@@ -54,49 +52,99 @@ def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False, none_if_clear:
             flat_gap[start:start + _BLOCK].sub_(flat_u[start:start + _BLOCK].abs(), alpha=tol)
     else:
         gap.sub_(ua.abs(), alpha=tol)
-    if none_if_clear and gap.device.type == "cpu" and gap.numel() and float(gap.min()) > tol:
-        return None
+    return gap, tol
+
+
+def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
+    """Where the two inputs are too close for a secant (see :func:`_close_gap`)."""
+    gap, tol = _close_gap(ua, diff, overwrite)
     return gap <= tol
 
 
 _BLOCK = 1 << 18
+_ROW = 1024  # elements per row when rare elements are located by one reduction per row
 
 
-def _fill_close(slope: Tensor, close: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor],
-                few: bool = False) -> Tensor:
-    """Replace the secant by ``derivative(at)`` where ``close`` (``derivative`` is elementwise).
+def _flat(t: Tensor, like: Tensor) -> Tensor | None:
+    """``t`` as a 1-D view in memory order, when it has ``like``'s shape and strides and its
+    elements fill a block of memory (contiguous, channels-last, any permutation)."""
+    if t.shape != like.shape or t.stride() != like.stride():
+        return None
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1:
+            if stride != expected:
+                return None
+            expected *= size
+    return t.as_strided((t.numel(),), (1,))
 
-    On the CPU only the close elements are evaluated when they are few (the usual case once the
-    states differ); on accelerators one ``where`` avoids a host synchronisation. ``few``: the
-    caller expects a handful (then they are indexed at once, without counting them first).
+
+def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor], rare: str,
+               tol: float = 0.0) -> Tensor:
+    """``derivative(at)`` in place of ``slope`` where ``key`` flags it (``derivative`` is
+    elementwise): ``rare="nan"``, where ``key`` (the slope itself) is NaN — exact ties of a
+    slopes-0-or-1 activation; ``rare="close"``, where ``key`` (the gap of :func:`_close_gap`)
+    is ``≤ tol``.
+
+    On the CPU such elements are usually absent or few, and a boolean mask over a whole tensor
+    costs several arithmetic passes here (``nonzero`` several more). So one read-only reduction
+    per row of ``_ROW`` elements (a sum: finite unless the row holds a NaN or an infinity; a
+    minimum of the gap) finds the rows to look at, and the test, the derivative and the
+    replacement run on those rows only. When many rows are flagged, ``where`` runs over the
+    whole tensor, a block at a time (temporaries stay small: the extra memory of the averaged
+    gradient is the kept inputs). On accelerators (no host synchronisation) and for tensors
+    that do not fill a block of memory: one ``where``.
     """
-    if not few and slope.device.type == "cpu":
-        count = int(torch.count_nonzero(close))
-        if count == 0:
-            return slope
-        few = count * 8 <= close.numel()
-    if not few or slope.device.type != "cpu" or not slope.is_contiguous():
-        return torch.where(close, derivative(at).to(slope.dtype), slope)
-    idx = close.reshape(-1).nonzero().squeeze(1)
-    if idx.numel() * 8 > close.numel():  # more than the caller expected
-        return torch.where(close, derivative(at).to(slope.dtype), slope)
-    slope.view(-1)[idx] = derivative(at.reshape(-1)[idx]).to(slope.dtype)
+    if rare == "nan":
+        test: Callable[[Tensor], Tensor] = torch.isnan
+        reduce: Callable[..., Tensor] = torch.sum
+        hit: Callable[[Tensor], Tensor] = lambda r: ~torch.isfinite(r)  # noqa: E731
+    else:
+        test = hit = lambda t: t <= tol  # noqa: E731
+        reduce = torch.amin
+    dtype = slope.dtype
+
+    def replace(s: Tensor, k: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.where(test(k), derivative(a).to(dtype), s, out=out)
+
+    n = slope.numel()
+    if n == 0:
+        return slope
+    if slope.device.type != "cpu":
+        return replace(slope, key, at)
+    flat_s = _flat(slope, slope)
+    flat_k, flat_a = (None, None) if flat_s is None else (_flat(key, slope), _flat(at, slope))
+    if flat_s is None or flat_k is None or flat_a is None:
+        return replace(slope, key, at) if bool(hit(reduce(key))) else slope
+    m = n // _ROW
+    body = m * _ROW
+    stats = reduce(flat_k[:body].view(m, _ROW), 1)
+    if body < n:
+        stats = torch.cat((stats, reduce(flat_k[body:]).view(1)))
+    rows = hit(stats).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return slope
+    if rows.numel() * 8 > stats.numel():
+        for start in range(0, n, _BLOCK):
+            stop = start + _BLOCK
+            replace(flat_s[start:stop], flat_k[start:stop], flat_a[start:stop], out=flat_s[start:stop])
+        return slope
+    if body < n and int(rows[-1]) == m:  # the tail (rows ascend)
+        rows = rows[:-1]
+        replace(flat_s[body:], flat_k[body:], flat_a[body:], out=flat_s[body:])
+    s_rows, k_rows, a_rows = (t[:body].view(m, _ROW) for t in (flat_s, flat_k, flat_a))
+    for idx in rows.split(_BLOCK // _ROW):
+        s_rows[idx] = replace(s_rows[idx], k_rows[idx], a_rows[idx])
     return slope
 
 
-def _fill_exact_ties(slope: Tensor, diff: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
+def _fill_exact_ties(slope: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
     """For slopes-0-or-1 activations: ``derivative(at)`` where the inputs agree exactly.
 
     There ``f(ub) − f(ua) = 0 = ub − ua`` and the quotient is NaN; nowhere else can it be NaN or
-    infinite (``|f(ub) − f(ua)| ≤ |ub − ua|``). On the CPU one read-only sum finds out whether any
-    tie exists (usually none) instead of building a mask and counting it; ties that do exist are
-    values that coincide in rounding, a handful.
+    infinite (``|f(ub) − f(ua)| ≤ |ub − ua|``) unless an input is.
     """
-    if slope.device.type != "cpu":
-        return torch.where(diff == 0, derivative(at).to(slope.dtype), slope)
-    if math.isfinite(float(slope.sum())):  # (float() of a 0-d tensor: far cheaper than torch.isfinite)
-        return slope
-    return _fill_close(slope, torch.isnan(slope), at, derivative, few=True)
+    return _fill_rare(slope, slope, at, derivative, "nan")
 
 
 def secant_slope(
@@ -126,10 +174,8 @@ def secant_slope(
     diff = ub.sub_(ua) if owned else ub - ua
     slope = fb.sub_(fa) if fb_owned else fb - fa
     slope.div_(diff)
-    close = close_mask(ua, diff, overwrite=True, none_if_clear=True)
-    if close is not None:
-        slope = _fill_close(slope, close, ua, derivative)
-    return slope.to(dtype)
+    gap, tol = _close_gap(ua, diff, overwrite=True)
+    return _fill_rare(slope, gap, ua, derivative, "close", tol).to(dtype)
 
 
 class SecantActivation(Function):
@@ -154,7 +200,7 @@ class SecantActivation(Function):
             diff = ub.sub_(u) if owned else ub - u
             y = call(u)
             slope = fb.sub_(y).div_(diff)
-            slope = _fill_exact_ties(slope, diff, y, derivative)
+            slope = _fill_exact_ties(slope, y, derivative)
         elif inplace:
             slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)
             y = call(u)
