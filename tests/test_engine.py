@@ -383,11 +383,11 @@ class _OutputScaledInPlace(nn.Module):
 
 
 @pytest.mark.parametrize("deferred", [False, True])
-@pytest.mark.parametrize("fn", [torch.tanh, F.silu, F.gelu], ids=["tanh", "silu", "gelu"])
+@pytest.mark.parametrize("fn", [torch.tanh, F.silu, F.gelu, F.relu], ids=["tanh", "silu", "gelu", "relu"])
 def test_outputs_modified_after_the_call_are_not_used(fn, deferred):
-    """The pass at `other` keeps each smooth activation's output to spare recomputing it; one
-    modified in place afterwards must be recomputed. Oracle: the exact path average (the loss is
-    linear after the activation and `other` differs only before it)."""
+    """The pass at `other` keeps each activation's output to spare recomputing it; one modified
+    in place afterwards must be recomputed. Oracle: the exact path average (the loss is linear
+    after the activation and `other` differs only before it); for ReLU its closed form."""
     torch.manual_seed(3)
     net = _OutputScaledInPlace(fn)
     x = torch.randn(64, 6, dtype=torch.float64)  # 64 x 256 float64 outputs: 128 KiB, reusable
@@ -407,7 +407,13 @@ def test_outputs_modified_after_the_call_are_not_used(fn, deferred):
     else:
         got = ttadapt.averaged_grad(net, closure, other)
     net.inplace = False  # ordinary autograd refuses tanh's saved output modified in place
-    ref = ttadapt.path_average_grad(net, closure, None, other, points=48)
+    if fn is F.relu:  # ∂L/∂u = 2·(c·W2) ⊙ secant slope, exactly
+        ua = net.l1(x).detach()
+        ub = F.linear(x, other["l1.weight"], other["l1.bias"])
+        g_u = 2 * (c @ net.l2.weight.detach()) * (F.relu(ub) - F.relu(ua)) / (ub - ua)
+        ref = {"l1.weight": g_u.T @ x, "l1.bias": g_u.sum(0)}
+    else:
+        ref = ttadapt.path_average_grad(net, closure, None, other, points=48)
     for name in ("l1.weight", "l1.bias"):
         assert rel_err(got[name], ref[name]) < 1e-6, name
 

@@ -53,7 +53,7 @@ def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor,
         return closed_form(ua, fa, ub, fb)
     if exact and _compute_dtype(ua.dtype) == ua.dtype:
         diff = ub - ua
-        slope = fn(ub).sub_(fa).div_(diff)
+        slope = (fn(ub).sub_(fa) if fb is None else fb - fa).div_(diff)
         return _fill_exact_ties(slope, ua, derivative)
     return secant_slope(fn, derivative, ua, fa, ub, fb=fb)
 

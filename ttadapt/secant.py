@@ -196,10 +196,11 @@ class SecantActivation(Function):
             # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
             # quotient; only ub == ua needs the derivative, and for these clamp-like functions
             # f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
-            fb = fn(ub)
+            if fb is None:
+                fb, fb_owned = fn(ub), True
             diff = ub.sub_(u) if owned else ub - u
             y = call(u)
-            slope = fb.sub_(y).div_(diff)
+            slope = (fb.sub_(y) if fb_owned else fb - y).div_(diff)
             slope = _fill_exact_ties(slope, y, derivative)
         elif inplace:
             slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)

@@ -341,7 +341,7 @@ class SiteSession:
             weight = given.get("weight") if act.parametric else None
             self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
             out = func(*args, **kwargs)
-            if not (act.exact_secant or act.parametric):  # f(ub) is worth keeping
+            if not act.parametric:  # f(ub): the secant need not recompute it
                 self._keep_output(u, out)
             return out
         if phase == "graph":

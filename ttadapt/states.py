@@ -91,7 +91,7 @@ def resolve_state(model: nn.Module | ModelLayout, state: Mapping[str, Tensor] | 
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise ValueError(f"`{what}` names parameters the model does not have: {', '.join(hints)}{more}")
-    full = {name: p.detach() for name, p in params.items()}
+    given: dict[str, Tensor] = {}
     for key, value in state.items():
         name = aliases[key]
         if not isinstance(value, Tensor):
@@ -101,7 +101,11 @@ def resolve_state(model: nn.Module | ModelLayout, state: Mapping[str, Tensor] | 
             raise ValueError(f"`{what}[{key!r}]` has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}")
         if value.is_floating_point() != p.is_floating_point() or value.is_complex() != p.is_complex():
             raise ValueError(f"`{what}[{key!r}]` has dtype {value.dtype}, the parameter has {p.dtype}")
-        full[name] = value.detach().to(device=p.device, dtype=p.dtype)
+        value = value.detach()
+        if value.dtype != p.dtype or value.device != p.device:
+            value = value.to(device=p.device, dtype=p.dtype)
+        given[name] = value
+    full = {name: given[name] if name in given else p.detach() for name, p in params.items()}
     return full
 
 
