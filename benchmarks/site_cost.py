@@ -1,0 +1,100 @@
+"""Cost of one averaged activation site against the plain activation, measured in one run.
+
+    python benchmarks/site_cost.py [--rounds N] [--shape 16 64 32 32]
+
+One site of the graph pass (the forward of ``SecantActivation``: the model's own call plus the
+secant slope towards the other state's input) next to the plain call of the same activation
+(an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU (the generic
+secant with its close-inputs rule) and tanh (its closed form), in three situations:
+
+* ``apart`` — every input moved (no ties, no close pairs);
+* ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
+* ``1% close`` — 1% of the inputs moved by less than the close-inputs threshold.
+
+Times are medians over rounds, in µs, with glibc told to keep freed memory (see _alloc.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _alloc import keep_freed_memory  # noqa: E402
+
+from ttadapt.activations import lookup_call  # noqa: E402
+from ttadapt.secant import averaged_activation_output  # noqa: E402
+
+CASES = {
+    "relu (in place)": (F.relu, lambda u: F.relu(u, inplace=True), True),
+    "elu": (F.elu, F.elu, False),
+    "tanh": (torch.tanh, torch.tanh, False),
+}
+
+
+def other_input(ua: torch.Tensor, situation: str) -> torch.Tensor:
+    ub = ua + 0.3 * torch.randn_like(ua)
+    ub[ub == ua] += 0.5  # a move that rounded away
+    flat_a, flat_b = ua.view(-1), ub.view(-1)
+    if situation == "2 ties":
+        idx = torch.randint(0, ua.numel(), (2,))
+        flat_b[idx] = flat_a[idx]
+    elif situation == "1% close":
+        idx = torch.randperm(ua.numel())[: ua.numel() // 100]
+        flat_b[idx] = flat_a[idx] + 1e-5 * (1 + flat_a[idx].abs())  # below the threshold, never a tie
+    return ub
+
+
+def median_us(f, setup, rounds: int) -> float:
+    times = []
+    for r in range(rounds + 5):
+        args = setup()
+        start = time.perf_counter()
+        f(*args)
+        if r >= 5:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--shape", type=int, nargs="+", default=[16, 64, 32, 32])
+    args = parser.parse_args()
+    cached = keep_freed_memory()
+    shape = tuple(args.shape)
+    print(f"# site_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"input {'×'.join(map(str, shape))} float32, freed memory kept: {cached}")
+    print()
+    print("| activation | plain call | averaged: apart | averaged: 2 ties | averaged: 1% close |")
+    print("|---|---|---|---|---|")
+    torch.manual_seed(0)
+    base = torch.randn(shape)
+    scale = torch.ones((), requires_grad=True)
+    for label, (fn, call, inplace) in CASES.items():
+        act = lookup_call(fn)[0]
+        inputs = {s: other_input(base, s) for s in ("apart", "2 ties", "1% close")}
+
+        def plain(u, _ub, _fb):
+            return call(u)
+
+        def averaged(u, ub, fb):
+            return averaged_activation_output(act, call, u, ub, {}, inplace, True, fb, True)
+
+        row = [median_us(plain, lambda: (base * scale, None, None), args.rounds)]
+        for s, ub in inputs.items():
+            # the pass at `other` hands over its kept input and output, which the engine may overwrite
+            row.append(median_us(averaged, lambda ub=ub: (base * scale, ub.clone(), act.fn(ub)), args.rounds))
+        print(f"| {label} | " + " | ".join(f"{t:,.0f} µs" for t in row) + " |", flush=True)
+    print()
+    print("(averaged: the model's call and the slope; f(ub), kept by the pass at `other`, is computed outside the timing)")
+
+
+if __name__ == "__main__":
+    main()
