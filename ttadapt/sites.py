@@ -161,6 +161,10 @@ class SiteSession:
         self.recorded_bytes = 0  # what the last record phase kept (see stored_bytes)
         self.slots: list[DeferredSlot] = []  # the "graph" phase's sites
         self.rescale = False  # "graph" phase: affine slots record ordinary norms (AG-2 Linear)
+        # "record" phase: keep clamp-like activations' outputs too (f(ub) is one cheap pass for
+        # them: worth it only where the kept outputs do not raise the peak memory, i.e. not while
+        # a retained graph is alive, as in the deferred schedule)
+        self.keep_exact_outputs = True
         self._stack: list[str] = []
         self._by_storage: dict[int, list[int]] = {}
 
@@ -341,8 +345,8 @@ class SiteSession:
             weight = given.get("weight") if act.parametric else None
             self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
             out = func(*args, **kwargs)
-            if not act.parametric:  # f(ub): the secant need not recompute it
-                self._keep_output(u, out)
+            if not act.parametric and (self.keep_exact_outputs or not act.exact_secant):
+                self._keep_output(u, out)  # f(ub): the secant need not recompute it
             return out
         if phase == "graph":
             slot = self._slot(name, u)
