@@ -118,9 +118,12 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
         return replace(slope, key, at) if bool(hit(reduce(key))) else slope
     m = n // _ROW
     body = m * _ROW
-    stats = reduce(flat_k[:body].view(m, _ROW), 1)
-    if body < n:
-        stats = torch.cat((stats, reduce(flat_k[body:]).view(1)))
+    if m == 0:  # one row, the tail
+        stats = reduce(flat_k).view(1)
+    else:
+        stats = reduce(flat_k[:body].view(m, _ROW), 1)
+        if body < n:
+            stats = torch.cat((stats, reduce(flat_k[body:]).view(1)))
     rows = hit(stats).nonzero().squeeze(1)
     if rows.numel() == 0:
         return slope
