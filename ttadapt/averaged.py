@@ -2,8 +2,8 @@
 
 Two forwards on the same batch, one backward:
 
-1. the pass at ``other`` runs without a graph and keeps each activation site's input (smooth
-   activations: and output; the Linear variant: each affine layer's input too); BatchNorm
+1. the pass at ``other`` runs without a graph and keeps each activation site's input (and
+   output; the Linear variant: each affine layer's input too); BatchNorm
    updates go to private copies of the buffers; if ``seed="other"`` the gradient of the loss w.r.t. the model output is taken here;
 2. the RNG is rewound, so dropout draws the same masks;
 3. the pass at the current parameters (the *graph state*) builds the graph with every activation
@@ -12,7 +12,7 @@ Two forwards on the same batch, one backward:
    for the one from step 1;
 4. one backward through that graph.
 
-Cost: 2·T_fwd + T_bwd; memory: the kept site inputs (and smooth activations' outputs, released
+Cost: 2·T_fwd + T_bwd; memory: the kept site inputs (and outputs, released
 site by site as the graph pass consumes them) plus the ``other`` state itself.
 """
 

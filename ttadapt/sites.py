@@ -10,9 +10,11 @@ three sites.
 :class:`SiteSession` runs in one of three phases:
 
 * ``"record"`` — the pass at the *other* state, without a graph: each site's input (and for
-  PReLU / affine layers the other state's weight) is kept, and a smooth activation's output by
+  PReLU / affine layers the other state's weight) is kept, and an activation's output by
   reference too (so the secant need not evaluate f there again; if the model modifies that
-  output in place later, the version counter shows it and f is recomputed);
+  output in place later, the version counter shows it and f is recomputed) — for clamp-like
+  activations only when :attr:`SiteSession.keep_exact_outputs` (not in the deferred schedule,
+  where they would raise the peak memory for one cheap pass);
 * ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
   recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and replaced by the
   averaged autograd function of :mod:`ttadapt.secant`;
