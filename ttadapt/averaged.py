@@ -266,7 +266,6 @@ class DeferredAverage:
         self.layout = layout or ModelLayout(model)
         self.session = SiteSession(linear=linear)
         self.session.rescale = bool(rescale and linear)
-        self.session.keep_exact_outputs = False
         self.start = _leaf_copies(self.layout.trainable(), reuse)
         self._rng = fork_rng(self.layout)
         self._outputs: list[list[Tensor | None]] = []

@@ -13,8 +13,8 @@ three sites.
   PReLU / affine layers the other state's weight) is kept, and an activation's output by
   reference too (so the secant need not evaluate f there again; if the model modifies that
   output in place later, the version counter shows it and f is recomputed) — for clamp-like
-  activations only when :attr:`SiteSession.keep_exact_outputs` (not in the deferred schedule,
-  where they would raise the peak memory for one cheap pass);
+  activations not when ``"graph"`` slots are waiting (the deferred schedule, where they would
+  raise the peak memory for one cheap pass);
 * ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
   recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and replaced by the
   averaged autograd function of :mod:`ttadapt.secant`;
@@ -163,10 +163,6 @@ class SiteSession:
         self.recorded_bytes = 0  # what the last record phase kept (see stored_bytes)
         self.slots: list[DeferredSlot] = []  # the "graph" phase's sites
         self.rescale = False  # "graph" phase: affine slots record ordinary norms (AG-2 Linear)
-        # "record" phase: keep clamp-like activations' outputs too (f(ub) is one cheap pass for
-        # them: worth it only where the kept outputs do not raise the peak memory, i.e. not while
-        # a retained graph is alive, as in the deferred schedule)
-        self.keep_exact_outputs = True
         self._stack: list[str] = []
         self._by_storage: dict[int, list[int]] = {}
 
@@ -347,8 +343,11 @@ class SiteSession:
             weight = given.get("weight") if act.parametric else None
             self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
             out = func(*args, **kwargs)
-            if not act.parametric and (self.keep_exact_outputs or not act.exact_secant):
-                self._keep_output(u, out)  # f(ub): the secant need not recompute it
+            # f(ub): the secant need not recompute it. For clamp-like activations that is one cheap
+            # pass, not worth holding their outputs while a "graph" pass's graph is alive (the
+            # deferred schedule: slots waiting), where they would raise the peak memory.
+            if not act.parametric and not (act.exact_secant and self.slots):
+                self._keep_output(u, out)
             return out
         if phase == "graph":
             slot = self._slot(name, u)
