@@ -4,8 +4,9 @@
 
 One site of the graph pass (the forward of ``SecantActivation``: the model's own call plus the
 secant slope towards the other state's input) next to the plain call of the same activation
-(an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU (the generic
-secant with its close-inputs rule) and tanh (its closed form), in three situations:
+(an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU, LeakyReLU and
+tanh (their closed forms) and, for comparison, ELU and LeakyReLU through the generic quotient
+with its close-inputs rule, in three situations:
 
 * ``apart`` — every input moved (no ties, no close pairs);
 * ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
@@ -17,6 +18,7 @@ Times are medians over rounds, in µs, with glibc told to keep freed memory (see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -32,9 +34,12 @@ from ttadapt.activations import lookup_call  # noqa: E402
 from ttadapt.secant import averaged_activation_output  # noqa: E402
 
 CASES = {
-    "relu (in place)": (F.relu, lambda u: F.relu(u, inplace=True), True),
-    "elu": (F.elu, F.elu, False),
-    "tanh": (torch.tanh, torch.tanh, False),
+    "relu (in place)": (F.relu, lambda u: F.relu(u, inplace=True), True, False),
+    "elu": (F.elu, F.elu, False, False),
+    "elu, generic quotient": (F.elu, F.elu, False, True),
+    "leaky_relu": (F.leaky_relu, F.leaky_relu, False, False),
+    "leaky_relu, generic quotient": (F.leaky_relu, F.leaky_relu, False, True),
+    "tanh": (torch.tanh, torch.tanh, False, False),
 }
 
 
@@ -77,8 +82,10 @@ def main() -> None:
     torch.manual_seed(0)
     base = torch.randn(shape)
     scale = torch.ones((), requires_grad=True)
-    for label, (fn, call, inplace) in CASES.items():
+    for label, (fn, call, inplace, generic) in CASES.items():
         act = lookup_call(fn)[0]
+        if generic:
+            act = dataclasses.replace(act, secant=None)
         inputs = {s: other_input(base, s) for s in ("apart", "2 ties", "1% close")}
 
         def plain(u, _ub, _fb):

@@ -436,7 +436,7 @@ def test_rare_elements_are_replaced_exactly_where_flagged(rare, where, layout):
     elements replaced, the rest untouched, wherever the flagged elements sit (rows of 1024
     elements; a tail of 77; many rows: the whole tensor in blocks), in memory order for a
     permuted layout, by one ``where`` for a strided one."""
-    from ttadapt.secant import _ROW, _fill_rare
+    from ttadapt.rare import _ROW, _fill_rare
 
     torch.manual_seed(0)
     n = 6 if layout == "small" else 40 * _ROW + 77
@@ -497,15 +497,16 @@ def test_ties_in_a_few_rows_and_the_tail_take_the_derivative():
 
 
 @pytest.mark.parametrize("deferred", [False, True])
-@pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh"])
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh", "leaky_relu", "elu"])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("tied_units", [20, 3])
 def test_partial_exact_ties_take_the_derivative(act, inplace, deferred, tied_units):
     """Units whose input is identical at both states (a tie: 0/0) get f'(u); the others the
     secant — checked in closed form, with ties on both sides of the kink. Half the units tied
-    (the masked path) or 3 of 40 (the indexed path for a handful of ties)."""
+    (the masked path) or 3 of 40 (the indexed path for a handful of ties). Slopes-0-or-1
+    activations and the closed-form secants (LeakyReLU, ELU) alike."""
     torch.manual_seed(0)
-    fn = {"relu": F.relu, "relu6": F.relu6, "hardtanh": F.hardtanh}[act]
+    fn = {"relu": F.relu, "relu6": F.relu6, "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu, "elu": F.elu}[act]
     model = _AffineThen(fn, inplace)
     x = torch.randn(16, 5, dtype=torch.float64) * 3
     c = torch.randn(40, dtype=torch.float64)
@@ -528,10 +529,13 @@ def test_partial_exact_ties_take_the_derivative(act, inplace, deferred, tied_uni
     ub = F.linear(x, other["lin.weight"], other["lin.bias"])
     with torch.no_grad():
         secant = (fn(ub) - fn(ua)) / (ub - ua)
-        lo, hi = {"relu": (0.0, float("inf")), "relu6": (0.0, 6.0), "hardtanh": (-1.0, 1.0)}[act]
-        derivative = ((ua > lo) & (ua < hi)).double()
+        if act in ("leaky_relu", "elu"):
+            derivative = torch.where(ua > 0, torch.ones_like(ua), torch.full_like(ua, 0.01) if act == "leaky_relu" else torch.exp(ua))
+        else:
+            lo, hi = {"relu": (0.0, float("inf")), "relu6": (0.0, 6.0), "hardtanh": (-1.0, 1.0)}[act]
+            derivative = ((ua > lo) & (ua < hi)).double()
         slope = torch.where(ub == ua, derivative, secant)
     ties = ub == ua
-    assert ties.any() and (~ties).any() and (ties & (derivative == 1)).any() and (ties & (derivative == 0)).any()
+    assert ties.any() and (~ties).any() and (ties & (derivative == 1)).any() and (ties & (derivative != 1)).any()
     torch.testing.assert_close(grads["lin.weight"], (c * slope).T @ x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads["lin.bias"], (c * slope).sum(0), rtol=1e-12, atol=1e-12)

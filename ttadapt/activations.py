@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rare import _fill_exact_ties
+
 __all__ = [
     "Activation",
     "CallForm",
@@ -97,9 +99,10 @@ class Activation:
     # cancellation, so the plain secant is exact and the derivative is needed only where ub == ua.
     exact_secant: bool = False
     # A closed form secant(ua, fa, ub, fb=None, owned=False, fb_owned=False, **settings) -> slope
-    # that is well conditioned everywhere (needs no division-by-zero rule): fewer elementwise
-    # passes than the generic quotient. fb = f(ub) when the other pass kept it; owned / fb_owned
-    # allow overwriting ub / fb.
+    # that is well conditioned everywhere (no cancellation, so no close-inputs rule; where
+    # ub == ua exactly it returns the derivative): more accurate and fewer elementwise passes
+    # than the generic quotient. fa = f(ua) or None (not yet computed: an in-place call), fb =
+    # f(ub) when the other pass kept it; owned / fb_owned allow overwriting ub / fb.
     secant: Callable[..., Tensor] | None = None
     # vjp(grad, u, y, **settings) -> grad ⊙ f'(u) in one kernel (ATen's own backward; y = f(u)):
     # the ordinary backward of AG-1 / AG-2's graph pass, as fast as PyTorch's.
@@ -296,13 +299,45 @@ register_activation(
     exact_secant=True,
     vjp=lambda g, u, y: aten.hardtanh_backward(g, u, 0.0, 6.0),
 )
+def _relu_parts(ua: Tensor, ub: Tensor, owned: bool, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d, R, scratch)``: ``d = ub − ua`` (in ``ub``'s memory if ``owned``), ``R = max(ub, 0)
+    − max(ua, 0)`` (in ``out`` if given) and a new tensor of ``ua``'s shape free for reuse.
+
+    ``R`` carries no rounding of its own where the inputs have opposite signs (one term is 0)
+    and where both are positive it is rounded exactly as ``d`` (so ``R / d = 1``);
+    ``H = d − R = min(ub, 0) − min(ua, 0)`` likewise where both are negative.
+    """
+    scratch = ua.clamp(min=0)
+    r = torch.clamp(ub, min=0, out=out).sub_(scratch)
+    return (ub.sub_(ua) if owned else ub - ua), r, scratch
+
+
+def _leaky_relu_derivative(u: Tensor, negative_slope: float = 0.01) -> Tensor:
+    return aten.leaky_relu_backward(_ones(u), u, negative_slope, False)
+
+
+def _leaky_relu_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None = None, owned: bool = False,
+                       fb_owned: bool = False, negative_slope: float = 0.01) -> Tensor:
+    """``f(u) = max(u, 0) + ν·min(u, 0)``: the secant is ``(R + ν·H) / d`` (see
+    :func:`_relu_parts`).
+
+    The plain quotient cancels where both inputs are negative and close (``ν·ub`` and ``ν·ua``
+    are rounded before the subtraction); this form does not. Only ``d = 0`` is 0/0: the
+    derivative is taken there.
+    """
+    d, r, scratch = _relu_parts(ua, ub, owned, fb if fb_owned else None)
+    r.add_(torch.sub(d, r, out=scratch), alpha=negative_slope).div_(d)  # (R + ν·H) / d
+    return _fill_exact_ties(r, ua, lambda u: _leaky_relu_derivative(u, negative_slope))
+
+
 register_activation(
     "leaky_relu",
     lambda u, negative_slope=0.01: F.leaky_relu(u, negative_slope),
-    lambda u, negative_slope=0.01: aten.leaky_relu_backward(_ones(u), u, negative_slope, False),
+    _leaky_relu_derivative,
     [CallForm(F.leaky_relu, ("negative_slope",), "inplace"), CallForm(F.leaky_relu_, ("negative_slope",), True)],
     defaults={"negative_slope": 0.01},
     kinks=lambda negative_slope=0.01: (0.0,),
+    secant=_leaky_relu_secant,
     vjp=lambda g, u, y, negative_slope=0.01: aten.leaky_relu_backward(g, u, negative_slope, False),
 )
 register_activation(
@@ -322,6 +357,34 @@ def _prelu_weight(weight: Tensor, u: Tensor) -> Tensor:
     return weight.reshape((1, -1) + (1,) * (u.dim() - 2))
 
 
+def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, fb_owned: bool, alpha: float,
+                       scale: float, input_scale: float) -> Tensor:
+    """Secant of ``f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0)))`` (ELU, SELU, CELU), without
+    cancellation.
+
+    With ``d = ub − ua``, ``m = min(·, 0)``, ``R`` and ``H = mb − ma`` (see :func:`_relu_parts`)
+    and ``expm1(κH) = tanh(κH/2)·(1 + e^{κH})``:
+
+        f(ub) − f(ua) = s·(R + α·e^{κ ma}·expm1(κH)) = s·(R + α·tanh(κH/2)·(e^{κ ma} + e^{κ mb}))
+
+    Every factor is well conditioned and bounded (``e^{κm} ≤ 1`` for ``κ > 0``), so the slope
+    keeps full relative accuracy where the plain quotient loses ``eps/|d|`` (saturated or close
+    inputs). Only ``d = 0`` is 0/0: the derivative is taken there.
+    """
+    e = ub.clamp(max=0)
+    d, r, ma = _relu_parts(ua, ub, owned, fb if fb_owned else None)
+    torch.clamp(ua, max=0, out=ma)
+    if input_scale != 1.0:
+        e.mul_(input_scale)
+        ma.mul_(input_scale)
+    e.exp_().add_(ma.exp_())  # e^{κ mb} + e^{κ ma}
+    h = torch.sub(d, r, out=ma)  # H
+    r.addcmul_(h.mul_(input_scale / 2).tanh_(), e, value=alpha).div_(d)
+    if scale != 1.0:
+        r.mul_(scale)
+    return _fill_exact_ties(r, ua, lambda u: aten.elu_backward(_ones(u), alpha, scale, input_scale, False, u))
+
+
 register_activation(
     "elu",
     lambda u, alpha=1.0: F.elu(u, alpha),
@@ -329,6 +392,8 @@ register_activation(
     [CallForm(F.elu, ("alpha",), "inplace"), CallForm(F.elu_, ("alpha",), True)],
     defaults={"alpha": 1.0},
     kinks=lambda alpha=1.0: (0.0,),
+    secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False, alpha=1.0: _exp_linear_secant(
+        ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, False, u),
 )
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -339,6 +404,8 @@ register_activation(
     lambda u: aten.elu_backward(_ones(u), _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
     [CallForm(F.selu, (), "inplace")] + _forms([torch.selu], [torch.selu_]),
     kinks=lambda: (0.0,),
+    secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False: _exp_linear_secant(
+        ua, ub, owned, fb, fb_owned, _SELU_ALPHA, _SELU_SCALE, 1.0),
     vjp=lambda g, u, y: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
 )
 register_activation(
@@ -348,6 +415,8 @@ register_activation(
     [CallForm(F.celu, ("alpha",), "inplace")] + _forms([torch.celu], [torch.celu_], ("alpha",)),
     defaults={"alpha": 1.0},
     kinks=lambda alpha=1.0: (0.0,),
+    secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False, alpha=1.0: _exp_linear_secant(
+        ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0 / alpha),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, u),
 )
 register_activation(
@@ -391,13 +460,15 @@ def _one(like: Tensor) -> Tensor:
     return one
 
 
-def _tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None = None, owned: bool = False,
+def _tanh_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None = None, owned: bool = False,
                  fb_owned: bool = False) -> Tensor:
     """tanh(b) − tanh(a) = (1 − tanh a·tanh b)·tanh(b − a): no cancellation, and tanh(d)/d → 1
     as d → 0 (0/0 at d == 0 exactly, where the slope is 1 − tanh²a, the derivative).
 
     ``fb = tanh(ub)`` when the other pass kept it; ``owned`` / ``fb_owned``: ``ub`` / ``fb`` may
     be overwritten (then one new tensor, the slope, is allocated)."""
+    if fa is None:
+        fa = torch.tanh(ua)
     if fb is None:
         fb, fb_owned = torch.tanh(ub), True
     # 1 − tanh a·tanh b by addcmul: rounded as ATen's tanh_backward rounds 1 − y², so that at

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .activations import _prelu_weight
-from .secant import _affine_grads, _compute_dtype, _fill_exact_ties, _prelu_slopes, secant_slope
+from .rare import _fill_exact_ties
+from .secant import _affine_grads, _compute_dtype, _prelu_slopes, secant_slope
 
 __all__ = ["DeferredSlot", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
 

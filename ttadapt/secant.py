@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .activations import Activation, _prelu_weight
+from .rare import _BLOCK, _fill_exact_ties, _fill_rare
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,95 +60,6 @@ def close_mask(ua: Tensor, diff: Tensor, overwrite: bool = False) -> Tensor:
     """Where the two inputs are too close for a secant (see :func:`_close_gap`)."""
     gap, tol = _close_gap(ua, diff, overwrite)
     return gap <= tol
-
-
-_BLOCK = 1 << 18
-_ROW = 1024  # elements per row when rare elements are located by one reduction per row
-
-
-def _flat(t: Tensor, like: Tensor) -> Tensor | None:
-    """``t`` as a 1-D view in memory order, when it has ``like``'s shape and strides and its
-    elements fill a block of memory (contiguous, channels-last, any permutation)."""
-    if t.shape != like.shape or t.stride() != like.stride():
-        return None
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size != 1:
-            if stride != expected:
-                return None
-            expected *= size
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor], rare: str,
-               tol: float = 0.0) -> Tensor:
-    """``derivative(at)`` in place of ``slope`` where ``key`` flags it (``derivative`` is
-    elementwise): ``rare="nan"``, where ``key`` (the slope itself) is NaN — exact ties of a
-    slopes-0-or-1 activation; ``rare="close"``, where ``key`` (the gap of :func:`_close_gap`)
-    is ``≤ tol``.
-
-    On the CPU such elements are usually absent or few, and a boolean mask over a whole tensor
-    costs several arithmetic passes here (``nonzero`` several more). So one read-only reduction
-    per row of ``_ROW`` elements (a sum: finite unless the row holds a NaN or an infinity; a
-    minimum of the gap) finds the rows to look at, and the test, the derivative and the
-    replacement run on those rows only. When many rows are flagged, ``where`` runs over the
-    whole tensor, a block at a time (temporaries stay small: the extra memory of the averaged
-    gradient is the kept inputs). On accelerators (no host synchronisation) and for tensors
-    that do not fill a block of memory: one ``where``.
-    """
-    if rare == "nan":
-        test: Callable[[Tensor], Tensor] = torch.isnan
-        reduce: Callable[..., Tensor] = torch.sum
-        hit: Callable[[Tensor], Tensor] = lambda r: ~torch.isfinite(r)  # noqa: E731
-    else:
-        test = hit = lambda t: t <= tol  # noqa: E731
-        reduce = torch.amin
-    dtype = slope.dtype
-
-    def replace(s: Tensor, k: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
-        return torch.where(test(k), derivative(a).to(dtype), s, out=out)
-
-    n = slope.numel()
-    if n == 0:
-        return slope
-    if slope.device.type != "cpu":
-        return replace(slope, key, at)
-    flat_s = _flat(slope, slope)
-    flat_k, flat_a = (None, None) if flat_s is None else (_flat(key, slope), _flat(at, slope))
-    if flat_s is None or flat_k is None or flat_a is None:
-        return replace(slope, key, at) if bool(hit(reduce(key))) else slope
-    m = n // _ROW
-    body = m * _ROW
-    if m == 0:  # one row, the tail
-        stats = reduce(flat_k).view(1)
-    else:
-        stats = reduce(flat_k[:body].view(m, _ROW), 1)
-        if body < n:
-            stats = torch.cat((stats, reduce(flat_k[body:]).view(1)))
-    rows = hit(stats).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return slope
-    if rows.numel() * 8 > stats.numel():
-        for start in range(0, n, _BLOCK):
-            stop = start + _BLOCK
-            replace(flat_s[start:stop], flat_k[start:stop], flat_a[start:stop], out=flat_s[start:stop])
-        return slope
-    if body < n and int(rows[-1]) == m:  # the tail (rows ascend)
-        rows = rows[:-1]
-        replace(flat_s[body:], flat_k[body:], flat_a[body:], out=flat_s[body:])
-    s_rows, k_rows, a_rows = (t[:body].view(m, _ROW) for t in (flat_s, flat_k, flat_a))
-    for idx in rows.split(_BLOCK // _ROW):
-        s_rows[idx] = replace(s_rows[idx], k_rows[idx], a_rows[idx])
-    return slope
-
-
-def _fill_exact_ties(slope: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
-    """For slopes-0-or-1 activations: ``derivative(at)`` where the inputs agree exactly.
-
-    There ``f(ub) − f(ua) = 0 = ub − ua`` and the quotient is NaN; nowhere else can it be NaN or
-    infinite (``|f(ub) − f(ua)| ≤ |ub − ua|``) unless an input is.
-    """
-    return _fill_rare(slope, slope, at, derivative, "nan")
 
 
 def secant_slope(
@@ -192,8 +104,8 @@ class SecantActivation(Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool, closed_form: Callable | None = None, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:  # type: ignore[override]
         if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
-            fa = None if inplace else call(u)
-            slope = closed_form(u, fn(u) if inplace else fa, ub, fb, owned, fb_owned)
+            fa = None if inplace else call(u)  # an in-place call runs after the slope is formed
+            slope = closed_form(u, fa, ub, fb, owned, fb_owned)
             y = call(u) if inplace else fa
         elif exact and _compute_dtype(u.dtype) == u.dtype:
             # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the

@@ -1,0 +1,103 @@
+"""Replacing the few elements of a slope tensor where the secant is undefined.
+
+Where the two states' inputs agree exactly (0/0) or nearly (cancellation), the averaged
+derivative is the ordinary one. Such elements are usually absent or few, and on the CPU a
+boolean mask over a whole tensor costs several arithmetic passes, so they are located by one
+read-only reduction per row and patched row by row (see :func:`_fill_rare`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+_BLOCK = 1 << 18
+_ROW = 1024  # elements per row when rare elements are located by one reduction per row
+_SMALL = 1 << 14  # up to this many elements, one reduction over the whole tensor (fewer calls)
+
+
+def _flat(t: Tensor, like: Tensor) -> Tensor | None:
+    """``t`` as a 1-D view in memory order, when it has ``like``'s shape and strides and its
+    elements fill a block of memory (contiguous, channels-last, any permutation)."""
+    if t.shape != like.shape or t.stride() != like.stride():
+        return None
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1:
+            if stride != expected:
+                return None
+            expected *= size
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor], rare: str,
+               tol: float = 0.0) -> Tensor:
+    """``derivative(at)`` in place of ``slope`` where ``key`` flags it (``derivative`` is
+    elementwise): ``rare="nan"``, where ``key`` (the slope itself) is NaN — exact ties of a
+    slopes-0-or-1 activation; ``rare="close"``, where ``key`` (the gap of :func:`_close_gap`)
+    is ``≤ tol``.
+
+    On the CPU such elements are usually absent or few, and a boolean mask over a whole tensor
+    costs several arithmetic passes here (``nonzero`` several more). So one read-only reduction
+    per row of ``_ROW`` elements (a sum: finite unless the row holds a NaN or an infinity; a
+    minimum of the gap) finds the rows to look at, and the test, the derivative and the
+    replacement run on those rows only. When many rows are flagged, ``where`` runs over the
+    whole tensor, a block at a time (temporaries stay small: the extra memory of the averaged
+    gradient is the kept inputs). Up to ``_SMALL`` elements, and for tensors that do not fill a
+    block of memory: one reduction, and one ``where`` if it flags anything. On accelerators (no
+    host synchronisation): one ``where``.
+    """
+    if rare == "nan":
+        test: Callable[[Tensor], Tensor] = torch.isnan
+        reduce: Callable[..., Tensor] = torch.sum
+        hit: Callable[[Tensor], Tensor] = lambda r: ~torch.isfinite(r)  # noqa: E731
+    else:
+        test = hit = lambda t: t <= tol  # noqa: E731
+        reduce = torch.amin
+    dtype = slope.dtype
+
+    def replace(s: Tensor, k: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.where(test(k), derivative(a).to(dtype), s, out=out)
+
+    n = slope.numel()
+    if n == 0:
+        return slope
+    if slope.device.type != "cpu":
+        return replace(slope, key, at)
+    flat_s = _flat(slope, slope) if n > _SMALL else None
+    flat_k, flat_a = (None, None) if flat_s is None else (_flat(key, slope), _flat(at, slope))
+    if flat_s is None or flat_k is None or flat_a is None:  # small, or not a block of memory
+        return replace(slope, key, at) if bool(hit(reduce(key))) else slope
+    m = n // _ROW
+    body = m * _ROW
+    stats = reduce(flat_k[:body].view(m, _ROW), 1)
+    if body < n:
+        stats = torch.cat((stats, reduce(flat_k[body:]).view(1)))
+    rows = hit(stats).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return slope
+    if rows.numel() * 8 > stats.numel():
+        for start in range(0, n, _BLOCK):
+            stop = start + _BLOCK
+            replace(flat_s[start:stop], flat_k[start:stop], flat_a[start:stop], out=flat_s[start:stop])
+        return slope
+    if body < n and int(rows[-1]) == m:  # the tail (rows ascend)
+        rows = rows[:-1]
+        replace(flat_s[body:], flat_k[body:], flat_a[body:], out=flat_s[body:])
+    s_rows, k_rows, a_rows = (t[:body].view(m, _ROW) for t in (flat_s, flat_k, flat_a))
+    for idx in rows.split(_BLOCK // _ROW):
+        s_rows[idx] = replace(s_rows[idx], k_rows[idx], a_rows[idx])
+    return slope
+
+
+def _fill_exact_ties(slope: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
+    """``derivative(at)`` where ``slope`` is NaN: for quotients that are 0/0 exactly where the
+    inputs agree and finite elsewhere (unless an input is not).
+
+    Slopes-0-or-1 activations: there ``f(ub) − f(ua) = 0 = ub − ua``, and nowhere else can the
+    quotient be NaN or infinite (``|f(ub) − f(ua)| ≤ |ub − ua|``). The closed-form secants of
+    :mod:`ttadapt.activations` whose numerator vanishes with ``ub − ua`` likewise.
+    """
+    return _fill_rare(slope, slope, at, derivative, "nan")
