@@ -8,6 +8,7 @@ read-only reduction per row and patched row by row (see :func:`_fill_rare`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -40,7 +41,8 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
     is ``≤ tol``.
 
     On the CPU such elements are usually absent or few, and a boolean mask over a whole tensor
-    costs several arithmetic passes here (``nonzero`` several more). So one read-only reduction
+    costs several arithmetic passes here (``nonzero`` several more). Ties are looked for by one
+    sum over the whole tensor first (finite: none). Then one read-only reduction
     per row of ``_ROW`` elements (a sum: finite unless the row holds a NaN or an infinity; a
     minimum of the gap) finds the rows to look at, and the test, the derivative and the
     replacement run on those rows only. When many rows are flagged, ``where`` runs over the
@@ -53,9 +55,11 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
         test: Callable[[Tensor], Tensor] = torch.isnan
         reduce: Callable[..., Tensor] = torch.sum
         hit: Callable[[Tensor], Tensor] = lambda r: ~torch.isfinite(r)  # noqa: E731
+        flagged: Callable[[float], bool] = lambda v: not math.isfinite(v)  # noqa: E731
     else:
         test = hit = lambda t: t <= tol  # noqa: E731
         reduce = torch.amin
+        flagged = lambda v: v <= tol  # noqa: E731
     dtype = slope.dtype
 
     def replace(s: Tensor, k: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
@@ -66,10 +70,12 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
         return slope
     if slope.device.type != "cpu":
         return replace(slope, key, at)
+    if rare == "nan" and not flagged(float(key.sum())):
+        return slope  # no tie anywhere (the common case): one pass, one scalar
     flat_s = _flat(slope, slope) if n > _SMALL else None
     flat_k, flat_a = (None, None) if flat_s is None else (_flat(key, slope), _flat(at, slope))
     if flat_s is None or flat_k is None or flat_a is None:  # small, or not a block of memory
-        return replace(slope, key, at) if bool(hit(reduce(key))) else slope
+        return replace(slope, key, at) if rare == "nan" or flagged(float(key.amin())) else slope
     m = n // _ROW
     body = m * _ROW
     stats = reduce(flat_k[:body].view(m, _ROW), 1)
