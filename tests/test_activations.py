@@ -192,6 +192,18 @@ def test_piecewise_secants_keep_full_float32_precision(name, settings, alpha, sc
     want = torch.where((a <= 0) & (b <= 0), negative, torch.where((a > 0) & (b > 0), torch.full_like(a, scale), quotient))
     err = ((got - want).abs() / want.abs()).max().item()
     assert err < 1e-6, err
+    # Large tensors are computed a block at a time (contiguous, permuted) or, laid out otherwise
+    # (strided), in one go: elementwise, the same values (to a kernel's vectorised/scalar tail).
+    big_a, big_b = ua.repeat(60).view(600, 500), ub.repeat(60).view(600, 500)  # 300,000 > one block
+    for label, (la, lb) in {"contiguous": (big_a, big_b), "permuted": (big_a.T, big_b.T),
+                            "strided": (big_a[:, ::2], big_b[:, ::2])}.items():
+        for owned in (False, True):
+            b_in = lb.clone() if owned else lb
+            fb = act.fn(lb, **settings)
+            slope = act.secant(la, act.fn(la, **settings), b_in, fb, owned, owned, **settings)
+            want_big = got.float().repeat(60).view(600, 500)
+            want_big = {"contiguous": want_big, "permuted": want_big.T, "strided": want_big[:, ::2]}[label]
+            torch.testing.assert_close(slope, want_big, rtol=1e-6, atol=0, msg=lambda m: f"{label}, owned={owned}: {m}")
     # the generic quotient is far off here (the test can fail)
     from ttadapt.secant import secant_slope
 

@@ -539,3 +539,36 @@ def test_partial_exact_ties_take_the_derivative(act, inplace, deferred, tied_uni
     assert ties.any() and (~ties).any() and (ties & (derivative == 1)).any() and (ties & (derivative != 1)).any()
     torch.testing.assert_close(grads["lin.weight"], (c * slope).T @ x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads["lin.bias"], (c * slope).sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_peak_memory_stays_within_the_budget_on_model_b():
+    """The spec's memory budget, measured by the benchmarks' dispatch-level tracker: the averaged
+    gradient's peak of live tensors exceeds the ordinary gradient's by at most the kept site
+    inputs plus one copy of the parameters. Model B's large ELU sites (closed-form secant, a
+    block at a time) and its 27 tanh sites."""
+    import importlib.util
+    from pathlib import Path
+
+    from ttadapt.averaged import averaged_loss
+    from ttadapt.models import ModelB
+    from ttadapt.sites import SiteSession
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_memory.py"
+    spec = importlib.util.spec_from_file_location("_bench_memory", path)
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    torch.manual_seed(0)
+    model = ModelB().train()
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    other = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in model.named_parameters()}
+    params = list(model.parameters())
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    session = SiteSession()
+    averaged_loss(model, closure, other, session=session)
+    allowed = session.recorded_bytes + sum(p.numel() * p.element_size() for p in params)
+    ordinary = memory.peak_tensor_bytes(lambda: torch.autograd.grad(closure(), params))
+    averaged = memory.peak_tensor_bytes(lambda: ttadapt.averaged_grad(model, closure, other))
+    assert averaged - ordinary <= allowed, (averaged - ordinary, allowed)

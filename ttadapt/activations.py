@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rare import _fill_exact_ties
+from .rare import _by_blocks, _fill_exact_ties
 
 __all__ = [
     "Activation",
@@ -299,17 +299,27 @@ register_activation(
     exact_secant=True,
     vjp=lambda g, u, y: aten.hardtanh_backward(g, u, 0.0, 6.0),
 )
-def _relu_parts(ua: Tensor, ub: Tensor, owned: bool, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d, R, scratch)``: ``d = ub − ua`` (in ``ub``'s memory if ``owned``), ``R = max(ub, 0)
-    − max(ua, 0)`` (in ``out`` if given) and a new tensor of ``ua``'s shape free for reuse.
+# Elements per block of the closed-form secants below: two block-sized temporaries (1 MB in
+# float32) at a time, no more than the generic quotient's (see benchmarks/engine_cost.py).
+_SECANT_BLOCK = 1 << 17
+
+
+def _relu_part(ua: Tensor, ub: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R, scratch)``: ``R = max(ub, 0) − max(ua, 0)`` written to ``out`` and a new tensor of
+    ``ua``'s shape free for reuse.
 
     ``R`` carries no rounding of its own where the inputs have opposite signs (one term is 0)
-    and where both are positive it is rounded exactly as ``d`` (so ``R / d = 1``);
+    and where both are positive it is rounded exactly as ``d = ub − ua`` (so ``R / d = 1``);
     ``H = d − R = min(ub, 0) − min(ua, 0)`` likewise where both are negative.
     """
     scratch = ua.clamp(min=0)
-    r = torch.clamp(ub, min=0, out=out).sub_(scratch)
-    return (ub.sub_(ua) if owned else ub - ua), r, scratch
+    return torch.clamp(ub, min=0, out=out).sub_(scratch), scratch
+
+
+def _slope_buffer(ua: Tensor, fb: Tensor | None, fb_owned: bool) -> Tensor:
+    """Where a closed-form secant writes its slope: the kept output's memory when the engine may
+    overwrite it, else new memory."""
+    return fb if fb_owned and fb is not None else torch.empty_like(ua)
 
 
 def _leaky_relu_derivative(u: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -318,16 +328,20 @@ def _leaky_relu_derivative(u: Tensor, negative_slope: float = 0.01) -> Tensor:
 
 def _leaky_relu_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None = None, owned: bool = False,
                        fb_owned: bool = False, negative_slope: float = 0.01) -> Tensor:
-    """``f(u) = max(u, 0) + ν·min(u, 0)``: the secant is ``(R + ν·H) / d`` (see
-    :func:`_relu_parts`).
+    """``f(u) = max(u, 0) + ν·min(u, 0)``: the secant is ``(R + ν·H) / d`` with ``d = ub − ua``
+    and ``H = d − R`` (see :func:`_relu_part`), a block at a time (block-sized temporaries).
 
     The plain quotient cancels where both inputs are negative and close (``ν·ub`` and ``ν·ua``
     are rounded before the subtraction); this form does not. Only ``d = 0`` is 0/0: the
     derivative is taken there.
     """
-    d, r, scratch = _relu_parts(ua, ub, owned, fb if fb_owned else None)
-    r.add_(torch.sub(d, r, out=scratch), alpha=negative_slope).div_(d)  # (R + ν·H) / d
-    return _fill_exact_ties(r, ua, lambda u: _leaky_relu_derivative(u, negative_slope))
+    def step(out: Tensor, ua: Tensor, ub: Tensor) -> None:
+        r, scratch = _relu_part(ua, ub, out)
+        d = ub.sub_(ua) if owned else ub - ua
+        r.add_(torch.sub(d, r, out=scratch), alpha=negative_slope).div_(d)  # (R + ν·H) / d
+
+    slope = _by_blocks(step, _slope_buffer(ua, fb, fb_owned), ua, ub, block=_SECANT_BLOCK)
+    return _fill_exact_ties(slope, ua, lambda u: _leaky_relu_derivative(u, negative_slope))
 
 
 register_activation(
@@ -362,26 +376,31 @@ def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, f
     """Secant of ``f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0)))`` (ELU, SELU, CELU), without
     cancellation.
 
-    With ``d = ub − ua``, ``m = min(·, 0)``, ``R`` and ``H = mb − ma`` (see :func:`_relu_parts`)
+    With ``d = ub − ua``, ``m = min(·, 0)``, ``R`` and ``H = mb − ma`` (see :func:`_relu_part`)
     and ``expm1(κH) = tanh(κH/2)·(1 + e^{κH})``:
 
         f(ub) − f(ua) = s·(R + α·e^{κ ma}·expm1(κH)) = s·(R + α·tanh(κH/2)·(e^{κ ma} + e^{κ mb}))
 
     Every factor is well conditioned and bounded (``e^{κm} ≤ 1`` for ``κ > 0``), so the slope
     keeps full relative accuracy where the plain quotient loses ``eps/|d|`` (saturated or close
-    inputs). Only ``d = 0`` is 0/0: the derivative is taken there.
+    inputs). Only ``d = 0`` is 0/0: the derivative is taken there. Computed a block at a time
+    (block-sized temporaries).
     """
-    e = ub.clamp(max=0)
-    d, r, ma = _relu_parts(ua, ub, owned, fb if fb_owned else None)
-    torch.clamp(ua, max=0, out=ma)
-    if input_scale != 1.0:
-        e.mul_(input_scale)
-        ma.mul_(input_scale)
-    e.exp_().add_(ma.exp_())  # e^{κ mb} + e^{κ ma}
-    h = torch.sub(d, r, out=ma)  # H
-    r.addcmul_(h.mul_(input_scale / 2).tanh_(), e, value=alpha).div_(d)
-    if scale != 1.0:
-        r.mul_(scale)
+    def step(out: Tensor, ua: Tensor, ub: Tensor) -> None:
+        e = ub.clamp(max=0)
+        r, ma = _relu_part(ua, ub, out)
+        d = ub.sub_(ua) if owned else ub - ua
+        torch.clamp(ua, max=0, out=ma)
+        if input_scale != 1.0:
+            e.mul_(input_scale)
+            ma.mul_(input_scale)
+        e.exp_().add_(ma.exp_())  # e^{κ mb} + e^{κ ma}
+        h = torch.sub(d, r, out=ma)  # H
+        r.addcmul_(h.mul_(input_scale / 2).tanh_(), e, value=alpha).div_(d)
+        if scale != 1.0:
+            r.mul_(scale)
+
+    r = _by_blocks(step, _slope_buffer(ua, fb, fb_owned), ua, ub, block=_SECANT_BLOCK)
     return _fill_exact_ties(r, ua, lambda u: aten.elu_backward(_ones(u), alpha, scale, input_scale, False, u))
 
 

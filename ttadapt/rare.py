@@ -107,3 +107,22 @@ def _fill_exact_ties(slope: Tensor, at: Tensor, derivative: Callable[[Tensor], T
     :mod:`ttadapt.activations` whose numerator vanishes with ``ub − ua`` likewise.
     """
     return _fill_rare(slope, slope, at, derivative, "nan")
+
+
+def _by_blocks(step: Callable[..., None], out: Tensor, *tensors: Tensor, block: int = _BLOCK) -> Tensor:
+    """``step(out, *tensors)`` for an elementwise ``step`` that writes ``out``, run a block of
+    ``_BLOCK`` elements at a time (1-D memory-order views) so that the temporaries it allocates
+    stay block-sized: the extra memory of the averaged gradient is the kept inputs, not a few
+    full-size intermediates per site. One call for small tensors and for tensors not laid out
+    like ``out``."""
+    n = out.numel()
+    if n <= block:
+        step(out, *tensors)
+        return out
+    flats = [_flat(t, out) for t in (out, *tensors)]
+    if any(f is None for f in flats):
+        step(out, *tensors)
+        return out
+    for start in range(0, n, block):
+        step(*(f[start:start + block] for f in flats))
+    return out
