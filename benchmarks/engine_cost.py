@@ -1,6 +1,6 @@
 """Cost of one averaged gradient against one ordinary forward+backward, measured in one run.
 
-    python benchmarks/engine_cost.py [--rounds N] [--cases ...] [--breakdown]
+    python benchmarks/engine_cost.py [--rounds N] [--cases ...] [--breakdown | --split]
 
 Time: medians over interleaved rounds (ordinary, no-grad forward, averaged, Linear variant,
 ordinary, ...), so that drifts of a shared machine hit all alike, with glibc told to keep freed
@@ -101,6 +101,69 @@ def breakdown(model, closure, other, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
 
 
+def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
+    """Medians (ms) of the graph pass built four ways, to split its excess over a forward: a
+    plain forward with a graph; the pass with every site handed straight to the model's call
+    (the function mode's interception alone); with the sites paired and wrapped in their
+    autograd function but the secant's arithmetic skipped (the slope replaced by the kept
+    input); and the real pass."""
+    from ttadapt import secant
+    from ttadapt.averaged import _record_pass
+    from ttadapt.states import ModelLayout, resolve_state
+
+    layout = ModelLayout(model)
+    state = resolve_state(layout, other)
+    real_site, real_forward = SiteSession._on_activation, secant.SecantActivation.forward
+
+    def passthrough(self, func, act, form, args, kwargs):
+        if self.phase != "apply":
+            return real_site(self, func, act, form, args, kwargs)
+        self.records[self.cursor] = None
+        self.cursor += 1
+        return func(*args, **kwargs)
+
+    def no_arithmetic(ctx, u, ub, call, *rest):
+        y = call(u)
+        if rest[2]:  # inplace
+            ctx.mark_dirty(u)
+        ctx.save_for_backward(ub)
+        return y
+
+    def graph_pass() -> float:
+        session = SiteSession()
+        _record_pass(model, closure, layout, session, state, want_seeds=False)
+        start = time.perf_counter()
+        with torch.enable_grad(), session.run(model, "apply", layout):
+            closure()
+        elapsed = time.perf_counter() - start
+        session.finish_apply()
+        return elapsed
+
+    def forward() -> float:
+        start = time.perf_counter()
+        closure()
+        return time.perf_counter() - start
+
+    parts: dict[str, list[float]] = {k: [] for k in ("forward", "mode only", "sites, no secant arithmetic", "graph pass")}
+    try:
+        for r in range(rounds + 2):
+            times = [forward()]
+            SiteSession._on_activation = passthrough
+            times.append(graph_pass())
+            SiteSession._on_activation = real_site
+            secant.SecantActivation.forward = staticmethod(no_arithmetic)
+            times.append(graph_pass())
+            secant.SecantActivation.forward = staticmethod(real_forward)
+            times.append(graph_pass())
+            if r >= 2:
+                for k, t in zip(parts, times):
+                    parts[k].append(t)
+    finally:
+        SiteSession._on_activation = real_site
+        secant.SecantActivation.forward = staticmethod(real_forward)
+    return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
+
+
 def timing(methods: dict, rounds: int) -> dict[str, float]:
     for f in methods.values():  # warm up
         f()
@@ -120,11 +183,21 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b", "wide_tanh_mlp"])
     parser.add_argument("--breakdown", action="store_true",
                         help="instead: time each part of the averaged gradient next to its ordinary counterpart")
+    parser.add_argument("--split", action="store_true",
+                        help="instead: split the graph pass's excess over a forward (interception, sites, secant arithmetic)")
     args = parser.parse_args()
     cached = keep_freed_memory()
     print(f"# engine_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, freed memory kept by the C allocator: {cached}")
     print()
+    if args.split:
+        print("| model | forward | graph pass, mode only | graph pass, no secant arithmetic | graph pass |")
+        print("|---|---|---|---|---|")
+        for case in args.cases:
+            model, closure, other, _ = build(case)
+            b = graph_split(model, closure, other, args.rounds or (10 if case == "resnet18" else 60))
+            print(f"| {case} | " + " | ".join(f"{v:.1f} ms" for v in b.values()) + " |", flush=True)
+        return
     if args.breakdown:
         print("| model | no-grad forward | pass at `other` | forward | graph pass | ordinary backward | averaged backward |")
         print("|---|---|---|---|---|---|---|")
