@@ -190,20 +190,19 @@ def main() -> None:
     print(f"# engine_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, freed memory kept by the C allocator: {cached}")
     print()
+    table = None
     if args.split:
-        print("| model | forward | graph pass, mode only | graph pass, no secant arithmetic | graph pass |")
-        print("|---|---|---|---|---|")
+        table = ("| model | forward | graph pass, mode only | graph pass, no secant arithmetic | graph pass |", graph_split)
+    elif args.breakdown:
+        table = ("| model | no-grad forward | pass at `other` | forward | graph pass | ordinary backward | averaged backward |",
+                 breakdown)
+    if table is not None:
+        head, parts = table
+        print(head)
+        print("|---" * head.count(" | ") + "|---|")
         for case in args.cases:
             model, closure, other, _ = build(case)
-            b = graph_split(model, closure, other, args.rounds or (10 if case == "resnet18" else 60))
-            print(f"| {case} | " + " | ".join(f"{v:.1f} ms" for v in b.values()) + " |", flush=True)
-        return
-    if args.breakdown:
-        print("| model | no-grad forward | pass at `other` | forward | graph pass | ordinary backward | averaged backward |")
-        print("|---|---|---|---|---|---|---|")
-        for case in args.cases:
-            model, closure, other, _ = build(case)
-            b = breakdown(model, closure, other, args.rounds or (10 if case == "resnet18" else 60))
+            b = parts(model, closure, other, args.rounds or (10 if case == "resnet18" else 60))
             print(f"| {case} | " + " | ".join(f"{v:.1f} ms" for v in b.values()) + " |", flush=True)
         return
     print("| model | ordinary fwd+bwd | cost-model floor | averaged / ordinary | Linear variant / ordinary | "

@@ -42,3 +42,43 @@ def exact_average_grad(model, closure: Callable, start: dict, end: dict, cuts: l
             for n, v in g.items():
                 total[n] += v * (t1 - t0)
     return total
+
+
+# Exponential-linear and leaky activations: (name, settings, α, scale s, input scale κ) with
+# f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0))) (LeakyReLU: ν·min(u, 0) instead).
+_SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)
+PIECEWISE_CASES = [
+    ("elu", {}, 1.0, 1.0, 1.0),
+    ("elu", {"alpha": 0.3}, 0.3, 1.0, 1.0),
+    ("selu", {}, *_SELU, 1.0),
+    ("celu", {"alpha": 0.5}, 0.5, 1.0, 2.0),
+    ("celu", {"alpha": 2.0}, 2.0, 1.0, 0.5),
+    ("leaky_relu", {"negative_slope": 0.01}, 0.0, 1.0, 1.0),
+    ("leaky_relu", {"negative_slope": 0.2}, 0.0, 1.0, 1.0),
+]
+
+
+def hard_secant_inputs(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """5,000 float32 input pairs where the plain quotient cancels: steps of 0.5, 1e-3 and 1e-5,
+    a fifth of the inputs near −12 (saturated); no exact ties."""
+    torch.manual_seed(seed)
+    ua = torch.cat([torch.randn(3000) * 3, -12 + torch.randn(1000), torch.randn(1000)])
+    step = torch.cat([torch.randn(3000) * 0.5, torch.randn(1000) * 1e-3, torch.randn(1000) * 1e-5])
+    ub = ua + step
+    ub[ub == ua] += 1e-3
+    return ua, ub
+
+
+def exact_piecewise_secant(fn: Callable, name: str, settings: dict, alpha: float, scale: float, kappa: float,
+                           ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """The secant in float64 by a formula of its own: both inputs negative,
+    s·α·e^{κ·ua}·expm1(κ·Δu)/Δu (ν for LeakyReLU); both positive, s; opposite signs, the float64
+    quotient (f(ua), f(ub) have opposite signs there: no cancellation)."""
+    a, b = ua.double(), ub.double()
+    d = b - a
+    if name == "leaky_relu":
+        negative = torch.full_like(a, settings["negative_slope"])
+    else:
+        negative = scale * alpha * torch.exp(kappa * a) * torch.expm1(kappa * d) / d
+    quotient = (fn(b, **settings) - fn(a, **settings)) / d
+    return torch.where((a <= 0) & (b <= 0), negative, torch.where((a > 0) & (b > 0), torch.full_like(a, scale), quotient))

@@ -10,6 +10,8 @@ from torch import nn
 import ttadapt
 from ttadapt.activations import CallForm, registered_activations, registered_module_activations
 
+from oracles import PIECEWISE_CASES, exact_piecewise_secant, hard_secant_inputs
+
 SETTINGS = {
     "leaky_relu": [{}, {"negative_slope": 0.3}],
     "elu": [{}, {"alpha": 0.5}],
@@ -158,38 +160,15 @@ def test_closed_form_secants_match_the_quotient(name):
     assert torch.equal(same, act.derivative(ua)), "at ub == ua the slope is the derivative, bit for bit"
 
 
-_SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)
-
-
-@pytest.mark.parametrize("name,settings,alpha,scale,kappa", [
-    ("elu", {}, 1.0, 1.0, 1.0),
-    ("elu", {"alpha": 0.3}, 0.3, 1.0, 1.0),
-    ("selu", {}, *_SELU, 1.0),
-    ("celu", {"alpha": 0.5}, 0.5, 1.0, 2.0),
-    ("celu", {"alpha": 2.0}, 2.0, 1.0, 0.5),
-    ("leaky_relu", {"negative_slope": 0.01}, 0.0, 1.0, 1.0),
-    ("leaky_relu", {"negative_slope": 0.2}, 0.0, 1.0, 1.0),
-])
+@pytest.mark.parametrize("name,settings,alpha,scale,kappa", PIECEWISE_CASES)
 def test_piecewise_secants_keep_full_float32_precision(name, settings, alpha, scale, kappa):
-    """ELU, SELU, CELU and LeakyReLU's closed forms against an independent float64 formula, where
-    the plain quotient (f(ub) − f(ua))/(ub − ua) loses eps/|Δu|: saturated inputs, close inputs,
-    both. Both inputs negative: s·α·e^{κ·ua}·expm1(κ·Δu)/Δu (ν for LeakyReLU); both positive: s;
-    opposite signs: the float64 quotient (f(ua), f(ub) have opposite signs: no cancellation)."""
+    """ELU, SELU, CELU and LeakyReLU's closed forms against an independent float64 formula
+    (:func:`oracles.exact_piecewise_secant`), where the plain quotient (f(ub) − f(ua))/(ub − ua)
+    loses eps/|Δu|: saturated inputs, close inputs, both."""
     act = registered_activations()[name]
-    torch.manual_seed(3)
-    ua = torch.cat([torch.randn(3000) * 3, -12 + torch.randn(1000), torch.randn(1000)])
-    step = torch.cat([torch.randn(3000) * 0.5, torch.randn(1000) * 1e-3, torch.randn(1000) * 1e-5])
-    ub = ua + step
-    ub[ub == ua] += 1e-3  # ties are checked elsewhere
+    ua, ub = hard_secant_inputs()
     got = act.secant(ua, act.fn(ua, **settings), ub.clone(), **settings).double()
-    a, b = ua.double(), ub.double()
-    d = b - a
-    if name == "leaky_relu":
-        negative = torch.full_like(a, settings["negative_slope"])
-    else:
-        negative = scale * alpha * torch.exp(kappa * a) * torch.expm1(kappa * d) / d
-    quotient = (act.fn(b, **settings) - act.fn(a, **settings)) / d
-    want = torch.where((a <= 0) & (b <= 0), negative, torch.where((a > 0) & (b > 0), torch.full_like(a, scale), quotient))
+    want = exact_piecewise_secant(act.fn, name, settings, alpha, scale, kappa, ua, ub)
     err = ((got - want).abs() / want.abs()).max().item()
     assert err < 1e-6, err
     # Large tensors are computed a block at a time (contiguous, permuted) or, laid out otherwise
