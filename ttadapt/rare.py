@@ -1,9 +1,11 @@
-"""Replacing the few elements of a slope tensor where the secant is undefined.
+"""Replacing the few elements of a slope tensor where the secant is undefined, and running
+elementwise secant arithmetic a block at a time.
 
 Where the two states' inputs agree exactly (0/0) or nearly (cancellation), the averaged
 derivative is the ordinary one. Such elements are usually absent or few, and on the CPU a
-boolean mask over a whole tensor costs several arithmetic passes, so they are located by one
-read-only reduction per row and patched row by row (see :func:`_fill_rare`).
+boolean mask over a whole tensor costs several arithmetic passes, so they are located by
+read-only reductions and patched row by row (see :func:`_fill_rare`). :func:`_by_blocks` keeps
+the temporaries of a multi-pass elementwise computation block-sized.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def _fill_exact_ties(slope: Tensor, at: Tensor, derivative: Callable[[Tensor], T
 
 
 def _by_blocks(step: Callable[..., None], out: Tensor, *tensors: Tensor, block: int = _BLOCK) -> Tensor:
-    """``step(out, *tensors)`` for an elementwise ``step`` that writes ``out``, run a block of
-    ``_BLOCK`` elements at a time (1-D memory-order views) so that the temporaries it allocates
+    """``step(out, *tensors)`` for an elementwise ``step`` that writes ``out``, run ``block``
+    elements at a time (1-D memory-order views) so that the temporaries it allocates
     stay block-sized: the extra memory of the averaged gradient is the kept inputs, not a few
     full-size intermediates per site. One call for small tensors and for tensors not laid out
     like ``out``."""
