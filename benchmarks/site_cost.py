@@ -4,9 +4,9 @@
 
 One site of the graph pass (the forward of ``SecantActivation``: the model's own call plus the
 secant slope towards the other state's input) next to the plain call of the same activation
-(an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU, LeakyReLU and
-tanh (their closed forms) and, for comparison, ELU and LeakyReLU through the generic quotient
-with its close-inputs rule, in three situations:
+(an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU, LeakyReLU,
+tanh and sigmoid (their closed forms) and, for comparison, ELU, LeakyReLU and sigmoid through
+the generic quotient with its close-inputs rule, in three situations:
 
 * ``apart`` — every input moved (no ties, no close pairs);
 * ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
@@ -40,6 +40,8 @@ CASES = {
     "leaky_relu": (F.leaky_relu, F.leaky_relu, False, False),
     "leaky_relu, generic quotient": (F.leaky_relu, F.leaky_relu, False, True),
     "tanh": (torch.tanh, torch.tanh, False, False),
+    "sigmoid": (torch.sigmoid, torch.sigmoid, False, False),
+    "sigmoid, generic quotient": (torch.sigmoid, torch.sigmoid, False, True),
 }
 
 

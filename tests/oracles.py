@@ -82,3 +82,11 @@ def exact_piecewise_secant(fn: Callable, name: str, settings: dict, alpha: float
         negative = scale * alpha * torch.exp(kappa * a) * torch.expm1(kappa * d) / d
     quotient = (fn(b, **settings) - fn(a, **settings)) / d
     return torch.where((a <= 0) & (b <= 0), negative, torch.where((a > 0) & (b > 0), torch.full_like(a, scale), quotient))
+
+
+def exact_sigmoid_secant(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """(σ(ub) − σ(ua)) / (ub − ua) in float64 by a formula of its own:
+    σ(b) − σ(a) = e^{−a}·(−expm1(−d)) / ((1 + e^{−a})(1 + e^{−b})), d = b − a."""
+    a, b = ua.double(), ub.double()
+    d = b - a
+    return torch.exp(-a) * -torch.expm1(-d) / ((1 + torch.exp(-a)) * (1 + torch.exp(-b))) / d

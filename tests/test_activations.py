@@ -10,7 +10,7 @@ from torch import nn
 import ttadapt
 from ttadapt.activations import CallForm, registered_activations, registered_module_activations
 
-from oracles import PIECEWISE_CASES, exact_piecewise_secant, hard_secant_inputs
+from oracles import PIECEWISE_CASES, exact_piecewise_secant, exact_sigmoid_secant, hard_secant_inputs
 
 SETTINGS = {
     "leaky_relu": [{}, {"negative_slope": 0.3}],
@@ -189,6 +189,29 @@ def test_piecewise_secants_keep_full_float32_precision(name, settings, alpha, sc
     generic = secant_slope(lambda u: act.fn(u, **settings), lambda u: act.derivative(u, **settings), ua, act.fn(ua, **settings), ub.clone())
     generic_err = ((generic.double() - want).abs() / want.abs()).max().item()
     assert generic_err > 10 * err, (generic_err, err)
+
+
+def test_sigmoid_secant_keeps_full_float32_precision():
+    """Sigmoid's closed form against an independent float64 formula
+    (:func:`oracles.exact_sigmoid_secant`) on the inputs where the quotient cancels, also in
+    saturation (inputs near ±12); a block at a time for large tensors; the generic quotient is
+    far off on the same data (the test can fail)."""
+    from ttadapt.secant import secant_slope
+
+    act = registered_activations()["sigmoid"]
+    ua, ub = hard_secant_inputs()
+    ua, ub = torch.cat([ua, -ua]), torch.cat([ub, -ub])
+    want = exact_sigmoid_secant(ua, ub)
+    got = act.secant(ua, torch.sigmoid(ua), ub.clone())
+    err = ((got.double() - want).abs() / want.abs()).max().item()
+    assert err < 1e-6, err
+    generic = secant_slope(torch.sigmoid, act.derivative, ua, torch.sigmoid(ua), ub.clone()).double()
+    assert ((generic - want).abs() / want.abs()).max().item() > 10 * err
+    big_a, big_b = ua.repeat(30).view(600, 500), ub.repeat(30).view(600, 500)
+    for owned in (False, True):
+        b_in = big_b.clone() if owned else big_b
+        slope = act.secant(big_a, torch.sigmoid(big_a), b_in, torch.sigmoid(big_b), owned, owned)
+        torch.testing.assert_close(slope, got.repeat(30).view(600, 500), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu", "softplus", "elu", "sigmoid", "mish"])

@@ -460,11 +460,36 @@ register_activation(
     [CallForm(F.mish, (), "inplace")],
     vjp=lambda g, u, y: aten.mish_backward(g, u),
 )
+def _sigmoid_derivative(u: Tensor) -> Tensor:
+    return aten.sigmoid_backward(_ones(u), torch.sigmoid(u))
+
+
+def _sigmoid_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None = None, owned: bool = False,
+                    fb_owned: bool = False) -> Tensor:
+    """σ(b) − σ(a) = (σ(a)·σ(−b) + σ(b)·σ(−a))·tanh(d/2) with ``d = b − a`` (from σ = (1 +
+    tanh(·/2))/2 and the tanh identity): every term positive and computed directly, so no
+    cancellation — the plain quotient loses eps/|d|, and in saturation 1 − σ(u) loses all
+    precision. Only ``d = 0`` is 0/0: the derivative is taken there. A block at a time."""
+    if fa is None:
+        fa = torch.sigmoid(ua)
+    if fb is None:
+        fb, fb_owned = torch.sigmoid(ub), True
+
+    def step(out: Tensor, ua: Tensor, ub: Tensor, fa: Tensor, fb: Tensor) -> None:
+        x = torch.sigmoid(ub.neg()).mul_(fa).addcmul_(fb, torch.sigmoid(ua.neg()))  # σa·σ(−b) + σb·σ(−a)
+        d = ub.sub_(ua) if owned else ub - ua
+        torch.mul(x, torch.mul(d, 0.5).tanh_().div_(d), out=out)  # fb (may be out) is read above
+
+    slope = _by_blocks(step, _slope_buffer(ua, fb, fb_owned), ua, ub, fa, fb, block=_SECANT_BLOCK)
+    return _fill_exact_ties(slope, ua, _sigmoid_derivative)
+
+
 register_activation(
     "sigmoid",
     torch.sigmoid,
-    lambda u: aten.sigmoid_backward(_ones(u), torch.sigmoid(u)),
+    _sigmoid_derivative,
     _forms([torch.sigmoid, F.sigmoid, torch.special.expit, *_method("sigmoid")], [torch.sigmoid_, *_method("sigmoid_")]),
+    secant=_sigmoid_secant,
     vjp=lambda g, u, y: aten.sigmoid_backward(g, y),
 )
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
