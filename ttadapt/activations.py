@@ -316,10 +316,13 @@ def _relu_part(ua: Tensor, ub: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     return torch.clamp(ub, min=0, out=out).sub_(scratch), scratch
 
 
-def _slope_buffer(ua: Tensor, fb: Tensor | None, fb_owned: bool) -> Tensor:
-    """Where a closed-form secant writes its slope: the kept output's memory when the engine may
-    overwrite it, else new memory."""
-    return fb if fb_owned and fb is not None else torch.empty_like(ua)
+def _blockwise_secant(step: Callable[..., None], derivative: Callable[[Tensor], Tensor], ua: Tensor, ub: Tensor,
+                      fb: Tensor | None, fb_owned: bool, *more: Tensor) -> Tensor:
+    """Run a closed-form secant's elementwise ``step(out, ua, ub, *more)`` a block at a time into
+    the kept output's memory when the engine may overwrite it (else new memory), then take the
+    derivative where the inputs tie exactly (0/0)."""
+    out = fb if fb_owned and fb is not None else torch.empty_like(ua)
+    return _fill_exact_ties(_by_blocks(step, out, ua, ub, *more, block=_SECANT_BLOCK), ua, derivative)
 
 
 def _leaky_relu_derivative(u: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -340,8 +343,7 @@ def _leaky_relu_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | N
         d = ub.sub_(ua) if owned else ub - ua
         r.add_(torch.sub(d, r, out=scratch), alpha=negative_slope).div_(d)  # (R + ν·H) / d
 
-    slope = _by_blocks(step, _slope_buffer(ua, fb, fb_owned), ua, ub, block=_SECANT_BLOCK)
-    return _fill_exact_ties(slope, ua, lambda u: _leaky_relu_derivative(u, negative_slope))
+    return _blockwise_secant(step, lambda u: _leaky_relu_derivative(u, negative_slope), ua, ub, fb, fb_owned)
 
 
 register_activation(
@@ -400,8 +402,8 @@ def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, f
         if scale != 1.0:
             r.mul_(scale)
 
-    r = _by_blocks(step, _slope_buffer(ua, fb, fb_owned), ua, ub, block=_SECANT_BLOCK)
-    return _fill_exact_ties(r, ua, lambda u: aten.elu_backward(_ones(u), alpha, scale, input_scale, False, u))
+    return _blockwise_secant(step, lambda u: aten.elu_backward(_ones(u), alpha, scale, input_scale, False, u), ua, ub,
+                             fb, fb_owned)
 
 
 register_activation(
@@ -480,8 +482,7 @@ def _sigmoid_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None
         d = ub.sub_(ua) if owned else ub - ua
         torch.mul(x, torch.mul(d, 0.5).tanh_().div_(d), out=out)  # fb (may be out) is read above
 
-    slope = _by_blocks(step, _slope_buffer(ua, fb, fb_owned), ua, ub, fa, fb, block=_SECANT_BLOCK)
-    return _fill_exact_ties(slope, ua, _sigmoid_derivative)
+    return _blockwise_secant(step, _sigmoid_derivative, ua, ub, fb, fb_owned, fa, fb)
 
 
 register_activation(

@@ -87,9 +87,7 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
     if rows.numel() == 0:
         return slope
     if rows.numel() * 8 > stats.numel():
-        for start in range(0, n, _BLOCK):
-            stop = start + _BLOCK
-            replace(flat_s[start:stop], flat_k[start:stop], flat_a[start:stop], out=flat_s[start:stop])
+        _by_blocks(lambda s, k, a: replace(s, k, a, out=s), flat_s, flat_k, flat_a)
         return slope
     if body < n and int(rows[-1]) == m:  # the tail (rows ascend)
         rows = rows[:-1]

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .activations import Activation, _prelu_weight
-from .rare import _BLOCK, _fill_exact_ties, _fill_rare
+from .rare import _by_blocks, _fill_exact_ties, _fill_rare
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,14 +45,8 @@ def _close_gap(ua: Tensor, diff: Tensor, overwrite: bool = False) -> tuple[Tenso
     """
     tol = torch.finfo(ua.dtype).eps ** 0.5
     gap = diff.abs_() if overwrite else diff.abs()
-    n = gap.numel()
-    if n > _BLOCK and gap.is_contiguous() and ua.is_contiguous():
-        # in blocks, so that |ua| never needs a full-size temporary
-        flat_gap, flat_u = gap.view(-1), ua.view(-1)
-        for start in range(0, n, _BLOCK):
-            flat_gap[start:start + _BLOCK].sub_(flat_u[start:start + _BLOCK].abs(), alpha=tol)
-    else:
-        gap.sub_(ua.abs(), alpha=tol)
+    # in blocks, so that |ua| never needs a full-size temporary
+    _by_blocks(lambda g, u: g.sub_(u.abs(), alpha=tol), gap, ua)
     return gap, tol
 
 
