@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .rare import _by_blocks, _fill_exact_ties
 
 __all__ = [
@@ -107,6 +108,16 @@ class Activation:
     # vjp(grad, u, y, **settings) -> grad ⊙ f'(u) in one kernel (ATen's own backward; y = f(u)):
     # the ordinary backward of AG-1 / AG-2's graph pass, as fast as PyTorch's.
     vjp: Callable[..., Tensor] | None = None
+    # clamp(**settings) -> (lo, hi) for f(u) = min(max(u, lo), hi) (ReLU, ReLU6, Hardtanh): an
+    # exact secant that the fused CPU kernel (ttadapt.kernels.clamp_secant) forms in one pass.
+    clamp: Callable[..., tuple[float, float]] | None = None
+
+    def exact(self, settings: dict[str, Any]) -> tuple[float, float] | bool:
+        """How the secant of one call may be formed exactly: the clamp bounds ``(lo, hi)`` of a
+        clamp, else :attr:`exact_secant` (True: the plain quotient is exact; False: it is not)."""
+        if self.clamp is not None:
+            return tuple(float(v) for v in self.clamp(**settings))  # type: ignore[return-value]
+        return self.exact_secant
 
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:
         """The full settings of one call: the defaults overlaid with what the call gave."""
@@ -172,6 +183,7 @@ def register_activation(
     exact_secant: bool = False,
     secant: Callable[..., Tensor] | None = None,
     vjp: Callable[..., Tensor] | None = None,
+    clamp: Callable[..., tuple[float, float]] | None = None,
 ) -> Activation:
     """Register an elementwise activation and the callables that compute it.
 
@@ -184,9 +196,15 @@ def register_activation(
     The callables must dispatch through ``__torch_function__`` (every torch function does; a
     plain Python function can with ``torch.overrides.handle_torch_function``), or be called
     inside a module registered with :func:`register_module_activation`.
+
+    ``exact_secant``: the activation's slopes are 0 and 1 only, so the plain quotient is exact;
+    ``clamp``: it is ``min(max(u, lo), hi)`` with ``(lo, hi) = clamp(**settings)`` (implies
+    ``exact_secant``; on the CPU its secant is then one fused pass, see :mod:`ttadapt.kernels`);
+    ``secant`` / ``vjp``: see :class:`Activation`.
     """
     forms = tuple(forms)
-    act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric, exact_secant, secant, vjp)
+    act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric,
+                     exact_secant or clamp is not None, secant, vjp, clamp)
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
@@ -287,7 +305,7 @@ register_activation(
     lambda u: (u > 0).to(u.dtype),
     [CallForm(F.relu, (), "inplace")] + _forms([torch.relu, *_method("relu")], [torch.relu_, *_method("relu_")]),
     kinks=lambda: (0.0,),
-    exact_secant=True,
+    clamp=lambda: (0.0, math.inf),
     vjp=lambda g, u, y: aten.threshold_backward(g, u, 0),
 )
 register_activation(
@@ -296,7 +314,7 @@ register_activation(
     lambda u: ((u > 0) & (u < 6)).to(u.dtype),
     [CallForm(F.relu6, (), "inplace")],
     kinks=lambda: (0.0, 6.0),
-    exact_secant=True,
+    clamp=lambda: (0.0, 6.0),
     vjp=lambda g, u, y: aten.hardtanh_backward(g, u, 0.0, 6.0),
 )
 # Elements per block of the closed-form secants below: two block-sized temporaries (1 MB in
@@ -375,6 +393,21 @@ def _prelu_weight(weight: Tensor, u: Tensor) -> Tensor:
 
 def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, fb_owned: bool, alpha: float,
                        scale: float, input_scale: float) -> Tensor:
+    """:func:`_exp_linear_secant_torch` in one fused pass where :func:`ttadapt.kernels.exp_linear_secant`
+    applies (then the derivative where the inputs tie, as there)."""
+    out = fb if fb_owned and fb is not None else ub if owned else None
+    fused = kernels.exp_linear_secant(ua, ub, alpha, scale, input_scale, out=out)
+    if fused is None:
+        return _exp_linear_secant_torch(ua, ub, owned, fb, fb_owned, alpha, scale, input_scale)
+    return _fill_exact_ties(fused, ua, lambda u: _exp_linear_derivative(u, alpha, scale, input_scale))
+
+
+def _exp_linear_derivative(u: Tensor, alpha: float, scale: float, input_scale: float) -> Tensor:
+    return aten.elu_backward(_ones(u), alpha, scale, input_scale, False, u)
+
+
+def _exp_linear_secant_torch(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, fb_owned: bool, alpha: float,
+                             scale: float, input_scale: float) -> Tensor:
     """Secant of ``f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0)))`` (ELU, SELU, CELU), without
     cancellation.
 
@@ -402,8 +435,7 @@ def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, f
         if scale != 1.0:
             r.mul_(scale)
 
-    return _blockwise_secant(step, lambda u: aten.elu_backward(_ones(u), alpha, scale, input_scale, False, u), ua, ub,
-                             fb, fb_owned)
+    return _blockwise_secant(step, lambda u: _exp_linear_derivative(u, alpha, scale, input_scale), ua, ub, fb, fb_owned)
 
 
 register_activation(
@@ -511,11 +543,19 @@ def _tanh_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None = 
     as d → 0 (0/0 at d == 0 exactly, where the slope is 1 − tanh²a, the derivative).
 
     ``fb = tanh(ub)`` when the other pass kept it; ``owned`` / ``fb_owned``: ``ub`` / ``fb`` may
-    be overwritten (then one new tensor, the slope, is allocated)."""
+    be overwritten (then one new tensor, the slope, is allocated). One fused pass where
+    :func:`ttadapt.kernels.tanh_secant` applies, else :func:`_tanh_secant_torch`."""
     if fa is None:
         fa = torch.tanh(ua)
     if fb is None:
         fb, fb_owned = torch.tanh(ub), True
+    fused = kernels.tanh_secant(ua, fa, ub, fb, out=fb if fb_owned else None)
+    return fused if fused is not None else _tanh_secant_torch(ua, fa, ub, fb, owned, fb_owned)
+
+
+def _tanh_secant_torch(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, owned: bool = False,
+                       fb_owned: bool = False) -> Tensor:
+    """:func:`_tanh_secant` in PyTorch ops (any device and dtype; six elementwise passes)."""
     # 1 − tanh a·tanh b by addcmul: rounded as ATen's tanh_backward rounds 1 − y², so that at
     # ub == ua the slope is the ordinary derivative bit for bit
     cosh_factor = torch.addcmul(_one(fa), fa, fb, value=-1.0, out=fb if fb_owned else None)
@@ -553,7 +593,7 @@ register_activation(
     [CallForm(F.hardtanh, ("min_val", "max_val"), "inplace"), CallForm(F.hardtanh_, ("min_val", "max_val"), True)],
     defaults={"min_val": -1.0, "max_val": 1.0},
     kinks=lambda min_val=-1.0, max_val=1.0: (min_val, max_val),
-    exact_secant=True,
+    clamp=lambda min_val=-1.0, max_val=1.0: (min_val, max_val),
     vjp=lambda g, u, y, min_val=-1.0, max_val=1.0: aten.hardtanh_backward(g, u, min_val, max_val),
 )
 register_activation(

@@ -23,7 +23,7 @@ from torch.autograd import Function
 
 from .activations import _prelu_weight
 from .rare import _fill_exact_ties
-from .secant import _affine_grads, _compute_dtype, _prelu_slopes, secant_slope
+from .secant import _affine_grads, _compute_dtype, _fused_clamp_secant, _prelu_slopes, secant_slope
 
 __all__ = ["DeferredSlot", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
 
@@ -46,13 +46,16 @@ class DeferredSlot:
         return self.ub is not None
 
 
-def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor, ub: Tensor, exact: bool,
+def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor, ub: Tensor, exact: tuple[float, float] | bool,
                      closed_form: Callable | None, fb: Tensor | None = None) -> Tensor:
     """The secant slope of one activation between ``ua`` (with ``fa = f(ua)``) and ``ub`` (with
     ``fb = f(ub)`` when known). Neither ``ub`` nor ``fb`` is overwritten."""
     if closed_form is not None and _compute_dtype(ua.dtype) == ua.dtype:
         return closed_form(ua, fa, ub, fb)
     if exact and _compute_dtype(ua.dtype) == ua.dtype:
+        fused = _fused_clamp_secant(exact, ua, ub)
+        if fused is not None:
+            return fused
         diff = ub - ua
         slope = (fn(ub).sub_(fa) if fb is None else fb - fa).div_(diff)
         return _fill_exact_ties(slope, ua, derivative)
@@ -75,7 +78,7 @@ class DeferredActivation(Function):
     """``y = call(u)``; backward ``g ⊙ f'(u)`` until the slot is filled, then ``g ⊙`` secant."""
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, call: Callable, fn: Callable, derivative: Callable, inplace: bool, exact: bool,
+    def forward(ctx: Any, u: Tensor, call: Callable, fn: Callable, derivative: Callable, inplace: bool, exact: tuple[float, float] | bool,
                 closed_form: Callable | None, slot: DeferredSlot, vjp: Callable | None = None) -> Tensor:  # type: ignore[override]
         ua = u.detach().clone() if inplace else u  # an in-place call would overwrite the input
         y = call(u)

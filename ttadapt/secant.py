@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from . import kernels
 from .activations import Activation, _prelu_weight
 from .rare import _by_blocks, _fill_exact_ties, _fill_rare
 
@@ -87,6 +88,17 @@ def secant_slope(
     return _fill_rare(slope, gap, ua, derivative, "close", tol).to(dtype)
 
 
+def _fused_clamp_secant(exact: tuple[float, float] | bool, ua: Tensor, ub: Tensor, owned: bool = False,
+                        fb: Tensor | None = None, fb_owned: bool = False) -> Tensor | None:
+    """The exact secant of a clamp activation (``exact`` holds its bounds) in one fused CPU pass,
+    written over ``fb`` or ``ub`` where they may be overwritten; None where the kernel does not
+    apply (then the caller forms the quotient in PyTorch ops)."""
+    if not isinstance(exact, tuple):
+        return None
+    out = fb if fb_owned and fb is not None else ub if owned else None
+    return kernels.clamp_secant(ua, ub, *exact, out=out)
+
+
 class SecantActivation(Function):
     """``y = call(u)``; backward ``g ⊙ s`` with ``s`` the secant slope towards ``ub``.
 
@@ -96,21 +108,25 @@ class SecantActivation(Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: bool, owned: bool, closed_form: Callable | None = None, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: tuple[float, float] | bool, owned: bool, closed_form: Callable | None = None, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:  # type: ignore[override]
         if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
             fa = None if inplace else call(u)  # an in-place call runs after the slope is formed
             slope = closed_form(u, fa, ub, fb, owned, fb_owned)
             y = call(u) if inplace else fa
         elif exact and _compute_dtype(u.dtype) == u.dtype:
-            # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
-            # quotient; only ub == ua needs the derivative, and for these clamp-like functions
-            # f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
-            if fb is None:
-                fb, fb_owned = fn(ub), True
-            diff = ub.sub_(u) if owned else ub - u
-            y = call(u)
-            slope = (fb.sub_(y) if fb_owned else fb - y).div_(diff)
-            slope = _fill_exact_ties(slope, y, derivative)
+            fused = _fused_clamp_secant(exact, u, ub, owned, fb, fb_owned)
+            if fused is not None:
+                slope, y = fused, call(u)  # the call after the slope: an in-place one overwrites u
+            else:
+                # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
+                # quotient; only ub == ua needs the derivative, and for these clamp-like
+                # functions f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
+                if fb is None:
+                    fb, fb_owned = fn(ub), True
+                diff = ub.sub_(u) if owned else ub - u
+                y = call(u)
+                slope = (fb.sub_(y) if fb_owned else fb - y).div_(diff)
+                slope = _fill_exact_ties(slope, y, derivative)
         elif inplace:
             slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)
             y = call(u)
@@ -305,4 +321,4 @@ def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor]
     """Apply :class:`SecantActivation` for a registered activation with its call settings
     (``fb``: the output at the other state, when that pass kept it)."""
     fn, derivative, closed_form = activation_callables(act, settings)
-    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact_secant, owned, closed_form, fb, fb_owned)
+    return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact(settings), owned, closed_form, fb, fb_owned)

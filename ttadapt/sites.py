@@ -364,7 +364,7 @@ class SiteSession:
             if act.vjp is not None:
                 vjp = (lambda g, x, y: act.vjp(g, x, y, **settings)) if settings else act.vjp
             call = lambda _u: func(*args, **kwargs)  # noqa: E731
-            return DeferredActivation.apply(u, call, fn, derivative, inplace, act.exact_secant, closed_form, slot, vjp)
+            return DeferredActivation.apply(u, call, fn, derivative, inplace, act.exact(settings), closed_form, slot, vjp)
         rec = self._next(name, u)
         settings = act.settings(given)
         if act.parametric:

@@ -1,0 +1,250 @@
+"""The fused CPU kernels (ttadapt.kernels) against independent references: float64 formulas,
+ATen's own derivative, and the PyTorch ops they replace (which must agree: the kernels change
+speed, not results). Sizes cross the kernels' chunk (1,024 elements) and threading (131,072)
+boundaries and leave ragged tails."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ttadapt
+from ttadapt import kernels
+from ttadapt.activations import _tanh_secant_torch
+from ttadapt.rare import _fill_exact_ties
+
+needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler: the fused kernels cannot be built")
+
+SIZES = [5, 1024 + 7, 300_001]  # a tail only, one chunk and a tail, threaded with a tail
+
+
+def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs close (|d| ~ 1e-4), apart (~0.3) and far (~3) in runs longer than a chunk, with
+    ties, saturated inputs, signed zeros, infinities and NaNs sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    ua = torch.randn(n, generator=g) * 3
+    scale = torch.tensor([1e-4, 0.3, 3.0]).repeat_interleave(2000).repeat(n // 6000 + 1)[:n]
+    ub = ua + torch.randn(n, generator=g) * scale
+    ub[::13] = ua[::13]
+    ua[1::17], ub[1::17] = 12.0 + torch.rand(len(ua[1::17]), generator=g), -12.5
+    if n > 40:
+        ua[3], ub[3] = 0.0, -0.0
+        ua[7], ub[9] = float("nan"), float("nan")
+        ua[11], ub[19], ua[23], ub[23] = float("inf"), float("-inf"), float("inf"), float("inf")
+    return ua, ub
+
+
+def _exact_tanh_secant(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """sinh(d)/(d·cosh a·cosh b) in float64 (tanh b − tanh a = sinh(b − a)/(cosh a cosh b)),
+    1/cosh² a at d == 0: no cancellation anywhere (finite, moderate inputs)."""
+    a, b = ua.double(), ub.double()
+    d = b - a
+    ratio = torch.where(d == 0, torch.ones_like(d), torch.sinh(d) / d)
+    return ratio / (torch.cosh(a) * torch.cosh(b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+def test_tanh_secant_kernel_matches_float64_and_the_torch_ops(n):
+    ua, ub = _inputs(n)
+    fa, fb = ua.tanh(), ub.tanh()
+    got = kernels.tanh_secant(ua, fa, ub, fb)
+    assert got is not None
+    fallback = _tanh_secant_torch(ua, fa, ub.clone(), fb.clone())
+    torch.testing.assert_close(got, fallback, rtol=2e-6, atol=1e-7, equal_nan=True)
+    finite = ua.isfinite() & ub.isfinite()
+    want = _exact_tanh_secant(ua[finite], ub[finite])
+    # float32 tanh(u) rounds to ±1 beyond |u| ≈ 9, so 1 − fa·fb is exact only to ~1 ulp of 1
+    torch.testing.assert_close(got[finite].double(), want, rtol=1e-6, atol=2e-7)
+    tie = ua == ub
+    assert torch.equal(got[tie], torch.ops.aten.tanh_backward(torch.ones_like(fa[tie]), fa[tie])), "derivative bit for bit at ties"
+
+
+@needs_kernels
+def test_tanh_secant_kernel_is_relatively_accurate_where_the_quotient_cancels():
+    """Close, unsaturated inputs (the series path): full float32 relative precision, where the
+    plain quotient (tanh b − tanh a)/(b − a) loses eps/|d|."""
+    g = torch.Generator().manual_seed(1)
+    # |u| ≤ 1: away from saturation, where 1 − fa·fb inherits float32 tanh's rounding of ±1
+    ua = torch.rand(50_000, generator=g) * 2 - 1
+    ub = ua + torch.randn(50_000, generator=g) * torch.tensor([1e-5, 1e-3, 0.2, 2.0]).repeat(12_500)
+    got = kernels.tanh_secant(ua, ua.tanh(), ub, ub.tanh())
+    want = _exact_tanh_secant(ua, ub)
+    err = ((got.double() - want).abs() / want).max().item()
+    quotient = (ub.tanh() - ua.tanh()) / (ub - ua)
+    quotient_err = ((quotient.double() - want).abs() / want)[ub != ua].max().item()
+    assert err < 1e-6 and quotient_err > 100 * err, (err, quotient_err)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("lo,hi", [(0.0, math.inf), (0.0, 6.0), (-2.0, 0.5)])
+def test_clamp_secant_kernel_is_the_exact_quotient_bit_for_bit(n, lo, hi):
+    ua, ub = _inputs(n, seed=2)
+    ua[::5] = ua[::5].clamp(-7, 7)  # many elements on both sides of both bounds
+    # the derivative [lo < ua < hi] where the quotient is 0/0; an infinite bound is no bound
+    # (ReLU's derivative is 1 at +inf), and a NaN input gets 0
+    derivative = (ua > lo) & ((ua < hi) | (hi == math.inf))
+    quotient = (ub.clamp(lo, hi) - ua.clamp(lo, hi)) / (ub - ua)
+    want = torch.where(quotient.isnan(), derivative.float(), quotient)
+    got = kernels.clamp_secant(ua, ub, lo, hi)
+    assert torch.equal(got, want)
+    # at finite ties, ATen's own backward of ReLU / ReLU6 / Hardtanh
+    tie = (ua == ub) & ua.isfinite()
+    ones = torch.ones_like(ua[tie])
+    aten = (torch.ops.aten.threshold_backward(ones, ua[tie], 0.0) if hi == math.inf
+            else torch.ops.aten.hardtanh_backward(ones, ua[tie], lo, hi))
+    assert tie.sum() > 0 and torch.equal(got[tie], aten)
+    # in place over ub (the engine's owned copy)
+    b = ub.clone()
+    assert kernels.clamp_secant(ua, b, lo, hi, out=b) is b and torch.equal(b, want)
+
+
+@needs_kernels
+def test_clamp_secant_kernel_equals_the_relu_fallback_of_the_engine():
+    """The path the engine took before the kernel: (f(ub) − f(ua))/(ub − ua), then the
+    derivative where that is NaN."""
+    relu = ttadapt.registered_activations()["relu"]
+    ua, ub = _inputs(300_001, seed=3)
+    slope = (torch.relu(ub) - torch.relu(ua)) / (ub - ua)
+    want = _fill_exact_ties(slope, torch.relu(ua), relu.derivative)
+    assert torch.equal(kernels.clamp_secant(ua, ub, 0.0, math.inf), want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("alpha,scale,kappa", [(1.0, 1.0, 1.0), (1.6732632423543772, 1.0507009873554805, 1.0), (2.0, 1.0, 0.5)])
+def test_exp_linear_secant_kernel_matches_float64_and_the_torch_ops(n, alpha, scale, kappa):
+    """ELU, SELU, CELU (α = 2): against the PyTorch closed form it replaces (ties, NaN and
+    infinities included) and against the float64 formula s·(f(ub) − f(ua))/(ub − ua)."""
+    from ttadapt.activations import _exp_linear_secant, _exp_linear_secant_torch
+
+    ua, ub = _inputs(n, seed=6)
+    raw = kernels.exp_linear_secant(ua, ub, alpha, scale, kappa)
+    assert raw is not None and bool(raw[ua == ub].isnan().all()), "0/0 where the inputs tie (the caller fills it)"
+    got = _exp_linear_secant(ua, ub.clone(), True, None, False, alpha, scale, kappa)
+    want = _exp_linear_secant_torch(ua, ub.clone(), True, None, False, alpha, scale, kappa)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7, equal_nan=True)
+    tie = ua == ub
+    derivative = torch.ops.aten.elu_backward(torch.ones_like(ua[tie]), alpha, scale, kappa, False, ua[tie])
+    # (to the last bit: ATen's vectorised and scalar paths may round e^u differently)
+    torch.testing.assert_close(got[tie], derivative, rtol=1e-6, atol=0, msg="ATen's derivative at ties")
+    far = ua.isfinite() & ub.isfinite() & ((ub - ua).abs() > 0.1)  # where float64's own quotient is exact enough
+    a, b = ua[far].double(), ub[far].double()
+
+    def f(u):
+        return scale * (u.clamp(min=0) + alpha * torch.expm1(kappa * u.clamp(max=0)))
+
+    torch.testing.assert_close(got[far].double(), (f(b) - f(a)) / (b - a), rtol=2e-6, atol=1e-7)
+    assert kernels.exp_linear_secant(ua, ub, alpha, scale, -kappa) is None, "κ ≤ 0: the PyTorch ops"
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+def test_ag1_update_kernel_matches_the_formula(n):
+    g = torch.Generator().manual_seed(4)
+    theta = torch.randn(n, generator=g)
+    forecast = theta + 1e-3 * torch.randn(n, generator=g)
+    grad = torch.randn(n, generator=g)
+    grad[::3] = 0.0  # sign 0: the coordinate keeps θ
+    grad[1::7] = -0.0
+    want = theta - (forecast - theta).abs() * grad.sign()
+    want_l1 = float((forecast - theta).abs().double().sum())
+    p = forecast.clone()
+    l1 = kernels.ag1_update(p, theta, grad)
+    assert torch.equal(p, want)
+    assert abs(l1 - want_l1) <= 1e-6 * want_l1
+    assert p._version > 0, "autograd sees the in-place write"
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+def test_ag2_kernels_match_the_formulas(n):
+    g = torch.Generator().manual_seed(7)
+    theta = torch.randn(n, generator=g)
+    dry = theta + 1e-3 * torch.randn(n, generator=g)
+    want_l1 = float((dry - theta).abs().double().sum())
+    assert abs(kernels.l1_diff(dry, theta) - want_l1) <= 1e-6 * want_l1
+    p = dry.clone()
+    assert kernels.ag2_rescale(p, theta, 0.37)
+    torch.testing.assert_close(p, theta + 0.37 * (dry - theta), rtol=0, atol=2 * torch.finfo(torch.float32).eps * 4)
+
+
+@needs_kernels
+def test_kernels_decline_what_they_do_not_cover():
+    a = torch.randn(64, 64)
+    assert kernels.tanh_secant(a.double(), a.double(), a.double(), a.double()) is None  # float64: PyTorch ops
+    assert kernels.clamp_secant(a[:, ::2], a[:, ::2], 0.0, 1.0) is None  # not a block of memory
+    assert kernels.clamp_secant(a, a.T, 0.0, 1.0) is None  # laid out differently
+    assert kernels.clamp_secant(a, a, 0.0, 1.0, out=torch.empty(64, 64).T) is None
+    assert kernels.clamp_secant(torch.empty(0), torch.empty(0), 0.0, 1.0) is None
+    p = a.clone()
+    assert kernels.ag1_update(p, a.half(), a) is None and torch.equal(p, a)
+    # channels-last (dense, permuted) tensors are walked in memory order
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    y = x + torch.randn_like(x)
+    got = kernels.clamp_secant(x, y, 0.0, math.inf)
+    quotient = (y.relu() - x.relu()) / (y - x)
+    assert got is not None and torch.equal(got, torch.where(quotient.isnan(), (x > 0).float(), quotient))
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_averaged_gradient_is_the_same_with_and_without_the_kernels(act, monkeypatch):
+    """Model level: the kernels change the speed of averaged_grad, not its result (bit for bit
+    for ReLU's exact secant, to float32 ulps for tanh's closed form); both schedules."""
+    from ttadapt.averaged import DeferredAverage
+
+    torch.manual_seed(5)
+    layer = torch.nn.Tanh() if act == "tanh" else torch.nn.ReLU(inplace=True)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 300), layer, torch.nn.Linear(300, 300), layer, torch.nn.Linear(300, 3))
+    x, y = torch.randn(600, 20), torch.randint(0, 3, (600,))
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+
+    def closure():
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    def both():
+        direct = ttadapt.averaged_grad(model, closure, other)
+        run = DeferredAverage(model, closure)
+        run.ordinary_grad()
+        return direct, run.averaged_grad(other, seed="current")
+
+    assert kernels.available()
+    fused = both()
+    monkeypatch.setitem(kernels._state, "lib", None)
+    plain = both()
+    for f, p in zip(fused, plain):
+        for name in f:
+            if act == "relu":
+                assert torch.equal(f[name], p[name]), name
+            else:
+                torch.testing.assert_close(f[name], p[name], rtol=1e-5, atol=1e-7)
+
+
+def _status_in_subprocess(tmp_path, **env) -> str:
+    code = "import ttadapt.kernels as k; print(k.available()); print(k.status())"
+    full_env = {**os.environ, "TTADAPT_KERNEL_CACHE": str(tmp_path / "cache"), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@needs_kernels
+def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path):
+    out = _status_in_subprocess(tmp_path)
+    assert out.startswith("True") and "fused CPU kernels in use" in out
+    built = list((tmp_path / "cache").glob("kernels-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "cache").glob(".build-*")), "one library, no half-written files"
+    off = _status_in_subprocess(tmp_path, TTADAPT_FUSED_KERNELS="0")
+    assert off.startswith("False") and "TTADAPT_FUSED_KERNELS=0" in off
+
+
+def test_without_a_compiler_the_torch_ops_run(tmp_path):
+    out = _status_in_subprocess(tmp_path, CC="/nonexistent/cc")
+    assert out.startswith("False") and "no C compiler" in out

@@ -1,0 +1,208 @@
+/* Fused CPU kernels for the averaged gradient's elementwise hot spots (see kernels.py).
+ *
+ * Each kernel does in one pass over memory what the PyTorch fallback does in three to six: on
+ * the CPU those passes are memory-bound, so the saving is mostly in bytes moved.
+ * Results match the fallback's: bit for bit where the fallback is exact (clamp secants, the
+ * AG-1 update, the tanh slope at ub == ua), to a few float32 ulps elsewhere (tanh(d)/d).
+ *
+ * Compiled by kernels.py with -ffp-contract=off (no silent fusing: every rounding below is the
+ * one written, fmaf where one rounding is meant) and -fno-trapping-math (lets the compiler
+ * vectorise the float-to-int conversion of the exponential; no IEEE flag is read anywhere).
+ * NaN and infinity keep IEEE semantics.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define CHUNK 1024 /* elements per unit of work: four float32 arrays of it fit in L1 */
+#define PARALLEL_MIN 131072 /* fewer elements run on one thread (a parallel region costs more) */
+
+/* e^x for finite x in [0, 18], vectorisable: Cephes' expf range reduction and polynomial. */
+static inline float exp_0_18(float x) {
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = fmaf(1.9875691500E-4f, r, 1.3981999507E-3f);
+    p = fmaf(p, r, 8.3334519073E-3f);
+    p = fmaf(p, r, 4.1665795894E-2f);
+    p = fmaf(p, r, 1.6666665459E-1f);
+    p = fmaf(p, r, 5.0000001201E-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    union { float f; int32_t i; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* e^x for x <= 0 (0 at -inf, NaN at NaN): exp_0_18's reduction, valid down to -87; below, the
+ * result (under 1.7e-38) is returned as e^-87. */
+static inline float exp_nonpositive(float x) {
+    return exp_0_18(x > -87.0f ? x : -87.0f);
+}
+
+/* tanh(x)/x for x*x = z and |x| < 0.55: its Taylor series through x^16 (the first omitted
+ * term is below 6e-9 there), by Horner's rule. Exactly 1 at z == 0. */
+static inline float tanh_ratio_series(float z) {
+    float p = fmaf(z, 0.000590027440f, -0.00145583438f);
+    p = fmaf(z, p, 0.00359212803f);
+    p = fmaf(z, p, -0.00886323552f);
+    p = fmaf(z, p, 0.0218694885f);
+    p = fmaf(z, p, -0.0539682540f);
+    p = fmaf(z, p, 0.133333333f);
+    p = fmaf(z, p, -0.333333333f);
+    return fmaf(z, p, 1.0f);
+}
+
+/* tanh(x)/x for any x: the series below 0.55, (e − 1)/((e + 1)|x|) with e = e^{2 min(|x|, 9)}
+ * above (tanh is 1 in float32 beyond 9; no cancellation since e > 3). 0 at ±inf, NaN at NaN. */
+static inline float tanh_ratio(float x) {
+    float a = fabsf(x);
+    float m = a < 9.0f ? a : 9.0f;
+    float e = exp_0_18(2.0f * m);
+    float far = (e - 1.0f) / ((e + 1.0f) * a);
+    return a < 0.55f ? tanh_ratio_series(x * x) : far;
+}
+
+static float max_gap(const float* ua, const float* ub, int64_t n) {
+    float m = 0.0f; /* a NaN gap is skipped here and handled by the NaN rule */
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(ub[i] - ua[i]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* One chunk of the tanh secant; ``close``: every |d| < 0.55 (the usual case), series only. */
+static void tanh_secant_chunk(const float* ua, const float* fa, const float* ub, const float* fb, float* out,
+                              int64_t n, int close) {
+    if (close) {
+#pragma GCC ivdep
+        for (int64_t i = 0; i < n; i++) {
+            float d = ub[i] - ua[i];
+            float t = tanh_ratio_series(d * d);
+            t = t != t ? 1.0f : t;
+            out[i] = fmaf(-fa[i], fb[i], 1.0f) * t;
+        }
+    } else {
+#pragma GCC ivdep
+        for (int64_t i = 0; i < n; i++) {
+            float t = tanh_ratio(ub[i] - ua[i]);
+            t = t != t ? 1.0f : t;
+            out[i] = fmaf(-fa[i], fb[i], 1.0f) * t;
+        }
+    }
+}
+
+/* The tanh secant (tanh(ub) − tanh(ua))/(ub − ua) = (1 − fa·fb)·tanh(d)/d with fa = tanh(ua),
+ * fb = tanh(ub), d = ub − ua. 1 − fa·fb is rounded once, as ATen's tanh_backward rounds 1 − y²,
+ * so that at d == 0 the slope is the derivative bit for bit. Where d is NaN, tanh(d)/d is taken
+ * as 1 (the fallback's nan_to_num). ``out`` may be ``fb``. */
+void tanh_secant_f32(const float* ua, const float* fa, const float* ub, const float* fb, float* out,
+                     int64_t n, int threads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t o = k * CHUNK, m = n - o < CHUNK ? n - o : CHUNK;
+        tanh_secant_chunk(ua + o, fa + o, ub + o, fb + o, out + o, m, max_gap(ua + o, ub + o, m) < 0.55f);
+    }
+}
+
+/* The secant of the clamp f(u) = min(max(u, lo), hi) (ReLU: lo = 0, hi = inf; ReLU6; Hardtanh):
+ * (f(ub) − f(ua))/(ub − ua), exact as the quotient is (slopes 0 and 1 only), and the derivative
+ * [lo < ua < hi] where that is 0/0 (ub == ua, or a NaN or infinite input; an infinite bound
+ * is no bound, as ReLU's derivative is 1 at +inf). ``out`` may be ``ub``. */
+void clamp_secant_f32(const float* ua, const float* ub, float* out, int64_t n, float lo, float hi, int threads) {
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++) {
+            float a = ua[i], b = ub[i];
+            float va = a < lo ? lo : a; /* NaN stays NaN, as torch.clamp keeps it */
+            va = va > hi ? hi : va;
+            float vb = b < lo ? lo : b;
+            vb = vb > hi ? hi : vb;
+            float s = (vb - va) / (b - a);
+            float derivative = ((a > lo) | (lo == -INFINITY)) & ((a < hi) | (hi == INFINITY)) ? 1.0f : 0.0f;
+            out[i] = s != s ? derivative : s;
+        }
+    }
+}
+
+/* The AG-1 update of one tensor: with p holding the forecast θ′, p ← θ − |θ′ − θ|·sign(g)
+ * (sign(0) = 0), and the return value Σ|θ′ − θ| (float within chunks, double across them). */
+double ag1_update_f32(float* p, const float* theta, const float* g, int64_t n, int threads) {
+    double total = 0.0;
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : total)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = start; i < stop; i++) {
+            float step = fabsf(p[i] - theta[i]);
+            float sign = g[i] > 0.0f ? 1.0f : (g[i] < 0.0f ? -1.0f : 0.0f);
+            part += step;
+            p[i] = theta[i] - step * sign;
+        }
+        total += part;
+    }
+    return total;
+}
+
+/* Σ|a − b| (float within chunks, double across them), read-only: AG-2's L1 step lengths. */
+double l1_diff_f32(const float* a, const float* b, int64_t n, int threads) {
+    double total = 0.0;
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : total)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = start; i < stop; i++)
+            part += fabsf(a[i] - b[i]);
+        total += part;
+    }
+    return total;
+}
+
+/* AG-2's rescaled step, with p holding θ″: p ← θ + scale·(θ″ − θ). */
+void ag2_rescale_f32(float* p, const float* theta, float scale, int64_t n, int threads) {
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++)
+            p[i] = theta[i] + scale * (p[i] - theta[i]);
+    }
+}
+
+/* The secant of f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0))) (ELU, SELU, CELU; κ > 0) without
+ * cancellation: with d = ub − ua, R = max(ub, 0) − max(ua, 0), H = d − R, m = min(·, 0),
+ *     (f(ub) − f(ua))/d = s·(R + α·tanh(κH/2)·(e^{κ ma} + e^{κ mb}))/d,
+ * the closed form of activations._exp_linear_secant. 0/0 (NaN) where ub == ua: the caller puts
+ * ATen's derivative there. ``out`` may be ``ub``. */
+void exp_linear_secant_f32(const float* ua, const float* ub, float* out, int64_t n, float alpha, float scale,
+                           float kappa, int threads) {
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++) {
+            float a = ua[i], b = ub[i];
+            float pa = a < 0.0f ? 0.0f : a, pb = b < 0.0f ? 0.0f : b; /* NaN stays NaN */
+            float ma = a > 0.0f ? 0.0f : a, mb = b > 0.0f ? 0.0f : b;
+            float d = b - a;
+            float r = pb - pa;
+            float x = (kappa / 2.0f) * (d - r); /* κH/2 */
+            float ax = fabsf(x);
+            float e2 = exp_0_18(2.0f * (ax < 9.0f ? ax : 9.0f));
+            float far = (e2 - 1.0f) / (e2 + 1.0f);
+            float t = ax < 0.55f ? x * tanh_ratio_series(x * x) : (x < 0.0f ? -far : far); /* tanh(κH/2) */
+            float e = exp_nonpositive(kappa * ma) + exp_nonpositive(kappa * mb);
+            out[i] = scale * ((r + alpha * (t * e)) / d);
+        }
+    }
+}

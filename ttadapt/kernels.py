@@ -1,0 +1,326 @@
+"""Fused CPU kernels for the elementwise hot spots of the averaged gradient (optional).
+
+On the CPU every elementwise PyTorch op is one pass over memory, and the secant slopes and the
+AG-1 update chain four to six of them on tensors that do not fit in cache. The C kernels in
+``_kernels.c`` do each in one pass:
+
+- :func:`tanh_secant`: ``(1 − tanh a·tanh b)·tanh(d)/d``, the closed form of
+  :func:`ttadapt.activations._tanh_secant`;
+- :func:`clamp_secant`: the exact secant of ReLU, ReLU6 and Hardtanh, with the derivative
+  where the inputs tie;
+- :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
+  (:func:`ttadapt.activations._exp_linear_secant`);
+- :func:`ag1_update`: ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|``;
+- :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step.
+
+They are compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/
+``clang``; about a second) into a cache directory (``$TTADAPT_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/ttadapt/kernels`` or ``~/.cache/ttadapt/kernels``) keyed by the source,
+the flags and the compiler, and checked against the PyTorch fallback on a small input once per
+process. Without a compiler, or with ``TTADAPT_FUSED_KERNELS=0``, or for tensors they do not
+cover (not float32, not on the CPU, not laid out alike), every function returns ``None`` and
+the caller runs its PyTorch ops: results agree (bit for bit where the fallback is exact, to a
+few ulps for ``tanh(d)/d``), only speed differs. :func:`status` says which is in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .rare import _flat
+
+__all__ = ["available", "status", "tanh_secant", "clamp_secant", "exp_linear_secant", "ag1_update", "l1_diff", "ag2_rescale"]
+
+_SOURCE = Path(__file__).with_name("_kernels.c")
+_COMMON = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_P, _N, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": ctypes.CDLL | None, "why": str (after the first call)
+
+
+def _enabled_by_env() -> bool:
+    return os.environ.get("TTADAPT_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    given = os.environ.get("CC")
+    if given:
+        return shutil.which(given.split()[0]) and given
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    given = os.environ.get("TTADAPT_KERNEL_CACHE")
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ttadapt" / "kernels"
+
+
+def _flag_sets() -> list[list[str]]:
+    """Flags to try, best first: tuned for this CPU with OpenMP threads (only where PyTorch
+    itself runs on OpenMP on Linux, so that the already loaded runtime is shared), tuned without
+    threads, portable."""
+    native = ["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    sets = []
+    if sys.platform.startswith("linux") and torch._C.has_openmp:
+        sets.append(native + ["-fopenmp"])
+    sets += [native, []]
+    return sets
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc.split(), *_COMMON, *flags, str(_SOURCE), "-o", tmp, "-lm"],
+                              capture_output=True, timeout=120)
+        if done.returncode != 0:
+            return False
+        os.replace(tmp, target)  # atomic: another process never loads a half-written library
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
+    try:
+        version = subprocess.run([*cc.split(), "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C compiler {cc!r} does not run ({e})"
+    source = _SOURCE.read_bytes()
+    for flags in _flag_sets():
+        key = hashlib.sha256(b"\0".join([source, version, " ".join(_COMMON + flags).encode(),
+                                         platform.machine().encode(), torch.__version__.encode()])).hexdigest()[:16]
+        target = _cache_dir() / f"kernels-{key}.so"
+        if not target.exists() and not _compile(cc, flags, target):
+            continue
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:
+            continue
+        lib.tanh_secant_f32.argtypes = [_P, _P, _P, _P, _P, _N, _I]
+        lib.tanh_secant_f32.restype = None
+        lib.clamp_secant_f32.argtypes = [_P, _P, _P, _N, _F, _F, _I]
+        lib.clamp_secant_f32.restype = None
+        lib.ag1_update_f32.argtypes = [_P, _P, _P, _N, _I]
+        lib.ag1_update_f32.restype = ctypes.c_double
+        lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _N, _F, _F, _F, _I]
+        lib.exp_linear_secant_f32.restype = None
+        lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
+        lib.l1_diff_f32.restype = ctypes.c_double
+        lib.ag2_rescale_f32.argtypes = [_P, _P, _F, _N, _I]
+        lib.ag2_rescale_f32.restype = None
+        return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
+    return None, f"the fused CPU kernels did not compile with {cc!r}"
+
+
+def _library() -> ctypes.CDLL | None:
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib: ctypes.CDLL | None = None
+        if not _enabled_by_env():
+            why = "fused CPU kernels off (TTADAPT_FUSED_KERNELS=0); PyTorch ops in use"
+        elif (cc := _compiler()) is None:
+            why = "no C compiler found ($CC, cc, gcc, clang); PyTorch ops in use (slower on the CPU)"
+        else:
+            lib, why = _load(cc)
+            if lib is None:
+                warnings.warn(f"ttadapt: {why}; using PyTorch ops instead (slower on the CPU)", RuntimeWarning, stacklevel=3)
+            else:
+                _state["lib"] = lib
+                problem = _self_test()
+                if problem is not None:
+                    lib, why = None, f"fused CPU kernels disagree with PyTorch ({problem}); PyTorch ops in use"
+                    warnings.warn(f"ttadapt: {why}", RuntimeWarning, stacklevel=3)
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def available() -> bool:
+    """Whether the fused kernels are compiled and in use (compiles them on the first call)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """One line: the fused kernels in use and where, or why the PyTorch ops run instead."""
+    _library()
+    return str(_state["why"])
+
+
+def _dense(*tensors: Tensor) -> bool:
+    """All float32 on the CPU, of one shape and one dense memory layout (the kernels walk them
+    as one array each, in memory order)."""
+    first = tensors[0]
+    if not first.is_cpu or first.dtype != torch.float32 or first.numel() == 0:
+        return False
+    if not all(t.is_cpu and t.dtype == torch.float32 for t in tensors):
+        return False
+    shape = first.shape
+    if all(t.shape == shape and t.is_contiguous() for t in tensors):  # the common case, checked fast
+        return True
+    return all(_flat(t, first) is not None for t in tensors)
+
+
+def _out(like: Tensor, out: Tensor | None) -> Tensor | None:
+    if out is None:
+        return torch.empty_like(like)
+    return out if _dense(like, out) else None
+
+
+def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """The tanh secant slope from ``ua``, ``fa = tanh(ua)``, ``ub``, ``fb = tanh(ub)`` into
+    ``out`` (new memory if None; may be ``fb``), or None where the kernel does not apply."""
+    lib = _library()
+    if lib is None or not _dense(ua, fa, ub, fb):
+        return None
+    result = _out(ua, out)
+    if result is None:
+        return None
+    lib.tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), fb.data_ptr(), result.data_ptr(), ua.numel(),
+                        torch.get_num_threads())
+    torch.autograd.graph.increment_version(result)
+    return result
+
+
+def _clamp_derivative(u: Tensor, lo: float, hi: float) -> Tensor:
+    """``[lo < u < hi]`` as ATen's ReLU / ReLU6 / Hardtanh backward have it (an infinite bound
+    is no bound: ReLU's derivative is 1 at +inf)."""
+    inside = (u > lo) if lo != -math.inf else torch.ones_like(u, dtype=torch.bool)
+    if hi != math.inf:
+        inside &= u < hi
+    return inside.to(u.dtype)
+
+
+def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | None = None) -> Tensor | None:
+    """The secant slope of ``clamp(u, lo, hi)`` between ``ua`` and ``ub`` (the derivative
+    ``[lo < ua < hi]`` where they tie, see :func:`_clamp_derivative`), or None where the kernel
+    does not apply."""
+    lib = _library()
+    if lib is None or not _dense(ua, ub):
+        return None
+    result = _out(ua, out)
+    if result is None:
+        return None
+    lib.clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), result.data_ptr(), ua.numel(), float(lo), float(hi),
+                         torch.get_num_threads())
+    torch.autograd.graph.increment_version(result)
+    return result
+
+
+def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float,
+                      out: Tensor | None = None) -> Tensor | None:
+    """The secant slope of ``s·(max(u, 0) + α·expm1(κ·min(u, 0)))`` (ELU, SELU, CELU) between
+    ``ua`` and ``ub``, NaN where they tie (the caller puts the derivative there), or None where
+    the kernel does not apply (also for κ ≤ 0 or non-finite settings)."""
+    lib = _library()
+    if lib is None or not (kappa > 0 and math.isfinite(kappa) and math.isfinite(alpha) and math.isfinite(scale)):
+        return None
+    if not _dense(ua, ub):
+        return None
+    result = _out(ua, out)
+    if result is None:
+        return None
+    lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), result.data_ptr(), ua.numel(), float(alpha), float(scale),
+                              float(kappa), torch.get_num_threads())
+    torch.autograd.graph.increment_version(result)
+    return result
+
+
+def ag1_update(p: Tensor, theta: Tensor, g: Tensor) -> float | None:
+    """With ``p`` holding θ′: ``p ← θ − |θ′ − θ|·sign(g)`` in place, returning ``Σ|θ′ − θ|``
+    (float64 sum), or None (``p`` untouched) where the kernel does not apply."""
+    lib = _library()
+    if lib is None or not _dense(p, theta, g):
+        return None
+    total = lib.ag1_update_f32(p.data_ptr(), theta.data_ptr(), g.data_ptr(), p.numel(), torch.get_num_threads())
+    torch.autograd.graph.increment_version(p)
+    return float(total)
+
+
+def l1_diff(a: Tensor, b: Tensor) -> float | None:
+    """``Σ|a − b|`` in one read-only pass (float64 across chunks), or None where the kernel does
+    not apply."""
+    lib = _library()
+    if lib is None or not _dense(a, b):
+        return None
+    return float(lib.l1_diff_f32(a.data_ptr(), b.data_ptr(), a.numel(), torch.get_num_threads()))
+
+
+def ag2_rescale(p: Tensor, theta: Tensor, scale: float) -> bool:
+    """With ``p`` holding θ″: ``p ← θ + scale·(θ″ − θ)`` in place; False (``p`` untouched) where
+    the kernel does not apply."""
+    lib = _library()
+    if lib is None or not _dense(p, theta):
+        return False
+    lib.ag2_rescale_f32(p.data_ptr(), theta.data_ptr(), float(scale), p.numel(), torch.get_num_threads())
+    torch.autograd.graph.increment_version(p)
+    return True
+
+
+def _self_test() -> str | None:
+    """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
+    branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
+    disagrees, or None."""
+    from .activations import _exp_linear_secant, _exp_linear_secant_torch, _tanh_secant_torch  # (imported late: no cycle)
+
+    g = torch.Generator().manual_seed(0)
+    ua = torch.randn(1000, generator=g) * 3
+    ub = ua + torch.randn(1000, generator=g) * torch.tensor([1e-4, 0.3, 3.0]).repeat_interleave(334)[:1000]
+    ub[::7] = ua[::7]
+    ua[5], ub[11] = float("nan"), float("inf")
+    fa, fb = ua.tanh(), ub.tanh()
+    got = tanh_secant(ua, fa, ub, fb)
+    want = _tanh_secant_torch(ua, fa, ub, fb)
+    if got is None or not torch.allclose(got, want, rtol=2e-6, atol=1e-7, equal_nan=True) or not torch.equal(got[::7][1:], want[::7][1:]):
+        return "tanh secant"
+    for lo, hi in ((0.0, float("inf")), (-1.0, 1.0)):
+        got = clamp_secant(ua, ub, lo, hi)
+        quotient = (ub.clamp(lo, hi) - ua.clamp(lo, hi)) / (ub - ua)
+        want = torch.where(quotient.isnan(), _clamp_derivative(ua, lo, hi), quotient)
+        if got is None or not torch.equal(got, want):
+            return "clamp secant"
+    for alpha, scale, kappa in ((1.0, 1.0, 1.0), (1.6732632, 1.0507010, 1.0), (2.0, 1.0, 0.5)):
+        got = _exp_linear_secant(ua, ub.clone(), True, None, False, alpha, scale, kappa)  # the kernel, ties filled
+        want = _exp_linear_secant_torch(ua, ub.clone(), True, None, False, alpha, scale, kappa)
+        if not torch.allclose(got, want, rtol=2e-6, atol=1e-7, equal_nan=True):
+            return "exp-linear secant"
+    theta, p, grad = ua.nan_to_num(0.0), ub.nan_to_num(0.0, 0.0), torch.randn(1000, generator=g).relu_()
+    want_p = theta - (p - theta).abs() * grad.sign()
+    want_l1 = float((p - theta).abs().double().sum())
+    l1 = ag1_update(p, theta, grad)
+    if l1 is None or not torch.equal(p, want_p) or abs(l1 - want_l1) > 1e-6 * max(1.0, want_l1):
+        return "AG-1 update"
+    l1 = l1_diff(ub.nan_to_num(0.0, 0.0), theta)
+    if l1 is None or abs(l1 - want_l1) > 1e-6 * max(1.0, want_l1):
+        return "L1 length"
+    p = ub.nan_to_num(0.0, 0.0)
+    want_p = theta + 0.37 * (p - theta)
+    if not ag2_rescale(p, theta, 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
+        return "AG-2 rescale"
+    return None
