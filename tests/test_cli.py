@@ -26,6 +26,7 @@ def test_activations_lists_the_registry():
     assert result.exit_code == 0
     for name in ("relu", "gelu", "prelu", "hardswish", "tanhshrink"):
         assert name in result.output
+    assert "CPU secants: " in result.output  # whether the fused kernels are in use, and why not
 
 
 def test_inspect_a_torchvision_model():

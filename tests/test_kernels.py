@@ -230,9 +230,9 @@ def test_averaged_gradient_is_the_same_with_and_without_the_kernels(act, monkeyp
 def _status_in_subprocess(tmp_path, **env) -> str:
     code = "import ttadapt.kernels as k; print(k.available()); print(k.status())"
     full_env = {**os.environ, "TTADAPT_KERNEL_CACHE": str(tmp_path / "cache"), **env}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+    return done.stdout if done.returncode == 0 else done.stderr
 
 
 @needs_kernels
@@ -248,3 +248,15 @@ def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path):
 def test_without_a_compiler_the_torch_ops_run(tmp_path):
     out = _status_in_subprocess(tmp_path, CC="/nonexistent/cc")
     assert out.startswith("False") and "no C compiler" in out
+
+
+@needs_kernels
+def test_an_unwritable_cache_falls_back_with_a_warning(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = _status_in_subprocess(tmp_path, TTADAPT_KERNEL_CACHE=str(blocker / "cache"))
+    assert "RuntimeWarning: ttadapt: the fused CPU kernels did not compile" in out  # -W error: the warning, raised
+    done = subprocess.run([sys.executable, "-c", "import ttadapt.kernels as k; print(k.available()); print(k.status())"],
+                          capture_output=True, text=True, env={**os.environ, "TTADAPT_KERNEL_CACHE": str(blocker / "cache")},
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("False") and "PyTorch ops in use" in done.stdout

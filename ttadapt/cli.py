@@ -64,6 +64,9 @@ def activations() -> None:
     for cls, entry in registered_module_activations().items():
         table.add_row(entry.name, f"{cls.__module__}.{cls.__qualname__} (whole module call)", "—")
     console.print(table)
+    from . import kernels
+
+    console.print(f"CPU secants: {kernels.status()}", soft_wrap=True)
 
 
 def _form_name(func) -> str:

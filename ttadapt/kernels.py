@@ -88,9 +88,12 @@ def _flag_sets() -> list[list[str]]:
 
 
 def _compile(cc: str, flags: list[str], target: Path) -> bool:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
+        os.close(fd)
+    except OSError:  # the cache directory cannot be written
+        return False
     try:
         done = subprocess.run([*cc.split(), *_COMMON, *flags, str(_SOURCE), "-o", tmp, "-lm"],
                               capture_output=True, timeout=120)
@@ -134,7 +137,7 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.ag2_rescale_f32.argtypes = [_P, _P, _F, _N, _I]
         lib.ag2_rescale_f32.restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
-    return None, f"the fused CPU kernels did not compile with {cc!r}"
+    return None, f"the fused CPU kernels did not compile with {cc!r} into {_cache_dir()}"
 
 
 def _library() -> ctypes.CDLL | None:
@@ -152,6 +155,7 @@ def _library() -> ctypes.CDLL | None:
             lib, why = _load(cc)
             if lib is None:
                 warnings.warn(f"ttadapt: {why}; using PyTorch ops instead (slower on the CPU)", RuntimeWarning, stacklevel=3)
+                why += "; PyTorch ops in use (slower on the CPU)"
             else:
                 _state["lib"] = lib
                 problem = _self_test()
