@@ -1,6 +1,6 @@
 """The fused CPU kernels (ttadapt.kernels) against independent references: float64 formulas,
 ATen's own derivative, and the PyTorch ops they replace (which must agree: the kernels change
-speed, not results). Sizes cross the kernels' chunk (1,024 elements) and threading (131,072)
+speed, not results). Sizes cross the kernels' chunk (1,024 elements) and threading (16,384)
 boundaries and leave ragged tails."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ttadapt.rare import _fill_exact_ties
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler: the fused kernels cannot be built")
 
-SIZES = [5, 1024 + 7, 300_001]  # a tail only, one chunk and a tail, threaded with a tail
+SIZES = [5, 1024 + 7, 300_001]  # a tail only; one chunk and a tail; threaded, with a tail
 
 
 def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 #define CHUNK 1024 /* elements per unit of work: four float32 arrays of it fit in L1 */
-#define PARALLEL_MIN 131072 /* fewer elements run on one thread (a parallel region costs more) */
+#define PARALLEL_MIN 16384 /* fewer elements run on one thread (a parallel region costs more) */
 
 /* e^x for finite x in [0, 18], vectorisable: Cephes' expf range reduction and polynomial. */
 static inline float exp_0_18(float x) {

@@ -48,6 +48,7 @@ __all__ = ["available", "status", "tanh_secant", "clamp_secant", "exp_linear_sec
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _COMMON = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 _P, _N, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_F32 = torch.float32
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None, "why": str (after the first call)
@@ -181,17 +182,21 @@ def _dense(*tensors: Tensor) -> bool:
     """All float32 on the CPU, of one shape and one dense memory layout (the kernels walk them
     as one array each, in memory order)."""
     first = tensors[0]
-    if not first.is_cpu or first.dtype != torch.float32 or first.numel() == 0:
-        return False
-    if not all(t.is_cpu and t.dtype == torch.float32 for t in tensors):
+    if first.numel() == 0:
         return False
     shape = first.shape
-    if all(t.shape == shape and t.is_contiguous() for t in tensors):  # the common case, checked fast
-        return True
-    return all(_flat(t, first) is not None for t in tensors)
+    contiguous = True
+    for t in tensors:  # a plain loop: this runs per site, and a site's whole budget is ~100 µs
+        if t.dtype is not _F32 or not t.is_cpu or t.shape != shape:
+            return False
+        contiguous = contiguous and t.is_contiguous()
+    return contiguous or all(_flat(t, first) is not None for t in tensors)
 
 
 def _out(like: Tensor, out: Tensor | None) -> Tensor | None:
+    """Where a secant goes: new memory, or ``out`` when laid out like ``like``. The secants leave
+    version counters alone: their ``out`` is new or memory the engine alone holds (a kept input
+    or output of the pass at `other`), which no autograd graph has saved."""
     if out is None:
         return torch.empty_like(like)
     return out if _dense(like, out) else None
@@ -208,7 +213,6 @@ def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, out: Tensor | No
         return None
     lib.tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), fb.data_ptr(), result.data_ptr(), ua.numel(),
                         torch.get_num_threads())
-    torch.autograd.graph.increment_version(result)
     return result
 
 
@@ -233,7 +237,6 @@ def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | Non
         return None
     lib.clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), result.data_ptr(), ua.numel(), float(lo), float(hi),
                          torch.get_num_threads())
-    torch.autograd.graph.increment_version(result)
     return result
 
 
@@ -252,7 +255,6 @@ def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa:
         return None
     lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), result.data_ptr(), ua.numel(), float(alpha), float(scale),
                               float(kappa), torch.get_num_threads())
-    torch.autograd.graph.increment_version(result)
     return result
 
 
