@@ -103,6 +103,9 @@ def test_clamp_secant_kernel_is_the_exact_quotient_bit_for_bit(n, lo, hi):
     # in place over ub (the engine's owned copy)
     b = ub.clone()
     assert kernels.clamp_secant(ua, b, lo, hi, out=b) is b and torch.equal(b, want)
+    # the deferred backward's g ⊙ slope in the same pass
+    grad = torch.randn(n)
+    assert torch.equal(kernels.clamp_secant(ua, ub, lo, hi, grad=grad), grad * want)
 
 
 @needs_kernels

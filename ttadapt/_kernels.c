@@ -109,22 +109,33 @@ void tanh_secant_f32(const float* ua, const float* fa, const float* ub, const fl
 /* The secant of the clamp f(u) = min(max(u, lo), hi) (ReLU: lo = 0, hi = inf; ReLU6; Hardtanh):
  * (f(ub) − f(ua))/(ub − ua), exact as the quotient is (slopes 0 and 1 only), and the derivative
  * [lo < ua < hi] where that is 0/0 (ub == ua, or a NaN or infinite input; an infinite bound
- * is no bound, as ReLU's derivative is 1 at +inf). ``out`` may be ``ub``. */
-void clamp_secant_f32(const float* ua, const float* ub, float* out, int64_t n, float lo, float hi, int threads) {
+ * is no bound, as ReLU's derivative is 1 at +inf). With ``grad`` (not NULL) it writes
+ * grad·slope instead: the averaged backward of the site in the same pass. ``out`` may be
+ * ``ub`` or ``grad``. */
+static inline float clamp_slope(float a, float b, float lo, float hi) {
+    float va = a < lo ? lo : a; /* NaN stays NaN, as torch.clamp keeps it */
+    va = va > hi ? hi : va;
+    float vb = b < lo ? lo : b;
+    vb = vb > hi ? hi : vb;
+    float s = (vb - va) / (b - a);
+    float derivative = ((a > lo) | (lo == -INFINITY)) & ((a < hi) | (hi == INFINITY)) ? 1.0f : 0.0f;
+    return s != s ? derivative : s;
+}
+
+void clamp_secant_f32(const float* ua, const float* ub, const float* grad, float* out, int64_t n, float lo, float hi,
+                      int threads) {
     int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+        if (grad) {
 #pragma GCC ivdep
-        for (int64_t i = start; i < stop; i++) {
-            float a = ua[i], b = ub[i];
-            float va = a < lo ? lo : a; /* NaN stays NaN, as torch.clamp keeps it */
-            va = va > hi ? hi : va;
-            float vb = b < lo ? lo : b;
-            vb = vb > hi ? hi : vb;
-            float s = (vb - va) / (b - a);
-            float derivative = ((a > lo) | (lo == -INFINITY)) & ((a < hi) | (hi == INFINITY)) ? 1.0f : 0.0f;
-            out[i] = s != s ? derivative : s;
+            for (int64_t i = start; i < stop; i++)
+                out[i] = grad[i] * clamp_slope(ua[i], ub[i], lo, hi);
+        } else {
+#pragma GCC ivdep
+            for (int64_t i = start; i < stop; i++)
+                out[i] = clamp_slope(ua[i], ub[i], lo, hi);
         }
     }
 }

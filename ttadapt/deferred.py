@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from . import kernels
 from .activations import _prelu_weight
 from .rare import _fill_exact_ties
 from .secant import _affine_grads, _compute_dtype, _fused_clamp_secant, _prelu_slopes, secant_slope
@@ -100,6 +101,10 @@ class DeferredActivation(Function):
             if vjp is not None and grad.dtype == ua.dtype:
                 return (vjp(grad, ua, _output(ctx, fn, ua)),) + none
             return (grad * derivative(ua).to(grad.dtype),) + none
+        if isinstance(exact, tuple) and grad.dtype == ua.dtype:  # a clamp: g ⊙ secant in one fused CPU pass
+            fused = kernels.clamp_secant(ua, slot.ub, *exact, grad=grad)
+            if fused is not None:
+                return (fused,) + none
         slope = activation_slope(fn, derivative, ua, _output(ctx, fn, ua), slot.ub, exact, closed_form, slot.fb)
         return (grad * slope,) + none
 

@@ -127,7 +127,7 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
             continue
         lib.tanh_secant_f32.argtypes = [_P, _P, _P, _P, _P, _N, _I]
         lib.tanh_secant_f32.restype = None
-        lib.clamp_secant_f32.argtypes = [_P, _P, _P, _N, _F, _F, _I]
+        lib.clamp_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _I]
         lib.clamp_secant_f32.restype = None
         lib.ag1_update_f32.argtypes = [_P, _P, _P, _N, _I]
         lib.ag1_update_f32.restype = ctypes.c_double
@@ -225,18 +225,20 @@ def _clamp_derivative(u: Tensor, lo: float, hi: float) -> Tensor:
     return inside.to(u.dtype)
 
 
-def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | None = None) -> Tensor | None:
+def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | None = None,
+                 grad: Tensor | None = None) -> Tensor | None:
     """The secant slope of ``clamp(u, lo, hi)`` between ``ua`` and ``ub`` (the derivative
-    ``[lo < ua < hi]`` where they tie, see :func:`_clamp_derivative`), or None where the kernel
+    ``[lo < ua < hi]`` where they tie, see :func:`_clamp_derivative`) — or, given ``grad``,
+    ``grad ⊙ slope`` in the same pass (the site's averaged backward) — or None where the kernel
     does not apply."""
     lib = _library()
-    if lib is None or not _dense(ua, ub):
+    if lib is None or not (_dense(ua, ub) if grad is None else _dense(ua, ub, grad)):
         return None
     result = _out(ua, out)
     if result is None:
         return None
-    lib.clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), result.data_ptr(), ua.numel(), float(lo), float(hi),
-                         torch.get_num_threads())
+    lib.clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), None if grad is None else grad.data_ptr(), result.data_ptr(),
+                         ua.numel(), float(lo), float(hi), torch.get_num_threads())
     return result
 
 
