@@ -5,8 +5,10 @@
 One site of the graph pass (the forward of ``SecantActivation``: the model's own call plus the
 secant slope towards the other state's input) next to the plain call of the same activation
 (an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU, LeakyReLU,
-tanh and sigmoid (their closed forms) and, for comparison, ELU, LeakyReLU and sigmoid through
-the generic quotient with its close-inputs rule, in three situations:
+tanh and sigmoid (their closed forms; ReLU, ELU and tanh as fused CPU kernels where
+:mod:`ttadapt.kernels` is in use, and again as PyTorch operations) and, for comparison, ELU,
+LeakyReLU and sigmoid through the generic quotient with its close-inputs rule, in three
+situations:
 
 * ``apart`` — every input moved (no ties, no close pairs);
 * ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
@@ -30,18 +32,23 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _alloc import keep_freed_memory  # noqa: E402
 
+from ttadapt import kernels  # noqa: E402
 from ttadapt.activations import lookup_call  # noqa: E402
 from ttadapt.secant import averaged_activation_output  # noqa: E402
 
+# label: (function, the model's call, in place, generic quotient, fused CPU kernels allowed)
 CASES = {
-    "relu (in place)": (F.relu, lambda u: F.relu(u, inplace=True), True, False),
-    "elu": (F.elu, F.elu, False, False),
-    "elu, generic quotient": (F.elu, F.elu, False, True),
-    "leaky_relu": (F.leaky_relu, F.leaky_relu, False, False),
-    "leaky_relu, generic quotient": (F.leaky_relu, F.leaky_relu, False, True),
-    "tanh": (torch.tanh, torch.tanh, False, False),
-    "sigmoid": (torch.sigmoid, torch.sigmoid, False, False),
-    "sigmoid, generic quotient": (torch.sigmoid, torch.sigmoid, False, True),
+    "relu (in place)": (F.relu, lambda u: F.relu(u, inplace=True), True, False, True),
+    "relu (in place), PyTorch ops": (F.relu, lambda u: F.relu(u, inplace=True), True, False, False),
+    "elu": (F.elu, F.elu, False, False, True),
+    "elu, PyTorch ops": (F.elu, F.elu, False, False, False),
+    "elu, generic quotient": (F.elu, F.elu, False, True, False),
+    "leaky_relu": (F.leaky_relu, F.leaky_relu, False, False, True),
+    "leaky_relu, generic quotient": (F.leaky_relu, F.leaky_relu, False, True, False),
+    "tanh": (torch.tanh, torch.tanh, False, False, True),
+    "tanh, PyTorch ops": (torch.tanh, torch.tanh, False, False, False),
+    "sigmoid": (torch.sigmoid, torch.sigmoid, False, False, True),
+    "sigmoid, generic quotient": (torch.sigmoid, torch.sigmoid, False, True, False),
 }
 
 
@@ -79,12 +86,16 @@ def main() -> None:
     print(f"# site_cost — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"input {'×'.join(map(str, shape))} float32, freed memory kept: {cached}")
     print()
+    lib = kernels._library()
+    print(f"(fused CPU kernels: {kernels.status()})")
+    print()
     print("| activation | plain call | averaged: apart | averaged: 2 ties | averaged: 1% close |")
     print("|---|---|---|---|---|")
     torch.manual_seed(0)
     base = torch.randn(shape)
     scale = torch.ones((), requires_grad=True)
-    for label, (fn, call, inplace, generic) in CASES.items():
+    for label, (fn, call, inplace, generic, fused) in CASES.items():
+        kernels._state["lib"] = lib if fused else None
         act = lookup_call(fn)[0]
         if generic:
             act = dataclasses.replace(act, secant=None)
