@@ -16,7 +16,7 @@ AG-1 update chain four to six of them on tensors that do not fit in cache. The C
 They are compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; about a second) into a cache directory (``$TTADAPT_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/ttadapt/kernels`` or ``~/.cache/ttadapt/kernels``) keyed by the source,
-the flags and the compiler, and checked against the PyTorch fallback on a small input once per
+the flags, the compiler and the CPU, and checked against the PyTorch fallback on a small input once per
 process. Without a compiler, or with ``TTADAPT_FUSED_KERNELS=0``, or for tensors they do not
 cover (not float32, not on the CPU, not laid out alike), every function returns ``None`` and
 the caller runs its PyTorch ops: results agree (bit for bit where the fallback is exact, to a
@@ -76,6 +76,18 @@ def _cache_dir() -> Path:
     return Path(base) / "ttadapt" / "kernels"
 
 
+def _cpu_id() -> bytes:
+    """What the tuned build depends on: the CPU's model and instruction-set flags (a cache shared
+    between machines, say a home directory on NFS, must not hand one machine's -march=native
+    build to another: unknown instructions would kill the process)."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            lines = [line for line in f.read().splitlines() if line.startswith((b"model name", b"flags", b"Features"))]
+        return b"\n".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}".encode()
+
+
 def _flag_sets() -> list[list[str]]:
     """Flags to try, best first: tuned for this CPU with OpenMP threads (only where PyTorch
     itself runs on OpenMP on Linux, so that the already loaded runtime is shared), tuned without
@@ -115,9 +127,10 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"the C compiler {cc!r} does not run ({e})"
     source = _SOURCE.read_bytes()
+    cpu = _cpu_id()
     for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([source, version, " ".join(_COMMON + flags).encode(),
-                                         platform.machine().encode(), torch.__version__.encode()])).hexdigest()[:16]
+                                         platform.machine().encode(), cpu, torch.__version__.encode()])).hexdigest()[:16]
         target = _cache_dir() / f"kernels-{key}.so"
         if not target.exists() and not _compile(cc, flags, target):
             continue
