@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,20 @@ def test_an_unwritable_cache_falls_back_with_a_warning(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "TTADAPT_KERNEL_CACHE": str(blocker / "cache")},
                           timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("False") and "PyTorch ops in use" in done.stdout
+
+
+@needs_kernels
+def test_a_kernel_that_disagrees_with_pytorch_is_not_used(tmp_path):
+    """The self-test at load: a build whose clamp secant forgets the derivative at ties is
+    refused with a warning, and the PyTorch ops run."""
+    source = (Path(kernels.__file__).with_name("_kernels.c")).read_text()
+    broken = source.replace("return s != s ? derivative : s;", "return s;")
+    assert broken != source
+    (tmp_path / "_kernels.c").write_text(broken)
+    code = ("import warnings, pathlib, ttadapt.kernels as k; k._SOURCE = pathlib.Path(r'%s');\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); print(k.available(), k.status(), [str(x.message) for x in w])") % (tmp_path / "_kernels.c")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TTADAPT_KERNEL_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False") and "disagree with PyTorch (clamp secant)" in done.stdout

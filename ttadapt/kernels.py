@@ -1,7 +1,7 @@
 """Fused CPU kernels for the elementwise hot spots of the averaged gradient (optional).
 
 On the CPU every elementwise PyTorch op is one pass over memory, and the secant slopes and the
-AG-1 update chain four to six of them on tensors that do not fit in cache. The C kernels in
+AG-1 update chain three to six of them on tensors that do not fit in cache. The C kernels in
 ``_kernels.c`` do each in one pass:
 
 - :func:`tanh_secant`: ``(1 − tanh a·tanh b)·tanh(d)/d``, the closed form of
@@ -15,9 +15,9 @@ AG-1 update chain four to six of them on tensors that do not fit in cache. The C
 
 They are compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; about a second) into a cache directory (``$TTADAPT_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/ttadapt/kernels`` or ``~/.cache/ttadapt/kernels``) keyed by the source,
-the flags, the compiler and the CPU, and checked against the PyTorch fallback on a small input once per
-process. Without a compiler, or with ``TTADAPT_FUSED_KERNELS=0``, or for tensors they do not
+``$XDG_CACHE_HOME/ttadapt/kernels`` or ``~/.cache/ttadapt/kernels``) keyed by the source, the
+flags, the compiler and the CPU, and checked against the PyTorch fallback on a small input once
+per process. Without a compiler, or with ``TTADAPT_FUSED_KERNELS=0``, or for tensors they do not
 cover (not float32, not on the CPU, not laid out alike), every function returns ``None`` and
 the caller runs its PyTorch ops: results agree (bit for bit where the fallback is exact, to a
 few ulps for ``tanh(d)/d``), only speed differs. :func:`status` says which is in use.
@@ -52,6 +52,7 @@ _F32 = torch.float32
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None, "why": str (after the first call)
+_testing = threading.local()  # .lib: the library under its self-test, seen by the testing thread only
 
 
 def _enabled_by_env() -> bool:
@@ -157,6 +158,9 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
 def _library() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
+    testing = getattr(_testing, "lib", None)
+    if testing is not None:
+        return testing
     with _lock:
         if "lib" in _state:
             return _state["lib"]  # type: ignore[return-value]
@@ -171,8 +175,11 @@ def _library() -> ctypes.CDLL | None:
                 warnings.warn(f"ttadapt: {why}; using PyTorch ops instead (slower on the CPU)", RuntimeWarning, stacklevel=3)
                 why += "; PyTorch ops in use (slower on the CPU)"
             else:
-                _state["lib"] = lib
-                problem = _self_test()
+                _testing.lib = lib  # other threads wait at the lock until the self-test is done
+                try:
+                    problem = _self_test()
+                finally:
+                    _testing.lib = None
                 if problem is not None:
                     lib, why = None, f"fused CPU kernels disagree with PyTorch ({problem}); PyTorch ops in use"
                     warnings.warn(f"ttadapt: {why}", RuntimeWarning, stacklevel=3)
