@@ -148,17 +148,22 @@ def test_exp_linear_secant_kernel_matches_float64_and_the_torch_ops(n, alpha, sc
     assert kernels.exp_linear_secant(ua, ub, alpha, scale, -kappa) is None, "κ ≤ 0: the PyTorch ops"
 
 
+def _theta_and_step(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, torch.Generator]:
+    """θ, a point 1e-3 away and their L1 distance in float64."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, generator=g)
+    moved = theta + 1e-3 * torch.randn(n, generator=g)
+    return theta, moved, float((moved - theta).abs().double().sum()), g
+
+
 @needs_kernels
 @pytest.mark.parametrize("n", SIZES)
 def test_ag1_update_kernel_matches_the_formula(n):
-    g = torch.Generator().manual_seed(4)
-    theta = torch.randn(n, generator=g)
-    forecast = theta + 1e-3 * torch.randn(n, generator=g)
+    theta, forecast, want_l1, g = _theta_and_step(n, 4)
     grad = torch.randn(n, generator=g)
     grad[::3] = 0.0  # sign 0: the coordinate keeps θ
     grad[1::7] = -0.0
     want = theta - (forecast - theta).abs() * grad.sign()
-    want_l1 = float((forecast - theta).abs().double().sum())
     p = forecast.clone()
     l1 = kernels.ag1_update(p, theta, grad)
     assert torch.equal(p, want)
@@ -169,10 +174,7 @@ def test_ag1_update_kernel_matches_the_formula(n):
 @needs_kernels
 @pytest.mark.parametrize("n", SIZES)
 def test_ag2_kernels_match_the_formulas(n):
-    g = torch.Generator().manual_seed(7)
-    theta = torch.randn(n, generator=g)
-    dry = theta + 1e-3 * torch.randn(n, generator=g)
-    want_l1 = float((dry - theta).abs().double().sum())
+    theta, dry, want_l1, _ = _theta_and_step(n, 7)
     assert abs(kernels.l1_diff(dry, theta) - want_l1) <= 1e-6 * want_l1
     p = dry.clone()
     assert kernels.ag2_rescale(p, theta, 0.37)

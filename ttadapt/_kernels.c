@@ -11,6 +11,7 @@
  * NaN and infinity keep IEEE semantics.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define CHUNK 1024 /* elements per unit of work: four float32 arrays of it fit in L1 */
@@ -140,15 +141,10 @@ void clamp_secant_f32(const float* ua, const float* ub, const float* grad, float
     }
 }
 
-/* The AG-1 update of one tensor: with p holding the forecast θ′, p ← θ − |θ′ − θ|·sign(g)
- * (sign(0) = 0), and the return value Σ|θ′ − θ| (float within chunks, double across them). */
-double ag1_update_f32(float* p, const float* theta, const float* g, int64_t n, int threads) {
-    double total = 0.0;
-    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : total)
-    for (int64_t k = 0; k < chunks; k++) {
-        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
-        float part = 0.0f;
+/* Σ|p − θ| over [start, stop) in float; with g (not NULL) also p ← θ − |p − θ|·sign(g), sign(0) = 0. */
+static float abs_diff_chunk(float* p, const float* theta, const float* g, int64_t start, int64_t stop) {
+    float part = 0.0f;
+    if (g) {
 #pragma omp simd reduction(+ : part)
         for (int64_t i = start; i < stop; i++) {
             float step = fabsf(p[i] - theta[i]);
@@ -156,25 +152,35 @@ double ag1_update_f32(float* p, const float* theta, const float* g, int64_t n, i
             part += step;
             p[i] = theta[i] - step * sign;
         }
-        total += part;
+    } else {
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = start; i < stop; i++)
+            part += fabsf(p[i] - theta[i]);
     }
-    return total;
+    return part;
 }
 
-/* Σ|a − b| (float within chunks, double across them), read-only: AG-2's L1 step lengths. */
-double l1_diff_f32(const float* a, const float* b, int64_t n, int threads) {
+/* abs_diff_chunk over all n elements, chunks summed in double. */
+static double abs_diff_sum(float* p, const float* theta, const float* g, int64_t n, int threads) {
     double total = 0.0;
     int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : total)
     for (int64_t k = 0; k < chunks; k++) {
-        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
-        float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = start; i < stop; i++)
-            part += fabsf(a[i] - b[i]);
-        total += part;
+        int64_t start = k * 4 * CHUNK;
+        total += abs_diff_chunk(p, theta, g, start, start + 4 * CHUNK < n ? start + 4 * CHUNK : n);
     }
     return total;
+}
+
+/* The AG-1 update of one tensor: with p holding the forecast θ′, p ← θ − |θ′ − θ|·sign(g)
+ * (sign(0) = 0), and the return value Σ|θ′ − θ|. */
+double ag1_update_f32(float* p, const float* theta, const float* g, int64_t n, int threads) {
+    return abs_diff_sum(p, theta, g, n, threads);
+}
+
+/* Σ|a − b|, read-only: AG-2's L1 step lengths. */
+double l1_diff_f32(const float* a, const float* b, int64_t n, int threads) {
+    return abs_diff_sum((float*)a, b, NULL, n, threads); /* without g nothing is written */
 }
 
 /* AG-2's rescaled step, with p holding θ″: p ← θ + scale·(θ″ − θ). */
