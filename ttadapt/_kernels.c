@@ -33,6 +33,12 @@ static inline float exp_0_18(float x) {
     return p * scale.f;
 }
 
+/* e^{2 min(a, 9)} for a >= 0: the exponential of tanh a = (e − 1)/(e + 1) (tanh is 1 in float32
+ * beyond 9; the cap keeps e finite). */
+static inline float exp_2a(float a) {
+    return exp_0_18(2.0f * (a < 9.0f ? a : 9.0f));
+}
+
 /* e^x for x <= 0 (0 at -inf, NaN at NaN): exp_0_18's reduction, valid down to -87; below, the
  * result (under 1.7e-38) is returned as e^-87. */
 static inline float exp_nonpositive(float x) {
@@ -56,8 +62,7 @@ static inline float tanh_ratio_series(float z) {
  * above (tanh is 1 in float32 beyond 9; no cancellation since e > 3). 0 at ±inf, NaN at NaN. */
 static inline float tanh_ratio(float x) {
     float a = fabsf(x);
-    float m = a < 9.0f ? a : 9.0f;
-    float e = exp_0_18(2.0f * m);
+    float e = exp_2a(a);
     float far = (e - 1.0f) / ((e + 1.0f) * a);
     return a < 0.55f ? tanh_ratio_series(x * x) : far;
 }
@@ -215,7 +220,7 @@ void exp_linear_secant_f32(const float* ua, const float* ub, float* out, int64_t
             float r = pb - pa;
             float x = (kappa / 2.0f) * (d - r); /* κH/2 */
             float ax = fabsf(x);
-            float e2 = exp_0_18(2.0f * (ax < 9.0f ? ax : 9.0f));
+            float e2 = exp_2a(ax);
             float far = (e2 - 1.0f) / (e2 + 1.0f);
             float t = ax < 0.55f ? x * tanh_ratio_series(x * x) : (x < 0.0f ? -far : far); /* tanh(κH/2) */
             float e = exp_nonpositive(kappa * ma) + exp_nonpositive(kappa * mb);
