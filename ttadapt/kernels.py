@@ -11,7 +11,10 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
   (:func:`ttadapt.activations._exp_linear_secant`);
 - :func:`ag1_update`: ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|``;
-- :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step.
+- :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step;
+- :func:`adam_direction` and :func:`rmsprop_direction`: AG-2's dry step of ``torch.optim``'s
+  Adam / AdamW / RMSprop, read-only on the optimizer state (see
+  :mod:`ttadapt.optim.closed_form`).
 
 They are compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; about a second) into a cache directory (``$TTADAPT_KERNEL_CACHE``, else
@@ -43,7 +46,8 @@ from torch import Tensor
 
 from .rare import _flat
 
-__all__ = ["available", "status", "tanh_secant", "clamp_secant", "exp_linear_secant", "ag1_update", "l1_diff", "ag2_rescale"]
+__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "ag1_update", "l1_diff", "ag2_rescale",
+           "adam_direction", "rmsprop_direction"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _COMMON = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
@@ -151,6 +155,9 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.l1_diff_f32.restype = ctypes.c_double
         lib.ag2_rescale_f32.argtypes = [_P, _P, _F, _N, _I]
         lib.ag2_rescale_f32.restype = None
+        for name in ("adam_direction_f32", "rmsprop_direction_f32"):
+            getattr(lib, name).argtypes = [_P, _P, _P, _P, _P, _P, _N, _P, _P, _I]
+            getattr(lib, name).restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
     return None, f"the fused CPU kernels did not compile with {cc!r} into {_cache_dir()}"
 
@@ -211,6 +218,12 @@ def _dense(*tensors: Tensor) -> bool:
             return False
         contiguous = contiguous and t.is_contiguous()
     return contiguous or all(_flat(t, first) is not None for t in tensors)
+
+
+def fits(*tensors: Tensor) -> bool:
+    """Whether the kernels are in use and apply to these tensors (float32, on the CPU, of one
+    shape and memory layout): a caller that must not stop half-way checks before it starts."""
+    return _library() is not None and _dense(*tensors)
 
 
 def _out(like: Tensor, out: Tensor | None) -> Tensor | None:
@@ -311,6 +324,44 @@ def ag2_rescale(p: Tensor, theta: Tensor, scale: float) -> bool:
     return True
 
 
+def _direction(name: str, d: Tensor, theta: Tensor, grad: Tensor, first: Tensor, second: Tensor | None,
+               third: Tensor | None, hyper: list[float]) -> tuple[float, float] | None:
+    lib = _library()
+    present = [t for t in (second, third) if t is not None]
+    if lib is None or not _dense(d, theta, grad, first, *present):
+        return None
+    h = (ctypes.c_float * len(hyper))(*hyper)
+    sums = (ctypes.c_double * 2)(0.0, 0.0)
+    getattr(lib, name)(theta.data_ptr(), grad.data_ptr(), first.data_ptr(), None if second is None else second.data_ptr(),
+                       None if third is None else third.data_ptr(), d.data_ptr(), d.numel(), h, sums,
+                       torch.get_num_threads())
+    torch.autograd.graph.increment_version(d)
+    return sums[0], sums[1]
+
+
+def adam_direction(d: Tensor, theta: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                   max_exp_avg_sq: Tensor | None, hyper: list[float]) -> tuple[float, float] | None:
+    """With ``d`` holding the forecast θ′: ``d ← θ″ − θ``, θ″ being one step of ``torch.optim.Adam``
+    or ``AdamW`` from θ with ``grad`` and the given moments (only read; ``max_exp_avg_sq`` for
+    amsgrad), and the return value ``(Σ|θ′ − θ|, Σ|θ″ − θ|)`` — or None (nothing written) where
+    the kernel does not apply. ``hyper``: 1 − β1, β2, 1 − β2, −lr/(1 − β1^t), (1 − β2^t)^½, eps,
+    ±1 (−1 to maximize), the coupled weight decay (Adam's, else 0), 1 − lr·weight decay
+    (AdamW's decoupled decay, else 1)."""
+    if len(hyper) != 9:
+        raise ValueError(f"adam_direction takes 9 hyper-parameters, got {len(hyper)}")
+    return _direction("adam_direction_f32", d, theta, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper)
+
+
+def rmsprop_direction(d: Tensor, theta: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | None,
+                      momentum_buffer: Tensor | None, hyper: list[float]) -> tuple[float, float] | None:
+    """:func:`adam_direction` for ``torch.optim.RMSprop`` (``grad_avg`` when centered,
+    ``momentum_buffer`` when momentum > 0). ``hyper``: α, 1 − α, −lr, eps, ±1 (−1 to maximize),
+    weight decay, momentum."""
+    if len(hyper) != 7:
+        raise ValueError(f"rmsprop_direction takes 7 hyper-parameters, got {len(hyper)}")
+    return _direction("rmsprop_direction_f32", d, theta, grad, square_avg, grad_avg, momentum_buffer, hyper)
+
+
 def _self_test() -> str | None:
     """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
     branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
@@ -351,4 +402,29 @@ def _self_test() -> str | None:
     want_p = theta + 0.37 * (p - theta)
     if not ag2_rescale(p, theta, 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
         return "AG-2 rescale"
+    # the closed-form dry steps against the real optimizers, from a warm state
+    for name, make in (("Adam dry step", lambda q: torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                       ("RMSprop dry step", lambda q: torch.optim.RMSprop([q], lr=1e-2, centered=True, momentum=0.5))):
+        q = torch.nn.Parameter(theta.clone())
+        opt = make(q)
+        q.grad = grad - 0.5
+        opt.step()
+        start = q.detach().clone()
+        state = {k: v.clone() for k, v in opt.state[q].items()}
+        q.grad = torch.randn(1000, generator=g)
+        opt.step()
+        want = q.detach() - start
+        d = torch.zeros(1000)
+        group = opt.param_groups[0]
+        if name.startswith("Adam"):
+            b1, b2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            hyper = [1 - b1, b2, 1 - b2, -lr / (1 - b1**2), (1 - b2**2) ** 0.5, group["eps"], 1.0, 0.0, 1 - lr * wd]
+            sums = adam_direction(d, start, q.grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"], hyper)
+        else:
+            hyper = [group["alpha"], 1 - group["alpha"], -group["lr"], group["eps"], 1.0, 0.0, group["momentum"]]
+            sums = rmsprop_direction(d, start, q.grad, state["square_avg"], state["grad_avg"], state["momentum_buffer"], hyper)
+        tolerance = 4 * torch.finfo(torch.float32).eps * torch.maximum(start.abs(), q.detach().abs())
+        if sums is None or not bool(((d - want).abs() <= tolerance).all()):
+            return name
     return None

@@ -29,6 +29,7 @@ from ..averaged import DeferredAverage, call_closure
 from ..metrics import step_lengths
 from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
+from .closed_form import dry_direction
 from .snapshot import OptimizerSnapshot, SwappedState, swappable
 
 __all__ = ["AG1", "AG2"]
@@ -158,8 +159,15 @@ class _ForwardLooking(OptimizerWrapper):
                     before: OptimizerSnapshot, spares: list[OptimizerSnapshot]) -> None:
         """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′.
 
-        The L1 lengths and the rescaled step are one fused pass per tensor each where
-        :mod:`ttadapt.kernels` applies."""
+        For torch's Adam, AdamW and RMSprop on the CPU, θ″ − θ and both L1 lengths come from
+        one fused pass that only reads the saved state (:mod:`ttadapt.optim.closed_form`);
+        otherwise the base optimizer's real ``step()`` runs from the state before the forecast
+        and is undone, and the L1 lengths and the rescaled step are one fused pass per tensor
+        each where :mod:`ttadapt.kernels` applies."""
+        lengths = dry_direction(self.optimizer, before, params, theta, averaged)  # p ← θ″ − θ, fused
+        if lengths is not None:
+            self._ag2_commit(params, theta, *lengths, set(params))
+            return
         forecast_l1, _ = _l1_lengths(params, theta)  # p is overwritten next
         if swappable(self.optimizer):
             # run the dry step on the snapshot's own tensors (spent afterwards) while the
@@ -178,6 +186,12 @@ class _ForwardLooking(OptimizerWrapper):
         else:
             committed.restore()
         length, differenced = _l1_lengths(params, theta)  # ‖θ″ − θ‖₁
+        self._ag2_commit(params, theta, forecast_l1, length, differenced)
+
+    def _ag2_commit(self, params: dict[str, Tensor], theta: dict[str, Tensor], forecast_l1: float, length: float,
+                    differenced: set[str]) -> None:
+        """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, with ``p`` holding θ″ − θ for the names in
+        ``differenced`` and θ″ for the others."""
         scale = forecast_l1 / length if length > 0 else 0.0
         for n, p in params.items():
             if n in differenced:  # p holds θ″ − θ
