@@ -458,14 +458,27 @@ def test_nan_batch_skips_the_update_and_leaves_everything(wrapper_name, opt_name
         w.step(closure_for(m, *data[0]))  # and it goes on normally
 
 
-def test_nan_in_the_averaged_gradient_only_restores_the_forecast():
+@pytest.mark.parametrize("method", ["AG1", "AG2"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "rmsprop"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_nan_in_the_averaged_gradient_only_restores_the_forecast(method, opt_name, warm):
     """A forecast state where the loss is not finite: the ordinary gradient is fine, the
-    averaged one is not; AG-1 must undo the forecast step and its optimizer state."""
+    averaged one is not; the wrapper must undo the forecast step and its optimizer state. (With
+    Adam and RMSprop the fused AG-1 update and AG-2's closed-form dry step detect it on their
+    way, the others check first.)"""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
     x = torch.randn(5, 3)
-    opt = torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9)
-    w = ttadapt.AG1(m, opt)
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
+            "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.1, centered=True)}[opt_name]
+    opt = make(m.parameters())
+    if warm:  # a state to restore, not only an empty one
+        for _ in range(2):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    w = getattr(ttadapt, method)(m, opt)
     params = params_of(m)
 
     def closure():
@@ -477,7 +490,7 @@ def test_nan_in_the_averaged_gradient_only_restores_the_forecast():
     with pytest.warns(RuntimeWarning, match="averaged gradient"):
         w.step(closure)
     assert all(torch.equal(p, params[n]) for n, p in m.named_parameters())
-    assert len(opt.state) == 0 or all(not s for s in opt.state.values())
+    assert state_equal(opt.state_dict(), saved)
 
 
 # -- errors -----------------------------------------------------------------------------------

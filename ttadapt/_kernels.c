@@ -146,7 +146,8 @@ void clamp_secant_f32(const float* ua, const float* ub, const float* grad, float
     }
 }
 
-/* Σ|p − θ| over [start, stop) in float; with g (not NULL) also p ← θ − |p − θ|·sign(g), sign(0) = 0. */
+/* Σ|p − θ| over [start, stop) in float; with g (not NULL) also p ← θ − |p − θ|·sign(g), sign(0) = 0,
+ * and the sum made NaN by a non-finite g (g·0 is 0 for finite g, NaN for ±inf and NaN). */
 static float abs_diff_chunk(float* p, const float* theta, const float* g, int64_t start, int64_t stop) {
     float part = 0.0f;
     if (g) {
@@ -154,7 +155,7 @@ static float abs_diff_chunk(float* p, const float* theta, const float* g, int64_
         for (int64_t i = start; i < stop; i++) {
             float step = fabsf(p[i] - theta[i]);
             float sign = g[i] > 0.0f ? 1.0f : (g[i] < 0.0f ? -1.0f : 0.0f);
-            part += step;
+            part += step + g[i] * 0.0f;
             p[i] = theta[i] - step * sign;
         }
     } else {
@@ -178,7 +179,7 @@ static double abs_diff_sum(float* p, const float* theta, const float* g, int64_t
 }
 
 /* The AG-1 update of one tensor: with p holding the forecast θ′, p ← θ − |θ′ − θ|·sign(g)
- * (sign(0) = 0), and the return value Σ|θ′ − θ|. */
+ * (sign(0) = 0), and the return value Σ|θ′ − θ| — NaN where g is not finite. */
 double ag1_update_f32(float* p, const float* theta, const float* g, int64_t n, int threads) {
     return abs_diff_sum(p, theta, g, n, threads);
 }

@@ -10,7 +10,7 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   where the inputs tie;
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
   (:func:`ttadapt.activations._exp_linear_secant`);
-- :func:`ag1_update`: ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|``;
+- :func:`ag1_update`: ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step;
 - :func:`adam_direction` and :func:`rmsprop_direction`: AG-2's dry step of ``torch.optim``'s
   Adam / AdamW / RMSprop, read-only on the optimizer state (see
@@ -295,7 +295,8 @@ def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa:
 
 def ag1_update(p: Tensor, theta: Tensor, g: Tensor) -> float | None:
     """With ``p`` holding θ′: ``p ← θ − |θ′ − θ|·sign(g)`` in place, returning ``Σ|θ′ − θ|``
-    (float64 sum), or None (``p`` untouched) where the kernel does not apply."""
+    (float64 sum; NaN where ``g`` holds a NaN or an infinity: the update's pass doubles as the
+    non-finite check of ``g``), or None (``p`` untouched) where the kernel does not apply."""
     lib = _library()
     if lib is None or not _dense(p, theta, g):
         return None

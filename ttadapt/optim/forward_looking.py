@@ -19,6 +19,7 @@ AG-2 Linear also rescales each affine layer's averaged gradients to the ordinary
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -112,24 +113,25 @@ class _ForwardLooking(OptimizerWrapper):
         if self.reduce is not None:
             self.reduce([averaged[n] for n in params])
         self.last_forecast_loss = run.other_loss
-        if not all_finite(*(averaged[n] for n in params)):
-            with torch.no_grad():
+        with torch.no_grad():
+            forecast = step_lengths([p - theta[n] for n, p in params.items()]) if self.record_lengths else None
+            # the update proves G′ finite on the way (its fused passes read G′ anyway) or checks
+            # it first; on False the parameters hold anything and `before` is unspent
+            if self._full_vector:
+                done = self._ag2_update(params, theta, averaged, before, spares)
+            else:
+                done = self._ag1_update(params, theta, averaged)
+            if not done:
                 for n, p in params.items():
                     p.copy_(theta[n])
                     p.grad = old_grads[n]
-            before.restore()
-            self._restore_buffers(layout, buffers)
-            self._skip("averaged gradient")
-            return loss
-        del old_grads
-        with torch.no_grad():
-            forecast = step_lengths([p - theta[n] for n, p in params.items()]) if self.record_lengths else None
-            if self._full_vector:
-                self._ag2_update(params, theta, averaged, before, spares)
-            else:
-                self._ag1_update(params, theta, averaged)
+                before.restore()
+                self._restore_buffers(layout, buffers)
+                self._skip("averaged gradient" if not all_finite(*(averaged[n] for n in params)) else "forecast step")
+                return loss
             if forecast is not None:
                 self.last_lengths = (*forecast, *step_lengths([p - theta[n] for n, p in params.items()]))
+        del old_grads
         self._set_grads(params, averaged)
         self.step_count += 1
         if masks is not None:
@@ -140,9 +142,14 @@ class _ForwardLooking(OptimizerWrapper):
             after_step.rewind()
         return loss
 
-    def _ag1_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
+    def _ag1_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor]) -> bool:
         """θ ← θ − |θ′ − θ| ⊙ sign(G′), with the parameters holding θ′: one fused pass per tensor
-        where :func:`ttadapt.kernels.ag1_update` applies, else four PyTorch ops."""
+        where :func:`ttadapt.kernels.ag1_update` applies, else four PyTorch ops. False where G′ or
+        the forecast step is not finite (then the caller rolls back and skips the step): the
+        fused passes prove it on the way; where one does not apply, G′ is checked first."""
+        if not all(kernels.fits(p, theta[n], averaged[n]) for n, p in params.items()):
+            if not all_finite(*(averaged[n] for n in params)):
+                return False
         lengths: list[Tensor] = []
         fused = 0.0
         for n, p in params.items():
@@ -153,11 +160,16 @@ class _ForwardLooking(OptimizerWrapper):
             step = p.sub_(theta[n]).abs_()  # |θ′ − θ|, in the parameter's memory
             lengths.append(step.sum())  # a plain sum of |·| is ~3x cheaper than vector_norm(·, 1)
             torch.addcmul(theta[n], step, averaged[n].sign().to(p.dtype), value=-1, out=p)
-        self.last_forecast_l1 = fused + _total(lengths)
+        total = fused + _total(lengths)
+        if not math.isfinite(total):
+            return False
+        self.last_forecast_l1 = total
+        return True
 
     def _ag2_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor],
-                    before: OptimizerSnapshot, spares: list[OptimizerSnapshot]) -> None:
-        """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′.
+                    before: OptimizerSnapshot, spares: list[OptimizerSnapshot]) -> bool:
+        """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′;
+        False (nothing committed, ``before`` unspent) where G′ is not finite.
 
         For torch's Adam, AdamW and RMSprop on the CPU, θ″ − θ and both L1 lengths come from
         one fused pass that only reads the saved state (:mod:`ttadapt.optim.closed_form`);
@@ -166,8 +178,12 @@ class _ForwardLooking(OptimizerWrapper):
         each where :mod:`ttadapt.kernels` applies."""
         lengths = dry_direction(self.optimizer, before, params, theta, averaged)  # p ← θ″ − θ, fused
         if lengths is not None:
+            if not (math.isfinite(lengths[0]) and math.isfinite(lengths[1])):
+                return False  # a non-finite G′ makes θ″ − θ NaN (see closed_form)
             self._ag2_commit(params, theta, *lengths, set(params))
-            return
+            return True
+        if not all_finite(*(averaged[n] for n in params)):
+            return False
         forecast_l1, _ = _l1_lengths(params, theta)  # p is overwritten next
         if swappable(self.optimizer):
             # run the dry step on the snapshot's own tensors (spent afterwards) while the
@@ -187,6 +203,7 @@ class _ForwardLooking(OptimizerWrapper):
             committed.restore()
         length, differenced = _l1_lengths(params, theta)  # ‖θ″ − θ‖₁
         self._ag2_commit(params, theta, forecast_l1, length, differenced)
+        return True
 
     def _ag2_commit(self, params: dict[str, Tensor], theta: dict[str, Tensor], forecast_l1: float, length: float,
                     differenced: set[str]) -> None:
