@@ -119,7 +119,8 @@ def dry_direction(optimizer: Any, before: OptimizerSnapshot, params: dict[str, T
             state = saved_state.get(p, {})
             call = (_adam_call(p.detach(), theta[name], grad, state, settings, kind is torch.optim.AdamW) if known is _ADAM_OPTIONS
                     else _rmsprop_call(p.detach(), theta[name], grad, state, settings))
-            if call is None or not kernels.fits(p, theta[name], grad, *(t for t in state.values() if isinstance(t, Tensor) and t.dim() > 0)):
+            moments = [t for key, t in state.items() if key != "step" and isinstance(t, Tensor)]
+            if call is None or not kernels.fits(p, theta[name], grad, *moments):
                 return None
             calls.append(call)
     forecast = dry = 0.0
