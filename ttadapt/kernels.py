@@ -403,29 +403,22 @@ def _self_test() -> str | None:
     want_p = theta + 0.37 * (p - theta)
     if not ag2_rescale(p, theta, 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
         return "AG-2 rescale"
-    # the closed-form dry steps against the real optimizers, from a warm state
+    # the closed-form dry steps (optim.closed_form, which calls adam_direction / rmsprop_direction)
+    # against the real optimizers' steps, from a warm state
+    from .optim.closed_form import dry_direction
+    from .optim.snapshot import OptimizerSnapshot, dry_run
+
     for name, make in (("Adam dry step", lambda q: torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, amsgrad=True)),
                        ("RMSprop dry step", lambda q: torch.optim.RMSprop([q], lr=1e-2, centered=True, momentum=0.5))):
         q = torch.nn.Parameter(theta.clone())
         opt = make(q)
         q.grad = grad - 0.5
         opt.step()
+        step_grad = torch.randn(1000, generator=g)
         start = q.detach().clone()
-        state = {k: v.clone() for k, v in opt.state[q].items()}
-        q.grad = torch.randn(1000, generator=g)
-        opt.step()
-        want = q.detach() - start
-        d = torch.zeros(1000)
-        group = opt.param_groups[0]
-        if name.startswith("Adam"):
-            b1, b2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            hyper = [1 - b1, b2, 1 - b2, -lr / (1 - b1**2), (1 - b2**2) ** 0.5, group["eps"], 1.0, 0.0, 1 - lr * wd]
-            sums = adam_direction(d, start, q.grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"], hyper)
-        else:
-            hyper = [group["alpha"], 1 - group["alpha"], -group["lr"], group["eps"], 1.0, 0.0, group["momentum"]]
-            sums = rmsprop_direction(d, start, q.grad, state["square_avg"], state["grad_avg"], state["momentum_buffer"], hyper)
-        tolerance = 4 * torch.finfo(torch.float32).eps * torch.maximum(start.abs(), q.detach().abs())
-        if sums is None or not bool(((d - want).abs() <= tolerance).all()):
+        want = dry_run(opt, {q: step_grad})[q] - start
+        lengths = dry_direction(opt, OptimizerSnapshot(opt), {"q": q}, {"q": start}, {"q": step_grad})
+        tolerance = 4 * torch.finfo(torch.float32).eps * torch.maximum(start.abs(), (start + want).abs())
+        if lengths is None or not bool(((q.detach() - want).abs() <= tolerance).all()):
             return name
     return None
