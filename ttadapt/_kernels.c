@@ -230,11 +230,6 @@ void exp_linear_secant_f32(const float* ua, const float* ub, float* out, int64_t
     }
 }
 
-/* torch.lerp(a, b, w) as ATen's vectorised CPU kernel computes it (small: w < 0.5). */
-static inline float lerp(float a, float b, float w, int small) {
-    return small ? fmaf(w, b - a, a) : fmaf(w - 1.0f, b - a, b);
-}
-
 /* AG-2's dry step of torch.optim.Adam / AdamW, computed from the state before the forecast,
  * which is only read: with d holding the forecast θ′ on entry, sums[0] += Σ|θ′ − θ|, then
  * d ← θ″ − θ and sums[1] += Σ|θ″ − θ|, θ″ being what Adam's single-tensor step computes from
@@ -245,20 +240,20 @@ static inline float lerp(float a, float b, float w, int small) {
  * weight decay (Adam; else 0), 1 − lr·weight decay (AdamW; else 1). vmax (amsgrad's running
  * maximum) may be NULL. Each variant's loop is branch-free so that it vectorises. */
 #define ADAM_CHUNK(NAME, VMAX)                                                                                        \
-    static void NAME(const float* theta, const float* grad, const float* m, const float* v, const float* vmax,      \
-                     float* d, int64_t start, int64_t stop, const float* h, double* fore, double* dry) {            \
-        const float w1 = h[0], b2 = h[1], w2 = h[2], neg_step = h[3], bc2 = h[4], eps = h[5], sign = h[6];          \
+    static void NAME(const float* theta, const float* grad, const float* m, const float* v, const float* vmax,        \
+                     float* d, int64_t start, int64_t stop, const float* h, double* fore, double* dry) {              \
+        const float w1 = h[0], b2 = h[1], w2 = h[2], neg_step = h[3], bc2 = h[4], eps = h[5], sign = h[6];            \
         const float wd = h[7], decay = h[8];                                                                          \
-        const float c = w1 < 0.5f ? w1 : w1 - 1.0f; /* lerp: fmaf(c, g − m, m or g) */                            \
-        const int small = w1 < 0.5f;                                                                                  \
+        const float c = w1 < 0.5f ? w1 : w1 - 1.0f; /* torch.lerp as ATen's vector kernel: */                         \
+        const int small = w1 < 0.5f; /* fmaf(w, g − m, m) for w < 0.5, else fmaf(w − 1, g − m, g) */                  \
         float f = 0.0f, s = 0.0f;                                                                                     \
-        _Pragma("omp simd reduction(+ : f, s)") for (int64_t i = start; i < stop; i++) {                             \
+        _Pragma("omp simd reduction(+ : f, s)") for (int64_t i = start; i < stop; i++) {                              \
             float t = theta[i], mi = m[i];                                                                            \
             float g = fmaf(t, wd, sign * grad[i]);                                                                    \
             float m1 = fmaf(c, g - mi, small ? mi : g);                                                               \
             float v1 = fmaf(w2 * g, g, v[i] * b2);                                                                    \
             if (VMAX)                                                                                                 \
-                v1 = vmax[i] != vmax[i] || vmax[i] > v1 ? vmax[i] : v1; /* torch.maximum: a NaN wins */              \
+                v1 = vmax[i] != vmax[i] || vmax[i] > v1 ? vmax[i] : v1; /* torch.maximum: a NaN wins */               \
             float denom = sqrtf(v1) / bc2 + eps;                                                                      \
             float step = (t * decay + (neg_step * m1) / denom) - t;                                                   \
             f += fabsf(d[i] - t);                                                                                     \
@@ -275,12 +270,12 @@ ADAM_CHUNK(amsgrad_chunk, 1)
  * momentum. grad_avg (centered) and buf (momentum > 0) may be NULL. */
 #define RMSPROP_CHUNK(NAME, CENTERED, MOMENTUM)                                                                       \
     static void NAME(const float* theta, const float* grad, const float* sq, const float* grad_avg, const float* buf, \
-                     float* d, int64_t start, int64_t stop, const float* h, double* fore, double* dry) {             \
+                     float* d, int64_t start, int64_t stop, const float* h, double* fore, double* dry) {              \
         const float alpha = h[0], w = h[1], neg_lr = h[2], eps = h[3], sign = h[4], wd = h[5], momentum = h[6];       \
         const float c = w < 0.5f ? w : w - 1.0f;                                                                      \
         const int small = w < 0.5f;                                                                                   \
         float f = 0.0f, s = 0.0f;                                                                                     \
-        _Pragma("omp simd reduction(+ : f, s)") for (int64_t i = start; i < stop; i++) {                             \
+        _Pragma("omp simd reduction(+ : f, s)") for (int64_t i = start; i < stop; i++) {                              \
             float t = theta[i];                                                                                       \
             float g = fmaf(t, wd, sign * grad[i]);                                                                    \
             float s1 = fmaf(w * g, g, sq[i] * alpha);                                                                 \
@@ -292,7 +287,7 @@ ADAM_CHUNK(amsgrad_chunk, 1)
             } else {                                                                                                  \
                 avg = sqrtf(s1) + eps;                                                                                \
             }                                                                                                         \
-            float step = (MOMENTUM ? fmaf(buf[i] * momentum + g / avg, neg_lr, t) : t + (neg_lr * g) / avg) - t;     \
+            float step = (MOMENTUM ? fmaf(buf[i] * momentum + g / avg, neg_lr, t) : t + (neg_lr * g) / avg) - t;      \
             f += fabsf(d[i] - t);                                                                                     \
             s += fabsf(step);                                                                                         \
             d[i] = step;                                                                                              \
