@@ -461,11 +461,16 @@ def test_nan_batch_skips_the_update_and_leaves_everything(wrapper_name, opt_name
 @pytest.mark.parametrize("method", ["AG1", "AG2"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam", "rmsprop"])
 @pytest.mark.parametrize("warm", [False, True])
-def test_nan_in_the_averaged_gradient_only_restores_the_forecast(method, opt_name, warm):
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_nan_in_the_averaged_gradient_only_restores_the_forecast(method, opt_name, warm, kernels_on, monkeypatch):
     """A forecast state where the loss is not finite: the ordinary gradient is fine, the
     averaged one is not; the wrapper must undo the forecast step and its optimizer state. (With
-    Adam and RMSprop the fused AG-1 update and AG-2's closed-form dry step detect it on their
-    way, the others check first.)"""
+    the fused kernels, the AG-1 update and AG-2's closed-form dry step for Adam and RMSprop
+    detect it on their way; without them, or for AG-2 with SGD, G′ is checked first.)"""
+    if not kernels_on:
+        from ttadapt import kernels
+
+        monkeypatch.setitem(kernels._state, "lib", None)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
     x = torch.randn(5, 3)

@@ -146,10 +146,10 @@ class _ForwardLooking(OptimizerWrapper):
         """θ ← θ − |θ′ − θ| ⊙ sign(G′), with the parameters holding θ′: one fused pass per tensor
         where :func:`ttadapt.kernels.ag1_update` applies, else four PyTorch ops. False where G′ or
         the forecast step is not finite (then the caller rolls back and skips the step): the
-        fused passes prove it on the way; where one does not apply, G′ is checked first."""
-        if not all(kernels.fits(p, theta[n], averaged[n]) for n, p in params.items()):
-            if not all_finite(*(averaged[n] for n in params)):
-                return False
+        fused passes prove it on the way; the tensors they do not cover are checked first."""
+        unfused = [averaged[n] for n, p in params.items() if not kernels.fits(p, theta[n], averaged[n])]
+        if unfused and not all_finite(*unfused):
+            return False
         lengths: list[Tensor] = []
         fused = 0.0
         for n, p in params.items():
