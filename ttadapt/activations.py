@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .rare import _by_blocks, _fill_exact_ties
+from .rare import _by_blocks, _fill_exact_ties, _writable_out
 
 __all__ = [
     "Activation",
@@ -395,8 +395,7 @@ def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, f
                        scale: float, input_scale: float) -> Tensor:
     """:func:`_exp_linear_secant_torch` in one fused pass where :func:`ttadapt.kernels.exp_linear_secant`
     applies (then the derivative where the inputs tie, as there)."""
-    out = fb if fb_owned and fb is not None else ub if owned else None
-    fused = kernels.exp_linear_secant(ua, ub, alpha, scale, input_scale, out=out)
+    fused = kernels.exp_linear_secant(ua, ub, alpha, scale, input_scale, out=_writable_out(ub, owned, fb, fb_owned))
     if fused is None:
         return _exp_linear_secant_torch(ua, ub, owned, fb, fb_owned, alpha, scale, input_scale)
     return _fill_exact_ties(fused, ua, lambda u: _exp_linear_derivative(u, alpha, scale, input_scale))

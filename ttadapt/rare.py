@@ -98,6 +98,12 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
     return slope
 
 
+def _writable_out(ub: Tensor, owned: bool, fb: Tensor | None, fb_owned: bool) -> Tensor | None:
+    """Where a secant slope may be written instead of new memory: ``fb`` (the kept ``f(ub)``)
+    or else ``ub`` when the engine alone holds them, or None."""
+    return fb if fb_owned and fb is not None else ub if owned else None
+
+
 def _fill_exact_ties(slope: Tensor, at: Tensor, derivative: Callable[[Tensor], Tensor]) -> Tensor:
     """``derivative(at)`` where ``slope`` is NaN: for quotients that are 0/0 exactly where the
     inputs agree and finite elsewhere (unless an input is not).

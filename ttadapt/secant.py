@@ -21,7 +21,7 @@ from torch.autograd import Function
 
 from . import kernels
 from .activations import Activation, _prelu_weight
-from .rare import _by_blocks, _fill_exact_ties, _fill_rare
+from .rare import _by_blocks, _fill_exact_ties, _fill_rare, _writable_out
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,8 +95,7 @@ def _fused_clamp_secant(exact: tuple[float, float] | bool, ua: Tensor, ub: Tenso
     apply (then the caller forms the quotient in PyTorch ops)."""
     if not isinstance(exact, tuple):
         return None
-    out = fb if fb_owned and fb is not None else ub if owned else None
-    return kernels.clamp_secant(ua, ub, *exact, out=out)
+    return kernels.clamp_secant(ua, ub, *exact, out=_writable_out(ub, owned, fb, fb_owned))
 
 
 class SecantActivation(Function):

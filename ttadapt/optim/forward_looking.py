@@ -146,17 +146,21 @@ class _ForwardLooking(OptimizerWrapper):
         """θ ← θ − |θ′ − θ| ⊙ sign(G′), with the parameters holding θ′: one fused pass per tensor
         where :func:`ttadapt.kernels.ag1_update` applies, else four PyTorch ops. False where G′ or
         the forecast step is not finite (then the caller rolls back and skips the step): the
-        fused passes prove it on the way; the tensors they do not cover are checked first."""
-        unfused = [averaged[n] for n, p in params.items() if not kernels.fits(p, theta[n], averaged[n])]
-        if unfused and not all_finite(*unfused):
-            return False
-        lengths: list[Tensor] = []
+        fused passes prove it on the way; the tensors they do not cover are checked before
+        their update."""
         fused = 0.0
+        unfused: list[str] = []
         for n, p in params.items():
             l1 = kernels.ag1_update(p, theta[n], averaged[n])
-            if l1 is not None:
+            if l1 is None:
+                unfused.append(n)
+            else:
                 fused += l1
-                continue
+        if unfused and not all_finite(*(averaged[n] for n in unfused)):
+            return False  # (the caller restores the parameters the fused passes wrote)
+        lengths: list[Tensor] = []
+        for n in unfused:
+            p = params[n]
             step = p.sub_(theta[n]).abs_()  # |θ′ − θ|, in the parameter's memory
             lengths.append(step.sum())  # a plain sum of |·| is ~3x cheaper than vector_norm(·, 1)
             torch.addcmul(theta[n], step, averaged[n].sign().to(p.dtype), value=-1, out=p)
