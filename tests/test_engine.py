@@ -387,7 +387,11 @@ class _OutputScaledInPlace(nn.Module):
 def test_outputs_modified_after_the_call_are_not_used(fn, deferred):
     """The pass at `other` keeps each activation's output to spare recomputing it; one modified
     in place afterwards must be recomputed. Oracle: the exact path average (the loss is linear
-    after the activation and `other` differs only before it); for ReLU its closed form."""
+    after the activation and `other` differs only before it); for ReLU its closed form.
+
+    The deferred schedule (AG-1 / AG-2) runs native activations as PyTorch's own ops, so where
+    plain autograd refuses the model (tanh and ReLU save their output, which the model then
+    overwrites) its ordinary backward refuses it with the same error."""
     torch.manual_seed(3)
     net = _OutputScaledInPlace(fn)
     x = torch.randn(64, 6, dtype=torch.float64)  # 64 x 256 float64 outputs: 128 KiB, reusable
@@ -395,6 +399,15 @@ def test_outputs_modified_after_the_call_are_not_used(fn, deferred):
 
     def closure():
         return (net(x) * c).sum()
+
+    if deferred and fn in (torch.tanh, F.relu):
+        from ttadapt.averaged import DeferredAverage
+
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (net(x) * c).sum().backward()  # plain autograd
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            DeferredAverage(net, closure).ordinary_grad()
+        return
 
     other = {"l1.weight": net.l1.weight.detach() + 0.5 * torch.randn(256, 6, dtype=torch.float64),
              "l1.bias": net.l1.bias.detach() + 0.5 * torch.randn(256, dtype=torch.float64)}

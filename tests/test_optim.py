@@ -237,12 +237,16 @@ def test_ag2_linear_rescales_each_affine_layer_to_the_ordinary_norms():
             assert cos > 1 - 1e-10
 
 
-@pytest.mark.parametrize("act", [nn.Tanh(), nn.ReLU(inplace=True), nn.GELU(), nn.PReLU(), nn.ELU(), nn.Softplus()],
-                         ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.ReLU(inplace=True), nn.GELU(), nn.PReLU(), nn.ELU(), nn.Softplus(),
+                                 nn.ELU(inplace=True), nn.Hardtanh(inplace=True), nn.Sigmoid(), nn.Mish(), nn.Softsign(),
+                                 nn.Tanhshrink()],
+                         ids=lambda a: type(a).__name__ + ("_" if getattr(a, "inplace", False) else ""))
 @pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("seed", ["other", "current"])
 def test_deferred_average_equals_two_pass_engine(act, linear, seed):
-    """One graph differentiated twice gives the ordinary gradient, then exactly the averaged one."""
+    """One graph differentiated twice gives the ordinary gradient, then exactly the averaged one
+    (native activations keep PyTorch's own autograd node, hooked for the second backward;
+    composite ones — Softsign, Tanhshrink — and PReLU run as ttadapt's autograd functions)."""
     from ttadapt.averaged import DeferredAverage
 
     torch.manual_seed(0)
@@ -262,7 +266,7 @@ def test_deferred_average_equals_two_pass_engine(act, linear, seed):
     m.zero_grad()
     cl().backward()
     for n, p in m.named_parameters():
-        if linear or isinstance(act, nn.PReLU):
+        if linear or isinstance(act, (nn.PReLU, nn.Softsign, nn.Tanhshrink)):
             assert torch.allclose(ordinary[n], p.grad, rtol=1e-12, atol=1e-14)
         else:  # ATen's own activation backward (vjp): plain autograd's gradient bit for bit
             assert torch.equal(ordinary[n], p.grad), n
@@ -271,6 +275,48 @@ def test_deferred_average_equals_two_pass_engine(act, linear, seed):
     ref = ttadapt.averaged_grad(m, cl, other, seed=seed, linear=linear)
     for n in ref:
         assert torch.allclose(averaged[n], ref[n], rtol=1e-12, atol=1e-14), n
+
+
+def test_native_sites_are_hooked_and_let_go():
+    """Native calls keep PyTorch's node (no ttadapt autograd function in the graph); composite
+    ones do not qualify; the hook lets go of the kept tensors once the averaged backward used
+    them (the graph, alive until the loss dies, must not hold them)."""
+    import weakref
+
+    from ttadapt.averaged import DeferredAverage
+    from ttadapt.deferred import single_node_call
+
+    u = torch.randn(3, 4, requires_grad=True) * 1
+    assert single_node_call(torch.tanh, (u,), {}, u, False)
+    assert single_node_call(F.elu, (u,), {"alpha": 0.5}, u, False)
+    assert single_node_call(torch.relu_, (u,), {}, u, True)
+    assert not single_node_call(F.softsign, (u,), {}, u, False)
+    assert not single_node_call(F.tanhshrink, (u,), {}, u, False)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Softsign(), nn.Linear(8, 2))
+    x = torch.randn(5, 4)
+    run = DeferredAverage(m, lambda: m(x).square().sum())
+    names = [type(n).__name__ for n in _graph_nodes(run._loss.grad_fn)]
+    assert "TanhBackward0" in names and "DeferredActivationBackward" in names
+    slots = list(run.session.slots)
+    assert [s.native is not None for s in slots] == [True, False]
+    run.ordinary_grad()
+    run.averaged_grad({n: p.detach() + 0.1 for n, p in m.named_parameters()})
+    native = slots[0]
+    assert native.ub is None and native.native.ua is None  # let go of, though the graph lives on
+    assert run._loss.grad_fn is not None
+
+
+def _graph_nodes(root):
+    seen, todo = [], [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.append(node)
+        todo.extend(f for f, _ in node.next_functions)
+    return seen
 
 
 # -- AG-3 -------------------------------------------------------------------------------------

@@ -8,6 +8,13 @@ ordinary one; once the pass at θ′ has filled the slot with that pass's input 
 next backward through the retained graph uses the secant slope (Eq. 8) or the mean weight and
 input (Eq. 11). The cost is then the spec's 2·T_fwd + 2·T_bwd.
 
+An activation whose call is one native ATen op (``torch.tanh``, ``F.relu``, ``F.elu``, ...) is
+not wrapped at all: the op builds its own autograd node, so the forward and the ordinary
+backward run at PyTorch's speed with no Python per site, and :func:`hook_native_site` hooks that
+node once the slot is filled, replacing the gradient it passes on by ``g ⊙`` secant
+(:func:`native_site` keeps what the hook needs). On a model of many small sites, such as the
+paper's Model B, the Python of an autograd ``Function`` per site cost more than the arithmetic.
+
 For AG-2 Linear a slot also carries, from the ordinary backward, the L2 norms of the affine
 layer's input and parameter gradients, to which the averaged ones are rescaled.
 """
@@ -26,7 +33,7 @@ from .activations import _prelu_weight
 from .rare import _fill_exact_ties
 from .secant import _affine_grads, _compute_dtype, _fused_clamp_secant, _prelu_slopes, secant_slope
 
-__all__ = ["DeferredSlot", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
+__all__ = ["DeferredSlot", "NativeSite", "native_site", "single_node_call", "hook_native_site", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
 
 
 @dataclass
@@ -41,6 +48,7 @@ class DeferredSlot:
     weight: Tensor | None = None  # PReLU slope / affine weight at the other state
     rescale: bool = False  # AG-2 Linear: rescale averaged gradients to the ordinary norms
     norms: tuple[Tensor | None, Tensor | None] | None = None  # ordinary ‖g_input‖, ‖g_params‖
+    native: "NativeSite | None" = None  # a native op's site (see native_site)
 
     @property
     def filled(self) -> bool:
@@ -61,6 +69,101 @@ def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor,
         slope = (fn(ub).sub_(fa) if fb is None else fb - fa).div_(diff)
         return _fill_exact_ties(slope, ua, derivative)
     return secant_slope(fn, derivative, ua, fa, ub, fb=fb)
+
+
+@dataclass
+class NativeSite:
+    """What :func:`hook_native_site` needs of one native activation call of the graph pass."""
+
+    ua: Tensor  # the input at the graph state (detached; a copy for an in-place call)
+    y: Tensor  # the output (detached), valid while its version is `y_version`
+    y_version: int
+    node: Any  # the call's autograd node, until it is hooked
+    fns: tuple  # (fn, derivative, exact, closed_form)
+
+
+# (func, in place, dtype, device type) -> whether one call makes exactly one autograd node whose
+# only input is the activation's input (see single_node_call)
+_SINGLE_NODE: dict[tuple, bool] = {}
+
+
+def _substituted(args: tuple, kwargs: dict, u: Tensor, new: Tensor) -> tuple[tuple, dict]:
+    return tuple(new if a is u else a for a in args), {k: (new if v is u else v) for k, v in kwargs.items()}
+
+
+def single_node_call(func: Callable, args: tuple, kwargs: dict, u: Tensor, inplace: bool) -> bool:
+    """Whether calling ``func`` on ``u`` makes one autograd node with ``u`` as its only input — a
+    native ATen op (``torch.tanh``, ``F.relu``), not a composite (``F.softsign``, which builds
+    several) — found once per function, in-place flag, dtype and device by a call on a
+    one-element stand-in for ``u``."""
+    key = (func, inplace, u.dtype, u.device.type)
+    try:
+        known = _SINGLE_NODE.get(key)
+    except TypeError:  # an unhashable callable
+        return False
+    if known is None:
+        base = torch.zeros((1,) * max(u.dim(), 1), dtype=u.dtype, device=u.device, requires_grad=True)
+        with torch.enable_grad():
+            probe = base * 1
+            before = probe.grad_fn
+            p_args, p_kwargs = _substituted(args, kwargs, u, probe)
+            try:
+                out = func(*p_args, **p_kwargs)
+            except Exception:  # noqa: BLE001 — whatever the stand-in does not support: not native
+                out = None
+        node = out.grad_fn if isinstance(out, Tensor) else None
+        known = _SINGLE_NODE[key] = node is not None and node.next_functions == ((before, 0),)
+    return known
+
+
+def native_site(call: Callable[[], Tensor], u: Tensor, inplace: bool, fns: tuple, slot: DeferredSlot) -> Tensor:
+    """Run a native activation call (see :func:`single_node_call`) as it is, keeping its input,
+    output and autograd node in ``slot`` for :func:`hook_native_site`."""
+    before, index = u.grad_fn, u.output_nr
+    ua = u.detach().clone() if inplace else u.detach()  # an in-place call would overwrite the input
+    y = call()
+    node = y.grad_fn
+    if node is None or node.next_functions != ((before, index),):
+        raise RuntimeError(f"ttadapt: the call of {slot.name} did not build the one autograd node it built on a stand-in input")
+    slot.native = NativeSite(ua, y.detach(), y._version, node, fns)
+    return y
+
+
+def hook_native_site(slot: DeferredSlot) -> None:
+    """Once ``slot`` holds the other state's input: make the native node of its site pass on
+    ``g ⊙`` secant instead of ``g ⊙ f'(u)`` (the node still runs its own backward first).
+
+    The hook holds the slot, the slot no longer the node: no reference cycle through the graph.
+    """
+    site = slot.native
+    assert site is not None and site.node is not None
+    node, site.node = site.node, None
+
+    def secant_hook(grad_inputs: tuple, grad_outputs: tuple):
+        grad = grad_outputs[0]
+        if grad is None or grad_inputs[0] is None:
+            return None
+        fn, derivative, exact, closed_form = site.fns
+        ua, ub, fb, y = site.ua, slot.ub, slot.fb, site.y
+        # the graph holds this hook until it dies: let go of the tensors once they are used
+        site.ua = site.y = slot.ub = slot.fb = None
+        # the node's own result (g ⊙ f'(u), new memory no one else holds) receives g ⊙ secant:
+        # the site's averaged backward allocates no more than the ordinary one
+        out = grad_inputs[0]
+        if not (out.shape == grad.shape and out.dtype == grad.dtype and out.is_contiguous() and grad.is_contiguous()
+                and out.data_ptr() != grad.data_ptr()):
+            out = None
+        if isinstance(exact, tuple) and grad.dtype == ua.dtype:  # a clamp: g ⊙ secant in one fused CPU pass
+            fused = kernels.clamp_secant(ua, ub, *exact, out=out, grad=grad)
+            if fused is not None:
+                return (fused,)
+        fa = y if y._version == site.y_version else fn(ua)
+        slope = activation_slope(fn, derivative, ua, fa, ub, exact, closed_form, fb)
+        if out is None or slope.dtype != grad.dtype:
+            return (grad * slope,)
+        return (torch.mul(grad, slope, out=out),)
+
+    node.register_hook(secant_hook)
 
 
 def _save_output(ctx: Any, y: Tensor) -> None:

@@ -37,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 
 from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
 from .states import ModelLayout
-from .deferred import DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot
+from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
+                       hook_native_site, native_site, single_node_call)
 from .secant import AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables, averaged_activation_output, secant_slope
 
 __all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
@@ -231,6 +232,8 @@ class SiteSession:
             _check_pair(k, rec, slot.name, slot.shape, slot.dtype)
             slot.ub, slot.weight = rec.u, rec.weight
             slot.fb = rec.kept_output()[0]
+            if slot.native is not None:
+                hook_native_site(slot)
         self.records = []
 
     def _slot(self, name: str, u: Tensor) -> DeferredSlot:
@@ -360,6 +363,8 @@ class SiteSession:
             if not u.requires_grad:
                 return func(*args, **kwargs)
             fn, derivative, closed_form = activation_callables(act, settings)
+            if u.grad_fn is not None and single_node_call(func, args, kwargs, u, inplace):
+                return native_site(lambda: func(*args, **kwargs), u, inplace, (fn, derivative, act.exact(settings), closed_form), slot)
             vjp = None
             if act.vjp is not None:
                 vjp = (lambda g, x, y: act.vjp(g, x, y, **settings)) if settings else act.vjp
