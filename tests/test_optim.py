@@ -281,8 +281,6 @@ def test_native_sites_are_hooked_and_let_go():
     """Native calls keep PyTorch's node (no ttadapt autograd function in the graph); composite
     ones do not qualify; the hook lets go of the kept tensors once the averaged backward used
     them (the graph, alive until the loss dies, must not hold them)."""
-    import weakref
-
     from ttadapt.averaged import DeferredAverage
     from ttadapt.deferred import single_node_call
 
