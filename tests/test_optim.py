@@ -748,6 +748,11 @@ def test_all_finite_against_isfinite(dtype):
         [torch.tensor([float("inf"), 1.0]).to(dtype)],
         [torch.tensor([float("-inf"), float("inf")]).to(dtype)],
         [torch.tensor(2.0).to(dtype), None, torch.zeros(0, dtype=dtype)],
+        # above 2**14 elements a tensor is summed on its own, below that normed with the rest
+        [torch.randn(20000).to(dtype), torch.randn(7).to(dtype)],
+        [torch.randn(20000).to(dtype), torch.tensor([1.0, float("nan")]).to(dtype)],
+        [torch.cat([torch.randn(20000), torch.tensor([float("inf")])]).to(dtype), torch.randn(7).to(dtype)],
+        [torch.full((20000,), big).to(dtype), torch.randn(7, dtype=torch.float64)],
     ]
     for tensors in cases:
         want = all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)

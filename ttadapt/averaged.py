@@ -228,14 +228,20 @@ def _leaf_copies(params: Mapping[str, Tensor], reuse: Mapping[str, Tensor] | Non
     """Copies of ``params`` as leaf tensors that require a gradient, written into ``reuse``'s
     tensors where they fit (a finished step's copies: no allocation)."""
     out: dict[str, Tensor] = {}
+    targets: list[Tensor] = []
+    sources: list[Tensor] = []
     for n, p in params.items():
         old = reuse.get(n) if reuse is not None else None
         if (old is not None and old.is_leaf and old.requires_grad and old.shape == p.shape and old.dtype == p.dtype
                 and old.device == p.device and old.stride() == p.stride()):
-            with torch.no_grad():
-                out[n] = old.copy_(p)
+            out[n] = old
+            targets.append(old)
+            sources.append(p.detach())
         else:
             out[n] = p.detach().clone().requires_grad_(True)
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)  # one call: a model has many small tensors
     return out
 
 

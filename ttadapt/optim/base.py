@@ -23,26 +23,41 @@ def _is_optimizer(obj: Any) -> bool:
 def all_finite(*tensors: Tensor | None) -> bool:
     """Whether every element of every tensor is finite (one host synchronisation when so).
 
-    A finite sum proves its tensor finite (a NaN or ±inf makes the sum NaN or ±inf): one
+    A finite sum (or L1 norm) proves its tensor finite (a NaN or ±inf makes it NaN or ±inf): one
     read-only pass, no temporary. Only a non-finite sum — a non-finite element, or finite ones
     whose sum overflows — is settled by each tensor's minimum and maximum.
     """
-    present = [t.detach() for t in tensors
-               if t is not None and t.numel() and (t.is_floating_point() or t.is_complex())]
-    if not present:
+    small: list[Tensor] = []
+    large: list[Tensor] = []
+    for t in tensors:
+        if t is not None and (t.is_floating_point() or t.is_complex()):
+            n = t.numel()
+            if n:
+                (small if n <= _FOREACH_MAX_NUMEL else large).append(t)
+    if not (small or large):
         return True
-    sums = [(torch.view_as_real(s) if s.is_complex() else s).reshape(-1).to(present[0].device, torch.float64)
-            for s in (t.sum() for t in present)]
-    if bool(torch.isfinite(torch.cat(sums)).all()):
-        return True
-    return _all_finite_exact(present)
+    with torch.no_grad():
+        # small tensors (a model's biases, a small model's everything): their L1 norms in one
+        # multi-tensor call, as finite as their sums; large ones: a sum each (faster per element)
+        parts = list(torch._foreach_norm(small, 1)) if small else []
+        parts += [t.sum() for t in large]
+        device = parts[0].device
+        if any(p.device != device for p in parts):
+            parts = [p.to(device) for p in parts]
+        if bool(torch.isfinite(torch.stack(parts)).all()):
+            return True
+        return _all_finite_exact(small + large)
+
+
+# above this size a tensor's own sum beats its share of torch._foreach_norm on the CPU
+_FOREACH_MAX_NUMEL = 1 << 14
 
 
 def _all_finite_exact(tensors: list[Tensor]) -> bool:
     """Each tensor's minimum and maximum (NaN propagates into both, ±inf shows in one): one pass,
     no full-size temporary, ~10x faster than ``isfinite().all()``."""
     ends: list[Tensor] = []
-    for t in tensors:  # (detached, non-empty, floating or complex: see all_finite)
+    for t in tensors:  # (non-empty, floating or complex, under no_grad: see all_finite)
         if t.is_complex():
             t = torch.view_as_real(t)
         if t.dim() == 0:

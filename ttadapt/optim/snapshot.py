@@ -35,22 +35,32 @@ def _clone(x: Any) -> Any:
     return copy.deepcopy(x)
 
 
-def _clone_into(x: Any, old: Any) -> Any:
+def _clone_into(x: Any, old: Any, copies: tuple[list[Tensor], list[Tensor]]) -> Any:
     """:func:`_clone`, writing tensors into ``old``'s same-layout tensors where it has them (a
-    previous snapshot being recycled: no allocation, no page faults)."""
+    previous snapshot being recycled: no allocation, no page faults). Those writes are left in
+    ``copies`` (destinations, sources) for one batched copy (:func:`_copy_all`)."""
     if isinstance(x, Tensor):
         if isinstance(old, Tensor) and _same_layout(old, x):
-            with torch.no_grad():
-                return old.copy_(x)
+            copies[0].append(old)
+            copies[1].append(x.detach())
+            return old
         return x.detach().clone()
     if isinstance(x, dict):
         old = old if isinstance(old, dict) else {}
-        return {k: _clone_into(v, old.get(k)) for k, v in x.items()}
+        return {k: _clone_into(v, old.get(k), copies) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         old = old if isinstance(old, (list, tuple)) and len(old) == len(x) else [None] * len(x)
-        items = [_clone_into(v, o) for v, o in zip(x, old)]
+        items = [_clone_into(v, o, copies) for v, o in zip(x, old)]
         return items if isinstance(x, list) else tuple(items)
     return copy.deepcopy(x)
+
+
+def _copy_all(copies: tuple[list[Tensor], list[Tensor]]) -> None:
+    """``dst.copy_(src)`` for each pair, as one multi-tensor call (an optimizer's state is many
+    small tensors: one call each costs more than the copying)."""
+    if copies[0]:
+        with torch.no_grad():
+            torch._foreach_copy_(copies[0], copies[1])
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -118,7 +128,9 @@ class OptimizerSnapshot:
         for opt in _optimizers(optimizer):
             old = old_parts.get(id(opt))
             old_state = old[1] if old is not None else {}
-            state = {p: _clone_into(s, old_state.get(p)) for p, s in opt.state.items()}
+            copies: tuple[list[Tensor], list[Tensor]] = ([], [])
+            state = {p: _clone_into(s, old_state.get(p), copies) for p, s in opt.state.items()}
+            _copy_all(copies)
             groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
             attrs = {k: _clone(v) for k, v in vars(opt).items() if k not in _SKIP_ATTRS and not k.startswith("__") and _plain_attr(v)}
             self.parts.append((opt, state, groups, attrs))
