@@ -132,6 +132,10 @@ def test_exp_linear_secant_kernel_matches_float64_and_the_torch_ops(n, alpha, sc
     raw = kernels.exp_linear_secant(ua, ub, alpha, scale, kappa)
     assert raw is not None and bool(raw[ua == ub].isnan().all()), "0/0 where the inputs tie (the caller fills it)"
     got = _exp_linear_secant(ua, ub.clone(), True, None, False, alpha, scale, kappa)
+    g = torch.randn(ua.shape, generator=torch.Generator().manual_seed(1))
+    # with the gradient: g ⊙ slope in the same pass, the derivative at the ties taken by the kernel
+    torch.testing.assert_close(kernels.exp_linear_secant(ua, ub, alpha, scale, kappa, grad=g), g * got, rtol=1e-6, atol=0,
+                               equal_nan=True)
     want = _exp_linear_secant_torch(ua, ub.clone(), True, None, False, alpha, scale, kappa)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7, equal_nan=True)
     tie = ua == ub

@@ -277,6 +277,28 @@ def test_deferred_average_equals_two_pass_engine(act, linear, seed):
         assert torch.allclose(averaged[n], ref[n], rtol=1e-12, atol=1e-14), n
 
 
+@pytest.mark.parametrize("act", [nn.ELU(), nn.SELU(), nn.CELU(alpha=0.7), nn.ReLU(), nn.Tanh()], ids=lambda a: type(a).__name__)
+def test_deferred_average_float32_fused_backward(act):
+    """float32, where the fused kernels form g ⊙ secant in the hooked node's backward (ties
+    included: `other` equals θ in the first layer's bias): the two-pass engine's result, to
+    float32 rounding."""
+    from ttadapt.averaged import DeferredAverage
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 300), act, nn.Linear(300, 300), act, nn.Linear(300, 3))
+    x = torch.randn(64, 6)
+    cl = lambda: m(x).square().sum()  # noqa: E731
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in m.named_parameters()}
+    other["0.weight"] = m[0].weight.detach().clone()
+    other["0.bias"] = m[0].bias.detach().clone()  # the first site's inputs tie exactly
+    run = DeferredAverage(m, cl)
+    run.ordinary_grad()
+    got = run.averaged_grad(other, seed="current")
+    want = ttadapt.averaged_grad(m, cl, other)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2e-5, atol=1e-5)
+
+
 def test_native_sites_are_hooked_and_let_go():
     """Native calls keep PyTorch's node (no ttadapt autograd function in the graph); composite
     ones do not qualify; the hook lets go of the kept tensors once the averaged backward used

@@ -204,28 +204,42 @@ void ag2_rescale_f32(float* p, const float* theta, float scale, int64_t n, int t
 /* The secant of f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0))) (ELU, SELU, CELU; κ > 0) without
  * cancellation: with d = ub − ua, R = max(ub, 0) − max(ua, 0), H = d − R, m = min(·, 0),
  *     (f(ub) − f(ua))/d = s·(R + α·tanh(κH/2)·(e^{κ ma} + e^{κ mb}))/d,
- * the closed form of activations._exp_linear_secant. 0/0 (NaN) where ub == ua: the caller puts
- * ATen's derivative there. ``out`` may be ``ub``. */
-void exp_linear_secant_f32(const float* ua, const float* ub, float* out, int64_t n, float alpha, float scale,
-                           float kappa, int threads) {
+ * the closed form of activations._exp_linear_secant. Where that is 0/0 (ub == ua, or a NaN or
+ * infinite input): NaN, for the caller to put ATen's derivative there bit for bit. With ``grad``
+ * (not NULL) it writes grad·slope instead, the site's averaged backward in the same pass, and
+ * takes the derivative at ua itself where the slope is 0/0 (to an ulp of ATen's elu_backward:
+ * s·α·κ·e^{κ ua} where ua ≤ 0, s where ua > 0, NaN where ua is NaN). ``out`` may be ``ub`` or
+ * ``grad``. */
+static inline float exp_linear_slope(float a, float b, float alpha, float scale, float kappa, int fill) {
+    float pa = a < 0.0f ? 0.0f : a, pb = b < 0.0f ? 0.0f : b; /* NaN stays NaN */
+    float ma = a > 0.0f ? 0.0f : a, mb = b > 0.0f ? 0.0f : b;
+    float d = b - a;
+    float r = pb - pa;
+    float x = (kappa / 2.0f) * (d - r); /* κH/2 */
+    float ax = fabsf(x);
+    float e2 = exp_2a(ax);
+    float far = (e2 - 1.0f) / (e2 + 1.0f);
+    float t = ax < 0.55f ? x * tanh_ratio_series(x * x) : (x < 0.0f ? -far : far); /* tanh(κH/2) */
+    float ea = exp_nonpositive(kappa * ma);
+    float q = scale * ((r + alpha * (t * (ea + exp_nonpositive(kappa * mb)))) / d);
+    float derivative = a > 0.0f ? scale : (a != a ? a : kappa * (alpha * scale) * ea);
+    return fill && q != q ? derivative : q;
+}
+
+void exp_linear_secant_f32(const float* ua, const float* ub, const float* grad, float* out, int64_t n, float alpha,
+                           float scale, float kappa, int threads) {
     int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+        if (grad) {
 #pragma GCC ivdep
-        for (int64_t i = start; i < stop; i++) {
-            float a = ua[i], b = ub[i];
-            float pa = a < 0.0f ? 0.0f : a, pb = b < 0.0f ? 0.0f : b; /* NaN stays NaN */
-            float ma = a > 0.0f ? 0.0f : a, mb = b > 0.0f ? 0.0f : b;
-            float d = b - a;
-            float r = pb - pa;
-            float x = (kappa / 2.0f) * (d - r); /* κH/2 */
-            float ax = fabsf(x);
-            float e2 = exp_2a(ax);
-            float far = (e2 - 1.0f) / (e2 + 1.0f);
-            float t = ax < 0.55f ? x * tanh_ratio_series(x * x) : (x < 0.0f ? -far : far); /* tanh(κH/2) */
-            float e = exp_nonpositive(kappa * ma) + exp_nonpositive(kappa * mb);
-            out[i] = scale * ((r + alpha * (t * e)) / d);
+            for (int64_t i = start; i < stop; i++)
+                out[i] = grad[i] * exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 1);
+        } else {
+#pragma GCC ivdep
+            for (int64_t i = start; i < stop; i++)
+                out[i] = exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 0);
         }
     }
 }

@@ -111,6 +111,10 @@ class Activation:
     # clamp(**settings) -> (lo, hi) for f(u) = min(max(u, lo), hi) (ReLU, ReLU6, Hardtanh): an
     # exact secant that the fused CPU kernel (ttadapt.kernels.clamp_secant) forms in one pass.
     clamp: Callable[..., tuple[float, float]] | None = None
+    # grad_secant(grad, ua, ub, out, **settings) -> grad ⊙ secant in one fused pass (the derivative
+    # where the inputs tie), written into ``out`` where given, or None where no kernel applies:
+    # the averaged backward of AG-1 / AG-2's graph pass for these sites
+    grad_secant: Callable[..., Tensor | None] | None = None
 
     def exact(self, settings: dict[str, Any]) -> tuple[float, float] | bool:
         """How the secant of one call may be formed exactly: the clamp bounds ``(lo, hi)`` of a
@@ -184,6 +188,7 @@ def register_activation(
     secant: Callable[..., Tensor] | None = None,
     vjp: Callable[..., Tensor] | None = None,
     clamp: Callable[..., tuple[float, float]] | None = None,
+    grad_secant: Callable[..., Tensor | None] | None = None,
 ) -> Activation:
     """Register an elementwise activation and the callables that compute it.
 
@@ -200,11 +205,11 @@ def register_activation(
     ``exact_secant``: the activation's slopes are 0 and 1 only, so the plain quotient is exact;
     ``clamp``: it is ``min(max(u, lo), hi)`` with ``(lo, hi) = clamp(**settings)`` (implies
     ``exact_secant``; on the CPU its secant is then one fused pass, see :mod:`ttadapt.kernels`);
-    ``secant`` / ``vjp``: see :class:`Activation`.
+    ``secant`` / ``vjp`` / ``grad_secant``: see :class:`Activation`.
     """
     forms = tuple(forms)
     act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric,
-                     exact_secant or clamp is not None, secant, vjp, clamp)
+                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant)
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
@@ -447,6 +452,7 @@ register_activation(
     secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False, alpha=1.0: _exp_linear_secant(
         ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, False, u),
+    grad_secant=lambda g, ua, ub, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0, out=out, grad=g),
 )
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
@@ -459,6 +465,7 @@ register_activation(
     secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False: _exp_linear_secant(
         ua, ub, owned, fb, fb_owned, _SELU_ALPHA, _SELU_SCALE, 1.0),
     vjp=lambda g, u, y: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
+    grad_secant=lambda g, ua, ub, out: kernels.exp_linear_secant(ua, ub, _SELU_ALPHA, _SELU_SCALE, 1.0, out=out, grad=g),
 )
 register_activation(
     "celu",
@@ -470,6 +477,7 @@ register_activation(
     secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False, alpha=1.0: _exp_linear_secant(
         ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0 / alpha),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, u),
+    grad_secant=lambda g, ua, ub, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0 / alpha, out=out, grad=g),
 )
 register_activation(
     "gelu",

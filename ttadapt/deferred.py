@@ -79,7 +79,7 @@ class NativeSite:
     y: Tensor  # the output (detached), valid while its version is `y_version`
     y_version: int
     node: Any  # the call's autograd node, until it is hooked
-    fns: tuple  # (fn, derivative, exact, closed_form)
+    fns: tuple  # (fn, derivative, exact, closed_form, grad_secant)
 
 
 # (func, in place, dtype, device type) -> whether one call makes exactly one autograd node whose
@@ -143,7 +143,7 @@ def hook_native_site(slot: DeferredSlot) -> None:
         grad = grad_outputs[0]
         if grad is None or grad_inputs[0] is None:
             return None
-        fn, derivative, exact, closed_form = site.fns
+        fn, derivative, exact, closed_form, grad_secant = site.fns
         ua, ub, fb, y = site.ua, slot.ub, slot.fb, site.y
         # the graph holds this hook until it dies: let go of the tensors once they are used
         site.ua = site.y = slot.ub = slot.fb = None
@@ -153,8 +153,11 @@ def hook_native_site(slot: DeferredSlot) -> None:
         if not (out.shape == grad.shape and out.dtype == grad.dtype and out.is_contiguous() and grad.is_contiguous()
                 and out.data_ptr() != grad.data_ptr()):
             out = None
-        if isinstance(exact, tuple) and grad.dtype == ua.dtype:  # a clamp: g ⊙ secant in one fused CPU pass
-            fused = kernels.clamp_secant(ua, ub, *exact, out=out, grad=grad)
+        if grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass: a clamp, the ELU family
+            if isinstance(exact, tuple):
+                fused = kernels.clamp_secant(ua, ub, *exact, out=out, grad=grad)
+            else:
+                fused = grad_secant(grad, ua, ub, out) if grad_secant is not None else None
             if fused is not None:
                 return (fused,)
         fa = y if y._version == site.y_version else fn(ua)

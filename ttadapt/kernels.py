@@ -9,7 +9,7 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
 - :func:`clamp_secant`: the exact secant of ReLU, ReLU6 and Hardtanh, with the derivative
   where the inputs tie;
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
-  (:func:`ttadapt.activations._exp_linear_secant`);
+  (:func:`ttadapt.activations._exp_linear_secant`), or ``g ⊙`` it;
 - :func:`ag1_update`: ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step;
 - :func:`adam_direction` and :func:`rmsprop_direction`: AG-2's dry step of ``torch.optim``'s
@@ -149,7 +149,7 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.clamp_secant_f32.restype = None
         lib.ag1_update_f32.argtypes = [_P, _P, _P, _N, _I]
         lib.ag1_update_f32.restype = ctypes.c_double
-        lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _N, _F, _F, _F, _I]
+        lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I]
         lib.exp_linear_secant_f32.restype = None
         lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
         lib.l1_diff_f32.restype = ctypes.c_double
@@ -276,20 +276,21 @@ def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | Non
 
 
 def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float,
-                      out: Tensor | None = None) -> Tensor | None:
+                      out: Tensor | None = None, grad: Tensor | None = None) -> Tensor | None:
     """The secant slope of ``s·(max(u, 0) + α·expm1(κ·min(u, 0)))`` (ELU, SELU, CELU) between
-    ``ua`` and ``ub``, NaN where they tie (the caller puts the derivative there), or None where
-    the kernel does not apply (also for κ ≤ 0 or non-finite settings)."""
+    ``ua`` and ``ub``, NaN where they tie (the caller puts ATen's derivative there) — or, given
+    ``grad``, ``grad ⊙ slope`` in the same pass, with the derivative at the ties (to an ulp of
+    ATen's) — or None where the kernel does not apply (also for κ ≤ 0 or non-finite settings)."""
     lib = _library()
     if lib is None or not (kappa > 0 and math.isfinite(kappa) and math.isfinite(alpha) and math.isfinite(scale)):
         return None
-    if not _dense(ua, ub):
+    if not (_dense(ua, ub) if grad is None else _dense(ua, ub, grad)):
         return None
     result = _out(ua, out)
     if result is None:
         return None
-    lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), result.data_ptr(), ua.numel(), float(alpha), float(scale),
-                              float(kappa), torch.get_num_threads())
+    lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), None if grad is None else grad.data_ptr(), result.data_ptr(),
+                              ua.numel(), float(alpha), float(scale), float(kappa), torch.get_num_threads())
     return result
 
 

@@ -364,7 +364,11 @@ class SiteSession:
                 return func(*args, **kwargs)
             fn, derivative, closed_form = activation_callables(act, settings)
             if u.grad_fn is not None and single_node_call(func, args, kwargs, u, inplace):
-                return native_site(lambda: func(*args, **kwargs), u, inplace, (fn, derivative, act.exact(settings), closed_form), slot)
+                fused = None
+                if act.grad_secant is not None:
+                    fused = (lambda g, a, b, out: act.grad_secant(g, a, b, out, **settings)) if settings else act.grad_secant
+                return native_site(lambda: func(*args, **kwargs), u, inplace,
+                                   (fn, derivative, act.exact(settings), closed_form, fused), slot)
             vjp = None
             if act.vjp is not None:
                 vjp = (lambda g, x, y: act.vjp(g, x, y, **settings)) if settings else act.vjp
