@@ -106,7 +106,8 @@ class Activation:
     # f(ub) when the other pass kept it; owned / fb_owned allow overwriting ub / fb.
     secant: Callable[..., Tensor] | None = None
     # vjp(grad, u, y, **settings) -> grad ⊙ f'(u) in one kernel (ATen's own backward; y = f(u)):
-    # the ordinary backward of AG-1 / AG-2's graph pass, as fast as PyTorch's.
+    # the ordinary backward of AG-1 / AG-2's graph pass where the call is not one native op
+    # (those keep PyTorch's own node, see ttadapt.deferred), as fast as PyTorch's.
     vjp: Callable[..., Tensor] | None = None
     # clamp(**settings) -> (lo, hi) for f(u) = min(max(u, lo), hi) (ReLU, ReLU6, Hardtanh): an
     # exact secant that the fused CPU kernel (ttadapt.kernels.clamp_secant) forms in one pass.
