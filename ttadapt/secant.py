@@ -304,15 +304,19 @@ _CONV = {
 }
 
 
+def bind_settings(f: Callable | None, settings: dict) -> Callable | None:
+    """``f`` with one call's settings bound as keywords (``f`` itself without settings; None
+    stays None)."""
+    if f is None or not settings:
+        return f
+    return lambda *a: f(*a, **settings)
+
+
 def activation_callables(act: Activation, settings: dict) -> tuple[Callable, Callable, Callable | None]:
     """``(fn, derivative, closed_form secant or None)`` of a registered activation with one call's
     settings bound."""
-    fn = (lambda x: act.fn(x, **settings)) if settings else act.fn
     derivative = lambda x: act.derivative(x, **settings)  # noqa: E731
-    closed_form = None
-    if act.secant is not None:
-        closed_form = (lambda *a: act.secant(*a, **settings)) if settings else act.secant
-    return fn, derivative, closed_form
+    return bind_settings(act.fn, settings), derivative, bind_settings(act.secant, settings)
 
 
 def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool,

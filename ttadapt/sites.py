@@ -39,7 +39,8 @@ from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActiv
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
                        hook_native_site, native_site, single_node_call)
-from .secant import AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables, averaged_activation_output, secant_slope
+from .secant import (AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables,
+                     averaged_activation_output, bind_settings, secant_slope)
 
 __all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
 
@@ -364,11 +365,8 @@ class SiteSession:
                 return func(*args, **kwargs)
             fn, derivative, closed_form = activation_callables(act, settings)
             if u.grad_fn is not None and single_node_call(func, args, kwargs, u, inplace):
-                fused = None
-                if act.grad_secant is not None:
-                    fused = (lambda g, a, b, out: act.grad_secant(g, a, b, out, **settings)) if settings else act.grad_secant
-                return native_site(lambda: func(*args, **kwargs), u, inplace,
-                                   (fn, derivative, act.exact(settings), closed_form, fused), slot)
+                fns = (fn, derivative, act.exact(settings), closed_form, bind_settings(act.grad_secant, settings))
+                return native_site(lambda: func(*args, **kwargs), u, inplace, fns, slot)
             vjp = None
             if act.vjp is not None:
                 vjp = (lambda g, x, y: act.vjp(g, x, y, **settings)) if settings else act.vjp
