@@ -205,10 +205,13 @@ def register_activation(
 
     ``exact_secant``: the activation's slopes are 0 and 1 only, so the plain quotient is exact;
     ``clamp``: it is ``min(max(u, lo), hi)`` with ``(lo, hi) = clamp(**settings)`` (implies
-    ``exact_secant``; on the CPU its secant is then one fused pass, see :mod:`ttadapt.kernels`);
-    ``secant`` / ``vjp`` / ``grad_secant``: see :class:`Activation`.
+    ``exact_secant``; on the CPU its secant is then one fused pass, see :mod:`ttadapt.kernels`,
+    and so is ``g ⊙`` secant, its default ``grad_secant``); ``secant`` / ``vjp`` /
+    ``grad_secant``: see :class:`Activation`.
     """
     forms = tuple(forms)
+    if grad_secant is None and clamp is not None:
+        grad_secant = _clamp_grad_secant(clamp)
     act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric,
                      exact_secant or clamp is not None, secant, vjp, clamp, grad_secant)
     for form in forms:
@@ -232,6 +235,15 @@ def register_module_activation(
     entry = ModuleActivation(name, cls, deriv, kinks or (lambda module: ()))
     _MODULE_ACTIVATIONS[cls] = entry
     return entry
+
+
+def _clamp_grad_secant(clamp: Callable[..., tuple[float, float]]) -> Callable[..., Tensor | None]:
+    """``grad_secant`` of a clamp activation: :func:`ttadapt.kernels.clamp_secant` with ``grad``."""
+    def grad_secant(g: Tensor, ua: Tensor, ub: Tensor, out: Tensor | None, **settings: Any) -> Tensor | None:
+        lo, hi = clamp(**settings)
+        return kernels.clamp_secant(ua, ub, float(lo), float(hi), out=out, grad=g)
+
+    return grad_secant
 
 
 def unregister_activation(name_or_cls: str | type) -> None:

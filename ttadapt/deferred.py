@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from . import kernels
 from .activations import _prelu_weight
 from .rare import _fill_exact_ties
 from .secant import _affine_grads, _compute_dtype, _fused_clamp_secant, _prelu_slopes, secant_slope
@@ -153,11 +152,8 @@ def hook_native_site(slot: DeferredSlot) -> None:
         if not (out.shape == grad.shape and out.dtype == grad.dtype and out.is_contiguous() and grad.is_contiguous()
                 and out.data_ptr() != grad.data_ptr()):
             out = None
-        if grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass: a clamp, the ELU family
-            if isinstance(exact, tuple):
-                fused = kernels.clamp_secant(ua, ub, *exact, out=out, grad=grad)
-            else:
-                fused = grad_secant(grad, ua, ub, out) if grad_secant is not None else None
+        if grad_secant is not None and grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass
+            fused = grad_secant(grad, ua, ub, out)
             if fused is not None:
                 return (fused,)
         fa = y if y._version == site.y_version else fn(ua)
@@ -186,29 +182,30 @@ class DeferredActivation(Function):
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, call: Callable, fn: Callable, derivative: Callable, inplace: bool, exact: tuple[float, float] | bool,
-                closed_form: Callable | None, slot: DeferredSlot, vjp: Callable | None = None) -> Tensor:  # type: ignore[override]
+                closed_form: Callable | None, slot: DeferredSlot, vjp: Callable | None = None,
+                grad_secant: Callable | None = None) -> Tensor:  # type: ignore[override]
         ua = u.detach().clone() if inplace else u  # an in-place call would overwrite the input
         y = call(u)
         if inplace:
             ctx.mark_dirty(u)
         ctx.save_for_backward(ua)
         _save_output(ctx, y)
-        ctx.fns = (fn, derivative, exact, closed_form, vjp)
+        ctx.fns = (fn, derivative, exact, closed_form, vjp, grad_secant)
         ctx.slot = slot
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (ua,) = ctx.saved_tensors
-        fn, derivative, exact, closed_form, vjp = ctx.fns
+        fn, derivative, exact, closed_form, vjp, grad_secant = ctx.fns
         slot = ctx.slot
-        none = (None,) * 8
+        none = (None,) * 9
         if not slot.filled:  # the ordinary backward
             if vjp is not None and grad.dtype == ua.dtype:
                 return (vjp(grad, ua, _output(ctx, fn, ua)),) + none
             return (grad * derivative(ua).to(grad.dtype),) + none
-        if isinstance(exact, tuple) and grad.dtype == ua.dtype:  # a clamp: g ⊙ secant in one fused CPU pass
-            fused = kernels.clamp_secant(ua, slot.ub, *exact, grad=grad)
+        if grad_secant is not None and grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass
+            fused = grad_secant(grad, ua, slot.ub, None)
             if fused is not None:
                 return (fused,) + none
         slope = activation_slope(fn, derivative, ua, _output(ctx, fn, ua), slot.ub, exact, closed_form, slot.fb)

@@ -364,14 +364,16 @@ class SiteSession:
             if not u.requires_grad:
                 return func(*args, **kwargs)
             fn, derivative, closed_form = activation_callables(act, settings)
+            grad_secant = bind_settings(act.grad_secant, settings)
             if u.grad_fn is not None and single_node_call(func, args, kwargs, u, inplace):
-                fns = (fn, derivative, act.exact(settings), closed_form, bind_settings(act.grad_secant, settings))
+                fns = (fn, derivative, act.exact(settings), closed_form, grad_secant)
                 return native_site(lambda: func(*args, **kwargs), u, inplace, fns, slot)
             vjp = None
             if act.vjp is not None:
                 vjp = (lambda g, x, y: act.vjp(g, x, y, **settings)) if settings else act.vjp
             call = lambda _u: func(*args, **kwargs)  # noqa: E731
-            return DeferredActivation.apply(u, call, fn, derivative, inplace, act.exact(settings), closed_form, slot, vjp)
+            return DeferredActivation.apply(u, call, fn, derivative, inplace, act.exact(settings), closed_form, slot, vjp,
+                                            grad_secant)
         rec = self._next(name, u)
         settings = act.settings(given)
         if act.parametric:
