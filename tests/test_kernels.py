@@ -49,15 +49,34 @@ def _exact_tanh_secant(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
     return ratio / (torch.cosh(a) * torch.cosh(b))
 
 
+def _tanh_kernel(form: str, ua: torch.Tensor, fa: torch.Tensor, ub: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """The kernel's slope in one of its three forms: ``fb`` read ("fb"), ``tanh(ub)`` formed in
+    the kernel ("own"), or that times a gradient of ones ("grad")."""
+    if form == "fb":
+        got = kernels.tanh_secant(ua, fa, ub, fb)
+    elif form == "own":
+        got = kernels.tanh_secant(ua, fa, ub)
+    else:
+        got = kernels.tanh_secant(ua, fa, ub, grad=torch.ones_like(ua))
+    assert got is not None
+    return got
+
+
+TANH_FORMS = ["fb", "own", "grad"]
+
+
 @needs_kernels
+@pytest.mark.parametrize("form", TANH_FORMS)
 @pytest.mark.parametrize("n", SIZES)
-def test_tanh_secant_kernel_matches_float64_and_the_torch_ops(n):
+def test_tanh_secant_kernel_matches_float64_and_the_torch_ops(n, form):
     ua, ub = _inputs(n)
     fa, fb = ua.tanh(), ub.tanh()
-    got = kernels.tanh_secant(ua, fa, ub, fb)
-    assert got is not None
+    got = _tanh_kernel(form, ua, fa, ub, fb)
     fallback = _tanh_secant_torch(ua, fa, ub.clone(), fb.clone())
-    torch.testing.assert_close(got, fallback, rtol=2e-6, atol=1e-7, equal_nan=True)
+    # where tanh saturates, 1 − fa·fb is a few ulps of 1 and the kernel's own tanh(ub) may
+    # round to the other neighbour of ATen's: a difference of an ulp of 1 there
+    atol = 1e-7 if form == "fb" else 2.4e-7
+    torch.testing.assert_close(got, fallback, rtol=2e-6, atol=atol, equal_nan=True)
     finite = ua.isfinite() & ub.isfinite()
     want = _exact_tanh_secant(ua[finite], ub[finite])
     # float32 tanh(u) rounds to ±1 beyond |u| ≈ 9, so 1 − fa·fb is exact only to ~1 ulp of 1
@@ -67,19 +86,40 @@ def test_tanh_secant_kernel_matches_float64_and_the_torch_ops(n):
 
 
 @needs_kernels
-def test_tanh_secant_kernel_is_relatively_accurate_where_the_quotient_cancels():
+@pytest.mark.parametrize("form", TANH_FORMS)
+def test_tanh_secant_kernel_is_relatively_accurate_where_the_quotient_cancels(form):
     """Close, unsaturated inputs (the series path): full float32 relative precision, where the
     plain quotient (tanh b − tanh a)/(b − a) loses eps/|d|."""
     g = torch.Generator().manual_seed(1)
     # |u| ≤ 1: away from saturation, where 1 − fa·fb inherits float32 tanh's rounding of ±1
     ua = torch.rand(50_000, generator=g) * 2 - 1
     ub = ua + torch.randn(50_000, generator=g) * torch.tensor([1e-5, 1e-3, 0.2, 2.0]).repeat(12_500)
-    got = kernels.tanh_secant(ua, ua.tanh(), ub, ub.tanh())
+    got = _tanh_kernel(form, ua, ua.tanh(), ub, ub.tanh())
     want = _exact_tanh_secant(ua, ub)
     err = ((got.double() - want).abs() / want).max().item()
     quotient = (ub.tanh() - ua.tanh()) / (ub - ua)
     quotient_err = ((quotient.double() - want).abs() / want)[ub != ua].max().item()
     assert err < 1e-6 and quotient_err > 100 * err, (err, quotient_err)
+
+
+@needs_kernels
+def test_tanh_secant_kernel_times_a_gradient_and_writes_over_its_inputs():
+    """``grad ⊙ slope`` is the slope times the gradient to a rounding; ``out`` may be ``ub``
+    (the engine's kept input) or the gradient itself."""
+    ua, ub = _inputs(4099, seed=5)
+    fa = ua.tanh()
+    grad = torch.randn_like(ua)
+    slope = kernels.tanh_secant(ua, fa, ub)
+    want = grad * slope
+    torch.testing.assert_close(kernels.tanh_secant(ua, fa, ub, grad=grad), want, rtol=1e-6, atol=0, equal_nan=True)
+    into_grad = kernels.tanh_secant(ua, fa, ub, grad=grad.clone(), out=None)
+    torch.testing.assert_close(into_grad, want, rtol=1e-6, atol=0, equal_nan=True)
+    g2 = grad.clone()
+    assert kernels.tanh_secant(ua, fa, ub, grad=g2, out=g2) is g2
+    torch.testing.assert_close(g2, want, rtol=1e-6, atol=0, equal_nan=True)
+    u2 = ub.clone()
+    assert kernels.tanh_secant(ua, fa, u2, out=u2) is u2
+    assert torch.equal(u2.nan_to_num(5.0), slope.nan_to_num(5.0))
 
 
 @needs_kernels

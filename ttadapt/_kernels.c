@@ -77,38 +77,87 @@ static float max_gap(const float* ua, const float* ub, int64_t n) {
     return m;
 }
 
-/* One chunk of the tanh secant; ``close``: every |d| < 0.55 (the usual case), series only. */
-static void tanh_secant_chunk(const float* ua, const float* fa, const float* ub, const float* fb, float* out,
-                              int64_t n, int close) {
+/* tanh x, vectorisable, within a few ulps of libm's: x·tanh(x)/x by the series below 0.55,
+ * ±(e − 1)/(e + 1) with e = e^{2 min(|x|, 9)} above (exactly ±1 beyond 9, ±inf included). NaN
+ * stays NaN. */
+static inline float tanh_f(float x) {
+    float a = fabsf(x);
+    float e = exp_2a(a);
+    float far = copysignf((e - 1.0f) / (e + 1.0f), x);
+    float near = x * tanh_ratio_series(x * x);
+    return x != x ? x : (a < 0.55f ? near : far);
+}
+
+/* One element of the tanh secant: (1 − fa·fb)·t, t = tanh(d)/d (1 where d is NaN). */
+static inline float tanh_slope(float fa, float fb, float t) {
+    t = t != t ? 1.0f : t;
+    return fmaf(-fa, fb, 1.0f) * t;
+}
+
+/* The tanh secant for |d| < 0.55 from fa = tanh(ua) alone (see tanh_secant_chunk). */
+static inline float near_own_fb(float fa, float d) {
+    float t = tanh_ratio_series(d * d);
+    t = t != t ? 1.0f : t;
+    return fmaf(-fa, fa, 1.0f) * t / fmaf(fa, d * t, 1.0f);
+}
+
+/* One chunk of the tanh secant; ``close``: every |d| < 0.55 (the usual case), series only.
+ * fb NULL: tanh(ub) is formed here (fa where d == 0, so that a tie stays bit-exact); grad
+ * non-NULL: out = grad ⊙ slope. */
+static void tanh_secant_chunk(const float* ua, const float* fa, const float* ub, const float* fb, const float* grad,
+                              float* out, int64_t n, int close) {
+#define TANH_LOOP(T_OF_D)                                                                                              \
+    do {                                                                                                               \
+        if (fb && !grad) {                                                                                             \
+            _Pragma("GCC ivdep") for (int64_t i = 0; i < n; i++) {                                                     \
+                float d = ub[i] - ua[i];                                                                               \
+                out[i] = tanh_slope(fa[i], fb[i], T_OF_D);                                                             \
+            }                                                                                                          \
+        } else if (fb) {                                                                                               \
+            _Pragma("GCC ivdep") for (int64_t i = 0; i < n; i++) {                                                     \
+                float d = ub[i] - ua[i];                                                                               \
+                out[i] = grad[i] * tanh_slope(fa[i], fb[i], T_OF_D);                                                   \
+            }                                                                                                          \
+        } else if (!grad) {                                                                                            \
+            _Pragma("GCC ivdep") for (int64_t i = 0; i < n; i++) {                                                     \
+                float d = ub[i] - ua[i], f = fa[i];                                                                    \
+                out[i] = OWN_FB(f, d);                                                                                 \
+            }                                                                                                          \
+        } else {                                                                                                       \
+            _Pragma("GCC ivdep") for (int64_t i = 0; i < n; i++) {                                                     \
+                float d = ub[i] - ua[i], f = fa[i];                                                                    \
+                out[i] = grad[i] * OWN_FB(f, d);                                                                       \
+            }                                                                                                          \
+        }                                                                                                              \
+    } while (0)
     if (close) {
-#pragma GCC ivdep
-        for (int64_t i = 0; i < n; i++) {
-            float d = ub[i] - ua[i];
-            float t = tanh_ratio_series(d * d);
-            t = t != t ? 1.0f : t;
-            out[i] = fmaf(-fa[i], fb[i], 1.0f) * t;
-        }
+        /* |d| < 0.55, so with T = tanh d, tanh ub = (fa + T)/(1 + fa·T) and the slope is
+         * (1 − fa²)·(T/d)/(1 + fa·T), 1 + fa·T ≥ 0.49: no cancellation and no exponential. At
+         * d == 0 it is 1 − fa² rounded once, the derivative bit for bit. */
+#define OWN_FB(f, d) near_own_fb(f, d)
+        TANH_LOOP(tanh_ratio_series(d * d));
+#undef OWN_FB
     } else {
-#pragma GCC ivdep
-        for (int64_t i = 0; i < n; i++) {
-            float t = tanh_ratio(ub[i] - ua[i]);
-            t = t != t ? 1.0f : t;
-            out[i] = fmaf(-fa[i], fb[i], 1.0f) * t;
-        }
+#define OWN_FB(f, d) tanh_slope(f, d == 0.0f ? f : tanh_f(ub[i]), tanh_ratio(d))
+        TANH_LOOP(tanh_ratio(d));
+#undef OWN_FB
     }
+#undef TANH_LOOP
 }
 
 /* The tanh secant (tanh(ub) − tanh(ua))/(ub − ua) = (1 − fa·fb)·tanh(d)/d with fa = tanh(ua),
  * fb = tanh(ub), d = ub − ua. 1 − fa·fb is rounded once, as ATen's tanh_backward rounds 1 − y²,
  * so that at d == 0 the slope is the derivative bit for bit. Where d is NaN, tanh(d)/d is taken
- * as 1 (the fallback's nan_to_num). ``out`` may be ``fb``. */
-void tanh_secant_f32(const float* ua, const float* fa, const float* ub, const float* fb, float* out,
+ * as 1 (the fallback's nan_to_num). ``out`` may be ``fb`` or ``ub``; ``fb`` may be NULL (formed
+ * here, see tanh_f); with ``grad``, out = grad ⊙ slope (and may be ``grad``). */
+void tanh_secant_f32(const float* ua, const float* fa, const float* ub, const float* fb, const float* grad, float* out,
                      int64_t n, int threads) {
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t o = k * CHUNK, m = n - o < CHUNK ? n - o : CHUNK;
-        tanh_secant_chunk(ua + o, fa + o, ub + o, fb + o, out + o, m, max_gap(ua + o, ub + o, m) < 0.55f);
+        tanh_secant_chunk(ua + o, fa + o, ub + o, fb ? fb + o : NULL, grad ? grad + o : NULL, out + o, m,
+                          max_gap(ua + o, ub + o, m) < 0.55f);
     }
 }
 
@@ -204,24 +253,23 @@ void ag2_rescale_f32(float* p, const float* theta, float scale, int64_t n, int t
 /* The secant of f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0))) (ELU, SELU, CELU; κ > 0) without
  * cancellation: with d = ub − ua, R = max(ub, 0) − max(ua, 0), H = d − R, m = min(·, 0),
  *     (f(ub) − f(ua))/d = s·(R + α·tanh(κH/2)·(e^{κ ma} + e^{κ mb}))/d,
- * the closed form of activations._exp_linear_secant. Where that is 0/0 (ub == ua, or a NaN or
- * infinite input): NaN, for the caller to put ATen's derivative there bit for bit. With ``grad``
- * (not NULL) it writes grad·slope instead, the site's averaged backward in the same pass, and
- * takes the derivative at ua itself where the slope is 0/0 (to an ulp of ATen's elu_backward:
- * s·α·κ·e^{κ ua} where ua ≤ 0, s where ua > 0, NaN where ua is NaN). ``out`` may be ``ub`` or
- * ``grad``. */
+ * the closed form of activations._exp_linear_secant. Where |κH/2| ≥ 0.55 the exponentials are
+ * at least a factor e^{1.1} apart, so tanh(κH/2)·(e^{κ ma} + e^{κ mb}) = e^{κ mb} − e^{κ ma}
+ * has no cancellation and is formed as that difference: two exponentials per element, not
+ * three. Where that is 0/0 (ub == ua, or a NaN or infinite input): NaN, for the caller to put
+ * ATen's derivative there bit for bit. With ``grad`` (not NULL) it writes grad·slope instead,
+ * the site's averaged backward in the same pass, and takes the derivative at ua itself where
+ * the slope is 0/0 (to an ulp of ATen's elu_backward: s·α·κ·e^{κ ua} where ua ≤ 0, s where
+ * ua > 0, NaN where ua is NaN). ``out`` may be ``ub`` or ``grad``. */
 static inline float exp_linear_slope(float a, float b, float alpha, float scale, float kappa, int fill) {
     float pa = a < 0.0f ? 0.0f : a, pb = b < 0.0f ? 0.0f : b; /* NaN stays NaN */
     float ma = a > 0.0f ? 0.0f : a, mb = b > 0.0f ? 0.0f : b;
     float d = b - a;
     float r = pb - pa;
     float x = (kappa / 2.0f) * (d - r); /* κH/2 */
-    float ax = fabsf(x);
-    float e2 = exp_2a(ax);
-    float far = (e2 - 1.0f) / (e2 + 1.0f);
-    float t = ax < 0.55f ? x * tanh_ratio_series(x * x) : (x < 0.0f ? -far : far); /* tanh(κH/2) */
-    float ea = exp_nonpositive(kappa * ma);
-    float q = scale * ((r + alpha * (t * (ea + exp_nonpositive(kappa * mb)))) / d);
+    float ea = exp_nonpositive(kappa * ma), eb = exp_nonpositive(kappa * mb);
+    float near = x * tanh_ratio_series(x * x) * (ea + eb); /* tanh(κH/2)·(e^{κ ma} + e^{κ mb}) */
+    float q = scale * ((r + alpha * (fabsf(x) < 0.55f ? near : eb - ea)) / d);
     float derivative = a > 0.0f ? scale : (a != a ? a : kappa * (alpha * scale) * ea);
     return fill && q != q ? derivative : q;
 }

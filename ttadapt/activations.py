@@ -112,10 +112,15 @@ class Activation:
     # clamp(**settings) -> (lo, hi) for f(u) = min(max(u, lo), hi) (ReLU, ReLU6, Hardtanh): an
     # exact secant that the fused CPU kernel (ttadapt.kernels.clamp_secant) forms in one pass.
     clamp: Callable[..., tuple[float, float]] | None = None
-    # grad_secant(grad, ua, ub, out, **settings) -> grad ⊙ secant in one fused pass (the derivative
-    # where the inputs tie), written into ``out`` where given, or None where no kernel applies:
-    # the averaged backward of AG-1 / AG-2's graph pass for these sites
+    # grad_secant(grad, ua, fa, ub, fb, out, **settings) -> grad ⊙ secant in one fused pass (the
+    # derivative where the inputs tie), written into ``out`` where given, or None where no kernel
+    # applies: the averaged backward of AG-1 / AG-2's graph pass for these sites. fa = f(ua) and
+    # fb = f(ub) where at hand, else None.
     grad_secant: Callable[..., Tensor | None] | None = None
+    # secant_forms_fb(u) -> whether ``secant`` forms f(ub) itself, as cheaply as it would read
+    # it, for inputs like u (Tanh on the CPU: its fused kernel): the pass at the other state then
+    # keeps only the inputs, not the outputs too
+    secant_forms_fb: Callable[[Tensor], bool] | None = None
 
     def exact(self, settings: dict[str, Any]) -> tuple[float, float] | bool:
         """How the secant of one call may be formed exactly: the clamp bounds ``(lo, hi)`` of a
@@ -190,6 +195,7 @@ def register_activation(
     vjp: Callable[..., Tensor] | None = None,
     clamp: Callable[..., tuple[float, float]] | None = None,
     grad_secant: Callable[..., Tensor | None] | None = None,
+    secant_forms_fb: Callable[[Tensor], bool] | None = None,
 ) -> Activation:
     """Register an elementwise activation and the callables that compute it.
 
@@ -213,7 +219,7 @@ def register_activation(
     if grad_secant is None and clamp is not None:
         grad_secant = _clamp_grad_secant(clamp)
     act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric,
-                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant)
+                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant, secant_forms_fb)
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
@@ -239,7 +245,8 @@ def register_module_activation(
 
 def _clamp_grad_secant(clamp: Callable[..., tuple[float, float]]) -> Callable[..., Tensor | None]:
     """``grad_secant`` of a clamp activation: :func:`ttadapt.kernels.clamp_secant` with ``grad``."""
-    def grad_secant(g: Tensor, ua: Tensor, ub: Tensor, out: Tensor | None, **settings: Any) -> Tensor | None:
+    def grad_secant(g: Tensor, ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None, out: Tensor | None,
+                    **settings: Any) -> Tensor | None:
         lo, hi = clamp(**settings)
         return kernels.clamp_secant(ua, ub, float(lo), float(hi), out=out, grad=g)
 
@@ -465,7 +472,7 @@ register_activation(
     secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False, alpha=1.0: _exp_linear_secant(
         ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, False, u),
-    grad_secant=lambda g, ua, ub, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0, out=out, grad=g),
+    grad_secant=lambda g, ua, fa, ub, fb, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0, out=out, grad=g),
 )
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
@@ -478,7 +485,7 @@ register_activation(
     secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False: _exp_linear_secant(
         ua, ub, owned, fb, fb_owned, _SELU_ALPHA, _SELU_SCALE, 1.0),
     vjp=lambda g, u, y: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
-    grad_secant=lambda g, ua, ub, out: kernels.exp_linear_secant(ua, ub, _SELU_ALPHA, _SELU_SCALE, 1.0, out=out, grad=g),
+    grad_secant=lambda g, ua, fa, ub, fb, out: kernels.exp_linear_secant(ua, ub, _SELU_ALPHA, _SELU_SCALE, 1.0, out=out, grad=g),
 )
 register_activation(
     "celu",
@@ -490,7 +497,7 @@ register_activation(
     secant=lambda ua, fa, ub, fb=None, owned=False, fb_owned=False, alpha=1.0: _exp_linear_secant(
         ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0 / alpha),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, u),
-    grad_secant=lambda g, ua, ub, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0 / alpha, out=out, grad=g),
+    grad_secant=lambda g, ua, fa, ub, fb, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0 / alpha, out=out, grad=g),
 )
 register_activation(
     "gelu",
@@ -562,15 +569,19 @@ def _tanh_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None = 
     """tanh(b) − tanh(a) = (1 − tanh a·tanh b)·tanh(b − a): no cancellation, and tanh(d)/d → 1
     as d → 0 (0/0 at d == 0 exactly, where the slope is 1 − tanh²a, the derivative).
 
-    ``fb = tanh(ub)`` when the other pass kept it; ``owned`` / ``fb_owned``: ``ub`` / ``fb`` may
-    be overwritten (then one new tensor, the slope, is allocated). One fused pass where
-    :func:`ttadapt.kernels.tanh_secant` applies, else :func:`_tanh_secant_torch`."""
+    ``fb = tanh(ub)`` when the other pass kept it (the fused kernel forms it itself otherwise);
+    ``owned`` / ``fb_owned``: ``ub`` / ``fb`` may be overwritten (then no new tensor is
+    allocated). One fused pass where :func:`ttadapt.kernels.tanh_secant` applies, else
+    :func:`_tanh_secant_torch`."""
     if fa is None:
         fa = torch.tanh(ua)
+    out = fb if (fb is not None and fb_owned) else ub if owned else None
+    fused = kernels.tanh_secant(ua, fa, ub, fb, out=out)
+    if fused is not None:
+        return fused
     if fb is None:
         fb, fb_owned = torch.tanh(ub), True
-    fused = kernels.tanh_secant(ua, fa, ub, fb, out=fb if fb_owned else None)
-    return fused if fused is not None else _tanh_secant_torch(ua, fa, ub, fb, owned, fb_owned)
+    return _tanh_secant_torch(ua, fa, ub, fb, owned, fb_owned)
 
 
 def _tanh_secant_torch(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, owned: bool = False,
@@ -590,6 +601,8 @@ register_activation(
     _forms([torch.tanh, F.tanh, *_method("tanh")], [torch.tanh_, *_method("tanh_")]),
     secant=_tanh_secant,
     vjp=lambda g, u, y: aten.tanh_backward(g, y),
+    grad_secant=lambda g, ua, fa, ub, fb, out: None if fa is None else kernels.tanh_secant(ua, fa, ub, fb, out=out, grad=g),
+    secant_forms_fb=kernels.fits,
 )
 register_activation(
     "softplus",

@@ -152,11 +152,12 @@ def hook_native_site(slot: DeferredSlot) -> None:
         if not (out.shape == grad.shape and out.dtype == grad.dtype and out.is_contiguous() and grad.is_contiguous()
                 and out.data_ptr() != grad.data_ptr()):
             out = None
+        fa = y if y._version == site.y_version else None
         if grad_secant is not None and grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass
-            fused = grad_secant(grad, ua, ub, out)
+            fused = grad_secant(grad, ua, fa, ub, fb, out)
             if fused is not None:
                 return (fused,)
-        fa = y if y._version == site.y_version else fn(ua)
+        fa = fn(ua) if fa is None else fa
         slope = activation_slope(fn, derivative, ua, fa, ub, exact, closed_form, fb)
         if out is None or slope.dtype != grad.dtype:
             return (grad * slope,)
@@ -205,7 +206,8 @@ class DeferredActivation(Function):
                 return (vjp(grad, ua, _output(ctx, fn, ua)),) + none
             return (grad * derivative(ua).to(grad.dtype),) + none
         if grad_secant is not None and grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass
-            fused = grad_secant(grad, ua, slot.ub, None)
+            y = ctx.y if ctx.y._version == ctx.y_version else None
+            fused = grad_secant(grad, ua, y, slot.ub, slot.fb, None)
             if fused is not None:
                 return (fused,) + none
         slope = activation_slope(fn, derivative, ua, _output(ctx, fn, ua), slot.ub, exact, closed_form, slot.fb)

@@ -4,7 +4,7 @@ On the CPU every elementwise PyTorch op is one pass over memory, and the secant 
 AG-1 update chain three to six of them on tensors that do not fit in cache. The C kernels in
 ``_kernels.c`` do each in one pass:
 
-- :func:`tanh_secant`: ``(1 − tanh a·tanh b)·tanh(d)/d``, the closed form of
+- :func:`tanh_secant`: ``(1 − tanh a·tanh b)·tanh(d)/d``, or ``g ⊙`` it, the closed form of
   :func:`ttadapt.activations._tanh_secant`;
 - :func:`clamp_secant`: the exact secant of ReLU, ReLU6 and Hardtanh, with the derivative
   where the inputs tie;
@@ -143,7 +143,7 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
             lib = ctypes.CDLL(str(target))
         except OSError:
             continue
-        lib.tanh_secant_f32.argtypes = [_P, _P, _P, _P, _P, _N, _I]
+        lib.tanh_secant_f32.argtypes = [_P, _P, _P, _P, _P, _P, _N, _I]
         lib.tanh_secant_f32.restype = None
         lib.clamp_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _I]
         lib.clamp_secant_f32.restype = None
@@ -235,17 +235,21 @@ def _out(like: Tensor, out: Tensor | None) -> Tensor | None:
     return out if _dense(like, out) else None
 
 
-def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, out: Tensor | None = None) -> Tensor | None:
-    """The tanh secant slope from ``ua``, ``fa = tanh(ua)``, ``ub``, ``fb = tanh(ub)`` into
-    ``out`` (new memory if None; may be ``fb``), or None where the kernel does not apply."""
+def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None = None, out: Tensor | None = None,
+                grad: Tensor | None = None) -> Tensor | None:
+    """The tanh secant slope from ``ua``, ``fa = tanh(ua)``, ``ub`` and ``fb = tanh(ub)`` into
+    ``out`` (new memory if None; may be ``fb`` or ``ub``), or None where the kernel does not
+    apply. Without ``fb`` the kernel forms ``tanh(ub)`` itself (a few ulps from ATen's; ``fa``
+    where ``ub == ua``), which saves keeping it; given ``grad``, ``grad ⊙ slope`` in the same
+    pass (a site's averaged backward)."""
     lib = _library()
-    if lib is None or not _dense(ua, fa, ub, fb):
+    if lib is None or not _dense(ua, fa, ub, *(t for t in (fb, grad) if t is not None)):
         return None
     result = _out(ua, out)
     if result is None:
         return None
-    lib.tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), fb.data_ptr(), result.data_ptr(), ua.numel(),
-                        torch.get_num_threads())
+    lib.tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), None if fb is None else fb.data_ptr(),
+                        None if grad is None else grad.data_ptr(), result.data_ptr(), ua.numel(), torch.get_num_threads())
     return result
 
 
@@ -380,6 +384,9 @@ def _self_test() -> str | None:
     want = _tanh_secant_torch(ua, fa, ub, fb)
     if got is None or not torch.allclose(got, want, rtol=2e-6, atol=1e-7, equal_nan=True) or not torch.equal(got[::7][1:], want[::7][1:]):
         return "tanh secant"
+    own_fb = tanh_secant(ua, fa, ub, grad=fb)  # tanh(ub) formed in the kernel, times a gradient (fb here)
+    if own_fb is None or not torch.allclose(own_fb, want * fb, rtol=2e-6, atol=1e-7, equal_nan=True):
+        return "tanh secant (own tanh)"
     for lo, hi in ((0.0, float("inf")), (-1.0, 1.0)):
         got = clamp_secant(ua, ub, lo, hi)
         quotient = (ub.clamp(lo, hi) - ua.clamp(lo, hi)) / (ub - ua)

@@ -349,8 +349,10 @@ class SiteSession:
             out = func(*args, **kwargs)
             # f(ub): the secant need not recompute it. For clamp-like activations that is one cheap
             # pass, not worth holding their outputs while a "graph" pass's graph is alive (the
-            # deferred schedule: slots waiting), where they would raise the peak memory.
-            if not act.parametric and not (act.exact_secant and self.slots):
+            # deferred schedule: slots waiting), where they would raise the peak memory; a secant
+            # that forms f(ub) in its own pass (secant_forms_fb) does not need it at all.
+            if not act.parametric and not (act.exact_secant and self.slots) and not (
+                    act.secant_forms_fb is not None and act.secant_forms_fb(u)):
                 self._keep_output(u, out)
             return out
         if phase == "graph":
