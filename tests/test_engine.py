@@ -585,3 +585,41 @@ def test_peak_memory_stays_within_the_budget_on_model_b():
     ordinary = memory.peak_tensor_bytes(lambda: torch.autograd.grad(closure(), params))
     averaged = memory.peak_tensor_bytes(lambda: ttadapt.averaged_grad(model, closure, other))
     assert averaged - ordinary <= allowed, (averaged - ordinary, allowed)
+
+
+@pytest.mark.parametrize("fn", [torch.tanh, F.elu, F.relu, F.gelu], ids=["tanh", "elu", "relu", "gelu"])
+def test_small_sites_carry_the_secant_on_a_native_node(fn, monkeypatch):
+    """Sites up to PRODUCT_MAX elements join the model's own output to PyTorch's MulBackward0 of
+    ``u * slope`` (no Python per site in the backward): the same loss and, bit for bit, the same
+    averaged gradient as the autograd function that larger sites use."""
+    from ttadapt import secant
+    from ttadapt.averaged import averaged_loss
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Identity(), nn.Linear(32, 3))
+    net[1].forward = fn
+    x = torch.randn(16, 6)
+    other = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in net.named_parameters()}
+
+    def closure():
+        return net(x).square().sum()
+
+    def nodes(loss):
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                todo += [n for n, _ in node.next_functions]
+        return {type(n).__name__ for n in seen}
+
+    loss = averaged_loss(net, closure, other)
+    assert torch.equal(loss.detach(), closure().detach()), "the model's own forward, unchanged"
+    assert "MulBackward0" in nodes(loss) and "SecantActivationBackward" not in nodes(loss)
+    native = ttadapt.averaged_grad(net, closure, other)
+    monkeypatch.setattr(secant, "PRODUCT_MAX", 0)
+    loss = averaged_loss(net, closure, other)
+    assert "MulBackward0" not in nodes(loss) and "SecantActivationBackward" in nodes(loss)
+    function = ttadapt.averaged_grad(net, closure, other)
+    for name in native:
+        assert torch.equal(native[name], function[name]), name

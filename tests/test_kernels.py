@@ -192,6 +192,34 @@ def test_exp_linear_secant_kernel_matches_float64_and_the_torch_ops(n, alpha, sc
     assert kernels.exp_linear_secant(ua, ub, alpha, scale, -kappa) is None, "κ ≤ 0: the PyTorch ops"
 
 
+@needs_kernels
+@pytest.mark.parametrize("ties", [0, 3, 64, 65, 5000])
+def test_exp_linear_kernel_reports_where_it_left_0_over_0(ties):
+    """The kernel hands back the positions of its NaN slopes (ties, NaN inputs) when there are at
+    most 64, so the engine puts the derivative there without another pass over the tensor; with
+    more, it says so (None) and the general search runs. Either way the result is the same."""
+    from ttadapt.activations import _exp_linear_secant
+
+    g = torch.Generator().manual_seed(7)
+    ua = torch.randn(3, 8, 26, 26, generator=g) * 2
+    ub = ua + torch.randn(ua.shape, generator=g) * 0.01
+    where = torch.randperm(ua.numel(), generator=g)[:ties]
+    ub.view(-1)[where] = ua.view(-1)[where]
+    if ties >= 3:
+        ua.view(-1)[where[0]] = ub.view(-1)[where[0]] = float("nan")
+    slope, positions = kernels.exp_linear_secant_ties(ua, ub, 1.0, 1.0, 1.0)
+    if ties > 64:
+        assert positions is None
+    else:
+        assert sorted(positions.tolist()) == sorted(where.tolist())
+        assert bool(slope.view(-1)[where].isnan().all()) and int(slope.isnan().sum()) == ties
+    got = _exp_linear_secant(ua, ub.clone(), True, None, False, 1.0, 1.0, 1.0)
+    tie = (ua == ub) | ua.isnan()
+    assert torch.equal(got[~tie], slope[~tie])
+    derivative = torch.ops.aten.elu_backward(torch.ones_like(ua), 1.0, 1.0, 1.0, False, ua)
+    torch.testing.assert_close(got[tie], derivative[tie], rtol=1e-6, atol=0, equal_nan=True)
+
+
 def _theta_and_step(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, torch.Generator]:
     """θ, a point 1e-3 away and their L1 distance in float64."""
     g = torch.Generator().manual_seed(seed)

@@ -274,9 +274,13 @@ static inline float exp_linear_slope(float a, float b, float alpha, float scale,
     return fill && q != q ? derivative : q;
 }
 
-void exp_linear_secant_f32(const float* ua, const float* ub, const float* grad, float* out, int64_t n, float alpha,
-                           float scale, float kappa, int threads) {
+/* Returns, without ``grad``, how many slopes came out NaN (0/0: ties and NaN inputs), and puts
+ * the positions of up to ``max_ties`` of them into ``ties`` (in no particular order), so that
+ * the caller replaces a few without scanning the whole tensor again. */
+int64_t exp_linear_secant_f32(const float* ua, const float* ub, const float* grad, float* out, int64_t n, float alpha,
+                              float scale, float kappa, int threads, int64_t* ties, int64_t max_ties) {
     int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+    int64_t count = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
@@ -285,11 +289,27 @@ void exp_linear_secant_f32(const float* ua, const float* ub, const float* grad, 
             for (int64_t i = start; i < stop; i++)
                 out[i] = grad[i] * exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 1);
         } else {
+            int any = 0;
 #pragma GCC ivdep
-            for (int64_t i = start; i < stop; i++)
-                out[i] = exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 0);
+            for (int64_t i = start; i < stop; i++) {
+                float q = exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 0);
+                out[i] = q;
+                any |= q != q;
+            }
+            if (any) {
+                for (int64_t i = start; i < stop; i++) {
+                    if (out[i] != out[i]) {
+                        int64_t slot;
+#pragma omp atomic capture
+                        slot = count++;
+                        if (slot < max_ties)
+                            ties[slot] = i;
+                    }
+                }
+            }
         }
     }
+    return count;
 }
 
 /* AG-2's dry step of torch.optim.Adam / AdamW, computed from the state before the forecast,

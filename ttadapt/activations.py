@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .rare import _by_blocks, _fill_exact_ties, _writable_out
+from .rare import _by_blocks, _fill_exact_ties, _flat, _writable_out
 
 __all__ = [
     "Activation",
@@ -420,10 +420,19 @@ def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, f
                        scale: float, input_scale: float) -> Tensor:
     """:func:`_exp_linear_secant_torch` in one fused pass where :func:`ttadapt.kernels.exp_linear_secant`
     applies (then the derivative where the inputs tie, as there)."""
-    fused = kernels.exp_linear_secant(ua, ub, alpha, scale, input_scale, out=_writable_out(ub, owned, fb, fb_owned))
+    fused = kernels.exp_linear_secant_ties(ua, ub, alpha, scale, input_scale, out=_writable_out(ub, owned, fb, fb_owned))
     if fused is None:
         return _exp_linear_secant_torch(ua, ub, owned, fb, fb_owned, alpha, scale, input_scale)
-    return _fill_exact_ties(fused, ua, lambda u: _exp_linear_derivative(u, alpha, scale, input_scale))
+    slope, ties = fused
+    derivative = lambda u: _exp_linear_derivative(u, alpha, scale, input_scale)  # noqa: E731
+    if ties is None:  # many: the general search
+        return _fill_exact_ties(slope, ua, derivative)
+    if len(ties):  # a few, found by the kernel: ATen's derivative there
+        flat_slope, flat_ua = _flat(slope, slope), _flat(ua, ua)  # laid out alike: the kernel applied
+        at = flat_ua[ties]
+        # (ATen's scalar path, which a few elements take, gives 1 at a NaN input; its vector path NaN)
+        flat_slope[ties] = torch.where(at.isnan(), at, derivative(at))
+    return slope
 
 
 def _exp_linear_derivative(u: Tensor, alpha: float, scale: float, input_scale: float) -> Tensor:

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .rare import _flat
 
-__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "ag1_update", "l1_diff", "ag2_rescale",
+__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "ag1_update", "l1_diff", "ag2_rescale",
            "adam_direction", "rmsprop_direction"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
@@ -149,8 +149,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.clamp_secant_f32.restype = None
         lib.ag1_update_f32.argtypes = [_P, _P, _P, _N, _I]
         lib.ag1_update_f32.restype = ctypes.c_double
-        lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I]
-        lib.exp_linear_secant_f32.restype = None
+        lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I, _P, _N]
+        lib.exp_linear_secant_f32.restype = ctypes.c_int64
         lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
         lib.l1_diff_f32.restype = ctypes.c_double
         lib.ag2_rescale_f32.argtypes = [_P, _P, _F, _N, _I]
@@ -282,9 +282,27 @@ def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | Non
 def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float,
                       out: Tensor | None = None, grad: Tensor | None = None) -> Tensor | None:
     """The secant slope of ``s·(max(u, 0) + α·expm1(κ·min(u, 0)))`` (ELU, SELU, CELU) between
-    ``ua`` and ``ub``, NaN where they tie (the caller puts ATen's derivative there) — or, given
+    ``ua`` and ``ub``, NaN where they tie (see :func:`exp_linear_secant_ties`) — or, given
     ``grad``, ``grad ⊙ slope`` in the same pass, with the derivative at the ties (to an ulp of
     ATen's) — or None where the kernel does not apply (also for κ ≤ 0 or non-finite settings)."""
+    done = _exp_linear(ua, ub, alpha, scale, kappa, out, grad)
+    return None if done is None else done[0]
+
+
+_MAX_TIES = 64
+
+
+def exp_linear_secant_ties(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float,
+                           out: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`exp_linear_secant` without ``grad``, with where its slope is NaN (0/0: the inputs
+    tie, or one is NaN): ``(slope, positions)``, the positions (int64, in memory order, any
+    order among themselves) of all of them when there are at most 64, else None — or None
+    where the kernel does not apply."""
+    return _exp_linear(ua, ub, alpha, scale, kappa, out, None)
+
+
+def _exp_linear(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float, out: Tensor | None,
+                grad: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
     lib = _library()
     if lib is None or not (kappa > 0 and math.isfinite(kappa) and math.isfinite(alpha) and math.isfinite(scale)):
         return None
@@ -293,9 +311,11 @@ def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa:
     result = _out(ua, out)
     if result is None:
         return None
-    lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), None if grad is None else grad.data_ptr(), result.data_ptr(),
-                              ua.numel(), float(alpha), float(scale), float(kappa), torch.get_num_threads())
-    return result
+    ties = torch.empty(_MAX_TIES, dtype=torch.int64) if grad is None else None
+    count = lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), None if grad is None else grad.data_ptr(),
+                                      result.data_ptr(), ua.numel(), float(alpha), float(scale), float(kappa),
+                                      torch.get_num_threads(), None if ties is None else ties.data_ptr(), _MAX_TIES)
+    return result, (None if ties is None or count > _MAX_TIES else ties[:count])
 
 
 def ag1_update(p: Tensor, theta: Tensor, g: Tensor) -> float | None:

@@ -3,7 +3,9 @@
 Each function computes the ordinary forward at the graph state and replaces one local
 derivative in the backward:
 
-* :class:`SecantActivation` — ``f'(u)`` becomes the secant slope between the two states;
+* :func:`secant_product` / :class:`SecantActivation` — ``f'(u)`` becomes the secant slope
+  between the two states (the first: a native ``MulBackward0`` carries it, no Python in the
+  backward; the second, an autograd function, for in-place calls);
 * :class:`SecantPReLU` — the same for PReLU, with its slope parameter's gradient averaged too;
 * :class:`AveragedAffine` — Linear/Conv backward through the mean weight and the mean input.
 
@@ -98,6 +100,37 @@ def _fused_clamp_secant(exact: tuple[float, float] | bool, ua: Tensor, ub: Tenso
     return kernels.clamp_secant(ua, ub, *exact, out=_writable_out(ub, owned, fb, fb_owned))
 
 
+def _output_and_slope(u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable,
+                      inplace: bool, exact: tuple[float, float] | bool, owned: bool, closed_form: Callable | None = None,
+                      fb: Tensor | None = None, fb_owned: bool = False) -> tuple[Tensor, Tensor]:
+    """``(call(u), secant slope towards ub)`` of one site (see :class:`SecantActivation`)."""
+    if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
+        fa = None if inplace else call(u)  # an in-place call runs after the slope is formed
+        slope = closed_form(u, fa, ub, fb, owned, fb_owned)
+        y = call(u) if inplace else fa
+    elif exact and _compute_dtype(u.dtype) == u.dtype:
+        fused = _fused_clamp_secant(exact, u, ub, owned, fb, fb_owned)
+        if fused is not None:
+            slope, y = fused, call(u)  # the call after the slope: an in-place one overwrites u
+        else:
+            # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
+            # quotient; only ub == ua needs the derivative, and for these clamp-like
+            # functions f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
+            if fb is None:
+                fb, fb_owned = fn(ub), True
+            diff = ub.sub_(u) if owned else ub - u
+            y = call(u)
+            slope = (fb.sub_(y) if fb_owned else fb - y).div_(diff)
+            slope = _fill_exact_ties(slope, y, derivative)
+    elif inplace:
+        slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)
+        y = call(u)
+    else:
+        y = call(u)
+        slope = secant_slope(fn, derivative, u, y, ub, owned, fb, fb_owned)
+    return y, slope
+
+
 class SecantActivation(Function):
     """``y = call(u)``; backward ``g ⊙ s`` with ``s`` the secant slope towards ``ub``.
 
@@ -108,30 +141,7 @@ class SecantActivation(Function):
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable, inplace: bool, exact: tuple[float, float] | bool, owned: bool, closed_form: Callable | None = None, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:  # type: ignore[override]
-        if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
-            fa = None if inplace else call(u)  # an in-place call runs after the slope is formed
-            slope = closed_form(u, fa, ub, fb, owned, fb_owned)
-            y = call(u) if inplace else fa
-        elif exact and _compute_dtype(u.dtype) == u.dtype:
-            fused = _fused_clamp_secant(exact, u, ub, owned, fb, fb_owned)
-            if fused is not None:
-                slope, y = fused, call(u)  # the call after the slope: an in-place one overwrites u
-            else:
-                # Slopes 0 and 1 only (ReLU, ReLU6, Hardtanh): f(ub) − f(ua) is exact, so is the
-                # quotient; only ub == ua needs the derivative, and for these clamp-like
-                # functions f'(f(ua)) = f'(ua), so ua may be overwritten by an in-place call.
-                if fb is None:
-                    fb, fb_owned = fn(ub), True
-                diff = ub.sub_(u) if owned else ub - u
-                y = call(u)
-                slope = (fb.sub_(y) if fb_owned else fb - y).div_(diff)
-                slope = _fill_exact_ties(slope, y, derivative)
-        elif inplace:
-            slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)
-            y = call(u)
-        else:
-            y = call(u)
-            slope = secant_slope(fn, derivative, u, y, ub, owned, fb, fb_owned)
+        y, slope = _output_and_slope(u, ub, call, fn, derivative, inplace, exact, owned, closed_form, fb, fb_owned)
         if inplace:
             ctx.mark_dirty(u)
         ctx.save_for_backward(slope)
@@ -141,6 +151,20 @@ class SecantActivation(Function):
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
         return (grad * slope,) + (None,) * 10
+
+
+def secant_product(u: Tensor, y: Tensor, slope: Tensor) -> Tensor:
+    """A tensor holding ``y`` whose autograd node is PyTorch's own ``MulBackward0`` of
+    ``u * slope``: its backward is ``g ⊙ slope``, run natively — no Python per site in the
+    backward, unlike an autograd function.
+
+    ``y`` must not require a gradient; the product's values are replaced by ``y``'s (its memory
+    taken over, not copied): the node saved ``slope``, not the product, so nothing autograd
+    checks is changed.
+    """
+    z = u * slope
+    z.data = y
+    return z
 
 
 def _prelu_slopes(ua: Tensor, ub: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
@@ -319,9 +343,26 @@ def activation_callables(act: Activation, settings: dict) -> tuple[Callable, Cal
     return bind_settings(act.fn, settings), derivative, bind_settings(act.secant, settings)
 
 
+# Sites of up to this many elements use secant_product: its product is a transient tensor of the
+# site's size (at most 256 KB in float32); on larger sites the autograd function's Python costs
+# little next to the arithmetic, and it adds no memory. (secant_product assigns `.data`: plain
+# tensors only.)
+PRODUCT_MAX = 1 << 16
+
+
 def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool,
                                owned: bool = False, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:
-    """Apply :class:`SecantActivation` for a registered activation with its call settings
-    (``fb``: the output at the other state, when that pass kept it)."""
+    """The output of one site of a registered activation at the graph state, whose backward is
+    ``g ⊙`` secant towards ``ub`` (``fb``: the output at the other state, when that pass kept
+    it): the model's own call and the slope under no_grad, joined by :func:`secant_product`
+    (a native backward) on sites up to :data:`PRODUCT_MAX` elements, else
+    :class:`SecantActivation`."""
     fn, derivative, closed_form = activation_callables(act, settings)
+    if not inplace and u.numel() <= PRODUCT_MAX and type(u) is Tensor and torch.is_grad_enabled():
+        with torch.no_grad():
+            y, slope = _output_and_slope(u, ub, call, fn, derivative, False, act.exact(settings), owned, closed_form, fb,
+                                         fb_owned)
+        if type(y) is Tensor and slope.dtype == u.dtype:
+            return secant_product(u, y, slope)
+        return SecantPassThrough.apply(u, y, slope)  # (not met by the registered activations)
     return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact(settings), owned, closed_form, fb, fb_owned)
