@@ -117,9 +117,10 @@ class Activation:
     # applies: the averaged backward of AG-1 / AG-2's graph pass for these sites. fa = f(ua) and
     # fb = f(ub) where at hand, else None.
     grad_secant: Callable[..., Tensor | None] | None = None
-    # secant_forms_fb(u) -> whether ``secant`` forms f(ub) itself, as cheaply as it would read
-    # it, for inputs like u (Tanh on the CPU: its fused kernel): the pass at the other state then
-    # keeps only the inputs, not the outputs too
+    # secant_forms_fb(u) -> whether ``secant`` (and ``grad_secant``) do without f(ub) for inputs
+    # like u — form it as cheaply as they would read it, or never read it (the fused CPU kernels
+    # of Tanh and of the ELU family): the pass at the other state then keeps only the inputs, not
+    # the outputs too
     secant_forms_fb: Callable[[Tensor], bool] | None = None
 
     def exact(self, settings: dict[str, Any]) -> tuple[float, float] | bool:
@@ -482,6 +483,7 @@ register_activation(
         ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, False, u),
     grad_secant=lambda g, ua, fa, ub, fb, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0, out=out, grad=g),
+    secant_forms_fb=kernels.fits,
 )
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
@@ -495,6 +497,7 @@ register_activation(
         ua, ub, owned, fb, fb_owned, _SELU_ALPHA, _SELU_SCALE, 1.0),
     vjp=lambda g, u, y: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
     grad_secant=lambda g, ua, fa, ub, fb, out: kernels.exp_linear_secant(ua, ub, _SELU_ALPHA, _SELU_SCALE, 1.0, out=out, grad=g),
+    secant_forms_fb=kernels.fits,
 )
 register_activation(
     "celu",
@@ -507,6 +510,7 @@ register_activation(
         ua, ub, owned, fb, fb_owned, alpha, 1.0, 1.0 / alpha),
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, u),
     grad_secant=lambda g, ua, fa, ub, fb, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0 / alpha, out=out, grad=g),
+    secant_forms_fb=kernels.fits,
 )
 register_activation(
     "gelu",
