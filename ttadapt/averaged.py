@@ -12,7 +12,7 @@ Two forwards on the same batch, one backward:
    for the one from step 1;
 4. one backward through that graph.
 
-Cost: 2·T_fwd + T_bwd; memory: the kept site inputs (and outputs, released
+Cost: 2·T_fwd + T_bwd; memory: the kept site inputs (and some activations' outputs, released
 site by site as the graph pass consumes them) plus the ``other`` state itself.
 """
 

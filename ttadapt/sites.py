@@ -14,7 +14,8 @@ three sites.
   reference too (so the secant need not evaluate f there again; if the model modifies that
   output in place later, the version counter shows it and f is recomputed) — for clamp-like
   activations not when ``"graph"`` slots are waiting (the deferred schedule, where they would
-  raise the peak memory for one cheap pass);
+  raise the peak memory for one cheap pass), and not where the activation's secant does
+  without it (``Activation.secant_forms_fb``: the fused kernels of tanh and the ELU family);
 * ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
   recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and replaced by the
   averaged autograd function of :mod:`ttadapt.secant`;
