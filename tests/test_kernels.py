@@ -103,6 +103,21 @@ def test_tanh_secant_kernel_is_relatively_accurate_where_the_quotient_cancels(fo
 
 
 @needs_kernels
+@pytest.mark.parametrize("form", TANH_FORMS)
+def test_tanh_secant_kernel_at_tied_infinities_among_close_inputs(form):
+    """A chunk of close inputs (the series path) holding tied infinities (whose difference is
+    NaN) and NaNs: the slope is the fallback's — 0 at ±inf tied, NaN where an input is NaN."""
+    inf, nan = float("inf"), float("nan")
+    ua = torch.tensor([inf, -inf, nan, 0.5, 0.3] + [0.1] * 30)
+    ub = torch.tensor([inf, -inf, 0.5, nan, 0.3] + [0.1001] * 30)
+    fa, fb = ua.tanh(), ub.tanh()
+    got = _tanh_kernel(form, ua, fa, ub, fb)
+    want = _tanh_secant_torch(ua, fa, ub.clone(), fb.clone())
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert got[0] == 0 and got[1] == 0 and got[2].isnan() and got[3].isnan()
+
+
+@needs_kernels
 def test_tanh_secant_kernel_times_a_gradient_and_writes_over_its_inputs():
     """``grad ⊙ slope`` is the slope times the gradient to a rounding; ``out`` may be ``ub``
     (the engine's kept input) or the gradient itself."""

@@ -134,7 +134,7 @@ static void tanh_secant_chunk(const float* ua, const float* fa, const float* ub,
         /* |d| < 0.55, so with T = tanh d, tanh ub = (fa + T)/(1 + fa·T) and the slope is
          * (1 − fa²)·(T/d)/(1 + fa·T), 1 + fa·T ≥ 0.49: no cancellation and no exponential. At
          * d == 0 it is 1 − fa² rounded once, the derivative bit for bit. */
-#define OWN_FB(f, d) near_own_fb(f, d)
+#define OWN_FB(f, d) (d != d ? tanh_slope(f, tanh_f(ub[i]), d) : near_own_fb(f, d)) /* ±inf tied: 0 */
         TANH_LOOP(tanh_ratio_series(d * d));
 #undef OWN_FB
     } else {

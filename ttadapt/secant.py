@@ -346,7 +346,7 @@ def activation_callables(act: Activation, settings: dict) -> tuple[Callable, Cal
 # Sites of up to this many elements use secant_product: its product is a transient tensor of the
 # site's size (at most 256 KB in float32); on larger sites the autograd function's Python costs
 # little next to the arithmetic, and it adds no memory. (secant_product assigns `.data`: plain
-# tensors only.)
+# tensors only, outside torch.func transforms, whose wrapped tensors look plain.)
 PRODUCT_MAX = 1 << 16
 
 
@@ -358,11 +358,12 @@ def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor]
     (a native backward) on sites up to :data:`PRODUCT_MAX` elements, else
     :class:`SecantActivation`."""
     fn, derivative, closed_form = activation_callables(act, settings)
-    if not inplace and u.numel() <= PRODUCT_MAX and type(u) is Tensor and torch.is_grad_enabled():
+    if (not inplace and u.numel() <= PRODUCT_MAX and type(u) is Tensor and torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active()):
         with torch.no_grad():
             y, slope = _output_and_slope(u, ub, call, fn, derivative, False, act.exact(settings), owned, closed_form, fb,
                                          fb_owned)
-        if type(y) is Tensor and slope.dtype == u.dtype:
+        if type(y) is Tensor and y.shape == u.shape and y.dtype == u.dtype == slope.dtype:
             return secant_product(u, y, slope)
         return SecantPassThrough.apply(u, y, slope)  # (not met by the registered activations)
     return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact(settings), owned, closed_form, fb, fb_owned)
