@@ -70,6 +70,23 @@ def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor,
     return secant_slope(fn, derivative, ua, fa, ub, fb=fb)
 
 
+def secant_grad(grad: Tensor, ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None, fns: tuple,
+                out: Tensor | None = None) -> Tensor:
+    """``grad ⊙`` secant slope of one activation site between ``ua`` and ``ub`` — the averaged
+    backward of a deferred site. ``fns``: ``(fn, derivative, exact, closed_form, grad_secant)``;
+    ``fa`` / ``fb``: ``f(ua)`` / ``f(ub)`` where at hand, else None; ``out``: memory the result
+    may go to. One fused CPU pass where ``grad_secant`` applies, else the slope, then a product."""
+    fn, derivative, exact, closed_form, grad_secant = fns
+    if grad_secant is not None and grad.dtype == ua.dtype:
+        fused = grad_secant(grad, ua, fa, ub, fb, out)
+        if fused is not None:
+            return fused
+    slope = activation_slope(fn, derivative, ua, fn(ua) if fa is None else fa, ub, exact, closed_form, fb)
+    if out is None or slope.dtype != grad.dtype:
+        return grad * slope
+    return torch.mul(grad, slope, out=out)
+
+
 @dataclass
 class NativeSite:
     """What :func:`hook_native_site` needs of one native activation call of the graph pass."""
@@ -142,7 +159,6 @@ def hook_native_site(slot: DeferredSlot) -> None:
         grad = grad_outputs[0]
         if grad is None or grad_inputs[0] is None:
             return None
-        fn, derivative, exact, closed_form, grad_secant = site.fns
         ua, ub, fb, y = site.ua, slot.ub, slot.fb, site.y
         # the graph holds this hook until it dies: let go of the tensors once they are used
         site.ua = site.y = slot.ub = slot.fb = None
@@ -153,15 +169,7 @@ def hook_native_site(slot: DeferredSlot) -> None:
                 and out.data_ptr() != grad.data_ptr()):
             out = None
         fa = y if y._version == site.y_version else None
-        if grad_secant is not None and grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass
-            fused = grad_secant(grad, ua, fa, ub, fb, out)
-            if fused is not None:
-                return (fused,)
-        fa = fn(ua) if fa is None else fa
-        slope = activation_slope(fn, derivative, ua, fa, ub, exact, closed_form, fb)
-        if out is None or slope.dtype != grad.dtype:
-            return (grad * slope,)
-        return (torch.mul(grad, slope, out=out),)
+        return (secant_grad(grad, ua, fa, ub, fb, site.fns, out),)
 
     node.register_hook(secant_hook)
 
@@ -205,13 +213,8 @@ class DeferredActivation(Function):
             if vjp is not None and grad.dtype == ua.dtype:
                 return (vjp(grad, ua, _output(ctx, fn, ua)),) + none
             return (grad * derivative(ua).to(grad.dtype),) + none
-        if grad_secant is not None and grad.dtype == ua.dtype:  # g ⊙ secant in one fused CPU pass
-            y = ctx.y if ctx.y._version == ctx.y_version else None
-            fused = grad_secant(grad, ua, y, slot.ub, slot.fb, None)
-            if fused is not None:
-                return (fused,) + none
-        slope = activation_slope(fn, derivative, ua, _output(ctx, fn, ua), slot.ub, exact, closed_form, slot.fb)
-        return (grad * slope,) + none
+        y = ctx.y if ctx.y._version == ctx.y_version else None
+        return (secant_grad(grad, ua, y, slot.ub, slot.fb, (fn, derivative, exact, closed_form, grad_secant)),) + none
 
 
 def _prelu_weight_grad(gw: Tensor, weight_shape: torch.Size, weight_numel: int) -> Tensor:

@@ -17,8 +17,9 @@ three sites.
   raise the peak memory for one cheap pass), and not where the activation's secant does
   without it (``Activation.secant_forms_fb``: the fused kernels of tanh and the ELU family);
 * ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
-  recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and replaced by the
-  averaged autograd function of :mod:`ttadapt.secant`;
+  recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and given the
+  averaged backward of :mod:`ttadapt.secant` (a native product on small sites, an autograd
+  function otherwise);
 * ``"inspect"`` — one plain pass that lists every pointwise call and whether it is averaged;
 * ``"graph"`` — the pass at the graph state *before* the other state is known (AG-1 / AG-2):
   each site gets a :class:`~ttadapt.deferred.DeferredSlot` and a function whose backward is
