@@ -409,3 +409,124 @@ void rmsprop_direction_f32(const float* theta, const float* grad, const float* s
                        : (buf ? rmsprop_momentum_chunk : rmsprop_chunk),
               theta, grad, sq, grad_avg, buf, d, n, h, sums, threads);
 }
+
+/* AG-1/AG-2's forecast step θ′ = OPT(s, θ, g) of torch.optim.Adam / AdamW, out of place on the
+ * state: with p holding θ, p ← θ′; the moments after the step go to mo, vo (and vmo, amsgrad's
+ * running maximum), the ones before (m, v, vmax) are only read — they stay the state to fall
+ * back on. The arithmetic is ADAM_CHUNK's, operation for operation (the same roundings as the
+ * single-tensor step, up to ATen's float sqrt); h as there, for the step being taken. */
+#define ADAM_FORECAST_CHUNK(NAME, VMAX)                                                                               \
+    static void NAME(float* p, const float* grad, const float* m, const float* v, const float* vmax, float* mo,      \
+                     float* vo, float* vmo, int64_t start, int64_t stop, const float* h) {                            \
+        const float w1 = h[0], b2 = h[1], w2 = h[2], neg_step = h[3], bc2 = h[4], eps = h[5], sign = h[6];            \
+        const float wd = h[7], decay = h[8];                                                                          \
+        const float c = w1 < 0.5f ? w1 : w1 - 1.0f;                                                                   \
+        const int small = w1 < 0.5f;                                                                                  \
+        _Pragma("omp simd") for (int64_t i = start; i < stop; i++) {                                                  \
+            float t = p[i], mi = m[i];                                                                                \
+            float g = fmaf(t, wd, sign * grad[i]);                                                                    \
+            float m1 = fmaf(c, g - mi, small ? mi : g);                                                               \
+            float v1 = fmaf(w2 * g, g, v[i] * b2);                                                                    \
+            vo[i] = v1;                                                                                               \
+            if (VMAX) {                                                                                               \
+                v1 = vmax[i] != vmax[i] || vmax[i] > v1 ? vmax[i] : v1;                                               \
+                vmo[i] = v1;                                                                                          \
+            }                                                                                                         \
+            float denom = sqrtf(v1) / bc2 + eps;                                                                      \
+            mo[i] = m1;                                                                                               \
+            p[i] = t * decay + (neg_step * m1) / denom;                                                               \
+        }                                                                                                             \
+    }
+ADAM_FORECAST_CHUNK(adam_forecast_chunk, 0)
+ADAM_FORECAST_CHUNK(amsgrad_forecast_chunk, 1)
+
+/* The same for torch.optim.RMSprop (RMSPROP_CHUNK's arithmetic): square_avg → so, grad_avg → ao
+ * (centered), momentum_buffer → bo (momentum > 0). */
+#define RMSPROP_FORECAST_CHUNK(NAME, CENTERED, MOMENTUM)                                                              \
+    static void NAME(float* p, const float* grad, const float* sq, const float* grad_avg, const float* buf, float* so, \
+                     float* ao, float* bo, int64_t start, int64_t stop, const float* h) {                             \
+        const float alpha = h[0], w = h[1], neg_lr = h[2], eps = h[3], sign = h[4], wd = h[5], momentum = h[6];       \
+        const float c = w < 0.5f ? w : w - 1.0f;                                                                      \
+        const int small = w < 0.5f;                                                                                   \
+        _Pragma("omp simd") for (int64_t i = start; i < stop; i++) {                                                  \
+            float t = p[i];                                                                                           \
+            float g = fmaf(t, wd, sign * grad[i]);                                                                    \
+            float s1 = fmaf(w * g, g, sq[i] * alpha);                                                                 \
+            so[i] = s1;                                                                                               \
+            float avg;                                                                                                \
+            if (CENTERED) {                                                                                           \
+                float a = grad_avg[i];                                                                                \
+                float a1 = fmaf(c, g - a, small ? a : g);                                                             \
+                ao[i] = a1;                                                                                           \
+                avg = sqrtf(fmaf(-a1, a1, s1)) + eps;                                                                 \
+            } else {                                                                                                  \
+                avg = sqrtf(s1) + eps;                                                                                \
+            }                                                                                                         \
+            if (MOMENTUM) {                                                                                           \
+                float b1 = buf[i] * momentum + g / avg;                                                               \
+                bo[i] = b1;                                                                                           \
+                p[i] = fmaf(b1, neg_lr, t);                                                                           \
+            } else {                                                                                                  \
+                p[i] = t + (neg_lr * g) / avg;                                                                        \
+            }                                                                                                         \
+        }                                                                                                             \
+    }
+RMSPROP_FORECAST_CHUNK(rmsprop_forecast_chunk, 0, 0)
+RMSPROP_FORECAST_CHUNK(rmsprop_centered_forecast_chunk, 1, 0)
+RMSPROP_FORECAST_CHUNK(rmsprop_momentum_forecast_chunk, 0, 1)
+RMSPROP_FORECAST_CHUNK(rmsprop_centered_momentum_forecast_chunk, 1, 1)
+
+typedef void (*forecast_chunk)(float*, const float*, const float*, const float*, const float*, float*, float*, float*,
+                               int64_t, int64_t, const float*);
+
+/* One forecast step over `count` tensors in one call (an optimizer's state is many small
+ * tensors: a call each would cost more than the arithmetic on most of them). Tensor k has n[k]
+ * elements, hyper-parameters h + k·hn, and the inputs a/b/c and outputs ao/bo/co named per
+ * kernel above (NULL entries where a variant has no such state), and its float32 step count
+ * at steps[k] (advanced by one; NULL: left alone). Large tensors are split over the threads;
+ * small ones run whole. */
+static void forecast(int64_t count, float* const* p, const float* const* grad, const float* const* a,
+                     const float* const* b, const float* const* c, float* const* ao, float* const* bo, float* const* co,
+                     float* const* steps, const int64_t* n, const float* h, int64_t hn,
+                     forecast_chunk (*pick)(const float*, const float*, const float*), int threads) {
+    for (int64_t k = 0; k < count; k++) {
+        if (steps && steps[k])
+            *steps[k] += 1.0f; /* the step count, as the real step's step_t += 1 */
+        forecast_chunk chunk = pick(a[k], b ? b[k] : NULL, c ? c[k] : NULL);
+        int64_t size = n[k];
+        const float* hk = h + k * hn;
+        int64_t chunks = (size + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && size >= PARALLEL_MIN)
+        for (int64_t j = 0; j < chunks; j++) {
+            int64_t start = j * 4 * CHUNK;
+            chunk(p[k], grad[k], a[k], b ? b[k] : NULL, c ? c[k] : NULL, ao[k], bo ? bo[k] : NULL, co ? co[k] : NULL, start,
+                  start + 4 * CHUNK < size ? start + 4 * CHUNK : size, hk);
+        }
+    }
+}
+
+static forecast_chunk pick_adam(const float* m, const float* v, const float* vmax) {
+    (void)m;
+    (void)v;
+    return vmax ? amsgrad_forecast_chunk : adam_forecast_chunk;
+}
+
+static forecast_chunk pick_rmsprop(const float* sq, const float* grad_avg, const float* buf) {
+    (void)sq;
+    return grad_avg ? (buf ? rmsprop_centered_momentum_forecast_chunk : rmsprop_centered_forecast_chunk)
+                    : (buf ? rmsprop_momentum_forecast_chunk : rmsprop_forecast_chunk);
+}
+
+/* m, v, vmax → mo, vo, vmo (vmax and vmo entries NULL without amsgrad); h: 9 per tensor. */
+void adam_forecast_f32(int64_t count, float* const* p, const float* const* grad, const float* const* m,
+                       const float* const* v, const float* const* vmax, float* const* mo, float* const* vo,
+                       float* const* vmo, float* const* steps, const int64_t* n, const float* h, int threads) {
+    forecast(count, p, grad, m, v, vmax, mo, vo, vmo, steps, n, h, 9, pick_adam, threads);
+}
+
+/* square_avg, grad_avg, momentum_buffer → so, ao, bo (NULL entries where absent); h: 7 per tensor. */
+void rmsprop_forecast_f32(int64_t count, float* const* p, const float* const* grad, const float* const* sq,
+                          const float* const* grad_avg, const float* const* buf, float* const* so, float* const* ao,
+                          float* const* bo, float* const* steps, const int64_t* n, const float* h, int threads) {
+    forecast(count, p, grad, sq, grad_avg, buf, so, ao, bo, steps, n, h, 7, pick_rmsprop, threads);
+}

@@ -158,6 +158,9 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         for name in ("adam_direction_f32", "rmsprop_direction_f32"):
             getattr(lib, name).argtypes = [_P, _P, _P, _P, _P, _P, _N, _P, _P, _I]
             getattr(lib, name).restype = None
+        for name in ("adam_forecast_f32", "rmsprop_forecast_f32"):
+            getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
+            getattr(lib, name).restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
     return None, f"the fused CPU kernels did not compile with {cc!r} into {_cache_dir()}"
 
@@ -388,6 +391,60 @@ def rmsprop_direction(d: Tensor, theta: Tensor, grad: Tensor, square_avg: Tensor
     return _direction("rmsprop_direction_f32", d, theta, grad, square_avg, grad_avg, momentum_buffer, hyper)
 
 
+def _forecast(name: str, hn: int, p: list[Tensor], grad: list[Tensor], inputs: list[list[Tensor | None]],
+              outputs: list[list[Tensor | None]], steps: list[Tensor] | None, hyper: list[list[float]]) -> bool:
+    lib = _library()
+    count = len(p)
+    if lib is None or not (len(grad) == len(hyper) == count and len(inputs) == len(outputs) == 3):
+        return False
+    if any(len(h) != hn for h in hyper) or any(len(column) != count for column in (*inputs, *outputs)) or (
+            steps is not None and len(steps) != count):
+        raise ValueError(f"{name}: {count} tensors need {count} entries of each input and output, and {hn} hyper-parameters each")
+    for k in range(count):
+        present = [column[k] for column in (*inputs, *outputs) if column[k] is not None]
+        if not _dense(p[k], grad[k], *present):
+            return False
+    if steps is not None and not all(s.dtype is _F32 and s.is_cpu and s.numel() == 1 for s in steps):
+        return False
+    if count == 0:
+        return True
+    ptrs = ctypes.c_void_p * count
+
+    def column(tensors: list[Tensor | None]) -> ctypes.Array:
+        return ptrs(*(None if t is None else t.data_ptr() for t in tensors))
+
+    h = (ctypes.c_float * (count * hn))(*(x for row in hyper for x in row))
+    sizes = (ctypes.c_int64 * count)(*(t.numel() for t in p))
+    getattr(lib, name)(count, column(p), column(grad), *(column(c) for c in inputs), *(column(c) for c in outputs),
+                       None if steps is None else column(steps), sizes, h, torch.get_num_threads())
+    torch.autograd.graph.increment_version(p)
+    return True
+
+
+def adam_forecast(p: list[Tensor], grad: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor],
+                  max_exp_avg_sq: list[Tensor | None], exp_avg_out: list[Tensor], exp_avg_sq_out: list[Tensor],
+                  max_exp_avg_sq_out: list[Tensor | None], hyper: list[list[float]], steps: list[Tensor] | None = None) -> bool:
+    """One ``torch.optim.Adam`` / ``AdamW`` step for each tensor in ``p`` (θ in, θ′ out, in
+    place), out of place on the state: the moments before the step are only read, the ones
+    after it are written into the ``*_out`` tensors (``max_exp_avg_sq`` and its output for
+    amsgrad, else None). ``hyper`` per tensor as :func:`adam_direction`'s. ``steps``: each
+    tensor's step count (float32 scalars), advanced by one in the same call. False, with nothing
+    written, where the kernel does not apply to every tensor."""
+    return _forecast("adam_forecast_f32", 9, p, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq],
+                     [exp_avg_out, exp_avg_sq_out, max_exp_avg_sq_out], steps, hyper)
+
+
+def rmsprop_forecast(p: list[Tensor], grad: list[Tensor], square_avg: list[Tensor], grad_avg: list[Tensor | None],
+                     momentum_buffer: list[Tensor | None], square_avg_out: list[Tensor], grad_avg_out: list[Tensor | None],
+                     momentum_buffer_out: list[Tensor | None], hyper: list[list[float]],
+                     steps: list[Tensor] | None = None) -> bool:
+    """:func:`adam_forecast` for ``torch.optim.RMSprop`` (``grad_avg`` when centered,
+    ``momentum_buffer`` when momentum > 0; None otherwise); ``hyper`` as
+    :func:`rmsprop_direction`'s."""
+    return _forecast("rmsprop_forecast_f32", 7, p, grad, [square_avg, grad_avg, momentum_buffer],
+                     [square_avg_out, grad_avg_out, momentum_buffer_out], steps, hyper)
+
+
 def _self_test() -> str | None:
     """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
     branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
@@ -433,7 +490,7 @@ def _self_test() -> str | None:
         return "AG-2 rescale"
     # the closed-form dry steps (optim.closed_form, which calls adam_direction / rmsprop_direction)
     # against the real optimizers' steps, from a warm state
-    from .optim.closed_form import dry_direction
+    from .optim.closed_form import SpareState, dry_direction, fused_forecast
     from .optim.snapshot import OptimizerSnapshot, dry_run
 
     for name, make in (("Adam dry step", lambda q: torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, amsgrad=True)),
@@ -449,4 +506,10 @@ def _self_test() -> str | None:
         tolerance = 4 * torch.finfo(torch.float32).eps * torch.maximum(start.abs(), (start + want).abs())
         if lengths is None or not bool(((q.detach() - want).abs() <= tolerance).all()):
             return name
+        # the fused forecast (optim.closed_form.fused_forecast) against the real step it replaces
+        with torch.no_grad():
+            q.copy_(start)
+        real = dry_run(opt, {q: step_grad})[q]
+        if fused_forecast(opt, {"q": q}, {"q": step_grad}, SpareState()) is None or not bool(((q.detach() - real).abs() <= tolerance).all()):
+            return name.replace("dry step", "forecast")
     return None

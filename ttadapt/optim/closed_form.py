@@ -1,25 +1,38 @@
-"""AG-2's dry step in closed form, for ``torch.optim``'s Adam, AdamW and RMSprop on the CPU.
+"""torch.optim's Adam, AdamW and RMSprop steps in closed form on the CPU: AG-1/AG-2's forecast
+and AG-2's dry step as fused kernels.
 
-AG-2 needs θ″ = OPT(s_before, θ, G′) — the base optimizer's step from the state before the
-forecast, with the averaged gradient — only to read its direction and length, then discards
-it. The generic route (:meth:`OptimizerSnapshot.swap_in`, a real ``step()``, two L1 passes, a
-rescale) costs a whole optimizer step and four more passes over the parameters: on the CPU,
-about a sixth of a plain resnet18 step with Adam. For torch's own Adam, AdamW and RMSprop the
-step is elementwise, so one fused pass over θ, θ′, G′ and the saved moments
-(:func:`ttadapt.kernels.adam_direction`, :func:`ttadapt.kernels.rmsprop_direction`) gives
-θ″ − θ and both L1 lengths, reading the optimizer state and writing nothing but the
-parameters. It follows the single-tensor ``step()`` operation by operation, so the two routes
-agree to float32 rounding (tested against the real optimizer, over its options).
+**The forecast** θ′ = OPT(s, θ, g) commits the state it reaches (s ← s′) but must be undone
+when the averaged gradient turns out non-finite, and AG-2's dry step reads the state before
+it. The generic route snapshots the whole optimizer state, then runs the real ``step()``: a
+copy of every moment, plus a step that on the CPU walks each tensor five to ten times and pays
+Python per tensor (on a small model with many layers, most of its cost). For torch's own
+optimizers the step is elementwise, so :func:`fused_forecast` runs it as one call over all
+tensors (:func:`ttadapt.kernels.adam_forecast`, :func:`ttadapt.kernels.rmsprop_forecast`),
+writing θ′ into the parameters and the new moments into spare memory (:class:`SpareState`,
+last step's retired moments), then swaps those in: the state before is never copied, and
+:meth:`FusedForecast.restore` reinstates it as it was, bit for bit.
 
-It applies only where it is the same computation: the exact classes (not subclasses), options
-known to this module (``maximize``, ``amsgrad``, weight decay either way, ``centered``,
-``momentum``), no ``capturable``/``differentiable``, no step hooks, and every tensor float32,
-on the CPU and laid out alike. Anything else — another optimizer, a new torch option, a GPU —
+**AG-2's dry step** θ″ = OPT(s_before, θ, G′) is needed only for its direction and length,
+then discarded. The generic route (:meth:`OptimizerSnapshot.swap_in`, a real ``step()``, two
+L1 passes, a rescale) costs a whole optimizer step and four more passes over the parameters.
+:func:`dry_direction` gives θ″ − θ and both L1 lengths in one fused pass per tensor over θ,
+θ′, G′ and the saved moments (:func:`ttadapt.kernels.adam_direction`,
+:func:`ttadapt.kernels.rmsprop_direction`), reading the optimizer state and writing nothing but
+the parameters.
+
+Both follow the single-tensor ``step()`` operation by operation, with the roundings of ATen's
+vectorised kernels, so they agree with the real step to float32 rounding (tested against it,
+over its options). They apply only where they are the same computation: the exact classes
+(not subclasses), options known to this module (``maximize``, ``amsgrad``, weight decay either
+way, ``centered``, ``momentum``), no ``capturable``/``differentiable``, no step hooks, and every
+tensor float32, on the CPU and laid out alike; the forecast also needs the state built (torch
+builds it on the first step). Anything else — another optimizer, a new torch option, a GPU —
 runs the real ``step()``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -29,7 +42,7 @@ from torch.optim import optimizer as _torch_optimizer
 from .. import kernels
 from .snapshot import OptimizerSnapshot
 
-__all__ = ["dry_direction"]
+__all__ = ["dry_direction", "fused_forecast", "FusedForecast", "SpareState"]
 
 # every option (``defaults`` key) of the classes as this module knows them: a torch release that
 # adds one falls back to the real step rather than being silently ignored
@@ -50,11 +63,50 @@ def _hooked(optimizer: Any) -> bool:
                 or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks)
 
 
-def _adam_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings: dict, decoupled_default: bool) -> Call | None:
+def _applies(optimizer: Any) -> set[str] | None:
+    """The option set known for ``optimizer``'s class where the fused kernels can stand in for
+    its ``step()`` (the exact class, no unknown option, no step hooks, kernels compiled); None
+    elsewhere."""
+    kind = type(optimizer)
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        known = _ADAM_OPTIONS
+    elif kind is torch.optim.RMSprop:
+        known = _RMSPROP_OPTIONS
+    else:
+        return None
+    if not set(optimizer.defaults) <= known or _hooked(optimizer) or not kernels.available():
+        return None
+    return known
+
+
+def _adam_hyper(settings: dict, step: float, decoupled_default: bool) -> list[float]:
+    """:func:`ttadapt.kernels.adam_direction`'s hyper-parameters for the step numbered ``step``."""
     beta1, beta2 = (_value(b) for b in settings["betas"])
     lr, eps, wd = _value(settings["lr"]), _value(settings["eps"]), _value(settings["weight_decay"])
-    amsgrad = bool(settings["amsgrad"])
     decoupled = bool(settings.get("decoupled_weight_decay", decoupled_default))
+    sign = -1.0 if settings["maximize"] else 1.0
+    return [1 - beta1, beta2, 1 - beta2, -(lr / (1 - beta1**step)), (1 - beta2**step) ** 0.5, eps, sign,
+            0.0 if decoupled else wd, 1 - lr * wd if decoupled else 1.0]
+
+
+def _rmsprop_hyper(settings: dict) -> list[float]:
+    """:func:`ttadapt.kernels.rmsprop_direction`'s hyper-parameters."""
+    alpha, lr, eps = _value(settings["alpha"]), _value(settings["lr"]), _value(settings["eps"])
+    wd, momentum = _value(settings["weight_decay"]), _value(settings["momentum"])
+    return [alpha, 1 - alpha, -lr, eps, -1.0 if settings["maximize"] else 1.0, wd, momentum]
+
+
+def _state_keys(settings: dict, adam: bool) -> tuple[str | None, str | None, str | None]:
+    """The state entries one step reads and writes, in the kernels' order (None: not used with
+    these settings)."""
+    if adam:
+        return "exp_avg", "exp_avg_sq", ("max_exp_avg_sq" if settings["amsgrad"] else None)
+    return ("square_avg", "grad_avg" if settings["centered"] else None,
+            "momentum_buffer" if _value(settings["momentum"]) > 0 else None)
+
+
+def _adam_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings: dict, decoupled_default: bool) -> Call | None:
+    amsgrad = bool(settings["amsgrad"])
     if state:
         if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state or (amsgrad and "max_exp_avg_sq" not in state):
             return None
@@ -64,15 +116,12 @@ def _adam_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings: di
         step = 1.0
         m = v = torch.zeros_like(theta)
         vmax = m if amsgrad else None
-    sign = -1.0 if settings["maximize"] else 1.0
-    hyper = [1 - beta1, beta2, 1 - beta2, -(lr / (1 - beta1**step)), (1 - beta2**step) ** 0.5, eps, sign,
-             0.0 if decoupled else wd, 1 - lr * wd if decoupled else 1.0]
+    hyper = _adam_hyper(settings, step, decoupled_default)
     return lambda: kernels.adam_direction(d, theta, grad, m, v, vmax, hyper)
 
 
 def _rmsprop_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings: dict) -> Call | None:
-    alpha, lr, eps = _value(settings["alpha"]), _value(settings["lr"]), _value(settings["eps"])
-    wd, momentum, centered = _value(settings["weight_decay"]), _value(settings["momentum"]), bool(settings["centered"])
+    centered, momentum = bool(settings["centered"]), _value(settings["momentum"])
     if state:
         if "square_avg" not in state or (centered and "grad_avg" not in state) or (momentum > 0 and "momentum_buffer" not in state):
             return None
@@ -80,28 +129,29 @@ def _rmsprop_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings:
     else:
         sq = torch.zeros_like(theta)
         avg, buf = (sq if centered else None), (sq if momentum > 0 else None)
-    hyper = [alpha, 1 - alpha, -lr, eps, -1.0 if settings["maximize"] else 1.0, wd, momentum]
+    hyper = _rmsprop_hyper(settings)
     return lambda: kernels.rmsprop_direction(d, theta, grad, sq, avg, buf, hyper)
 
 
-def dry_direction(optimizer: Any, before: OptimizerSnapshot, params: dict[str, Tensor], theta: dict[str, Tensor],
-                  grads: dict[str, Tensor]) -> tuple[float, float] | None:
+def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", params: dict[str, Tensor],
+                  theta: dict[str, Tensor], grads: dict[str, Tensor]) -> tuple[float, float] | None:
     """With each parameter ``params[n]`` holding the forecast θ′: ``params[n] ← θ″ − θ`` for all
     of them, θ″ being one ``optimizer.step()`` from θ (``theta``) with ``grads`` and the state
-    ``before`` captured, and the return value ``(‖θ′ − θ‖₁, ‖θ″ − θ‖₁)``. None, with nothing
-    written, where the closed form does not apply (the caller runs the real step)."""
+    ``before`` the forecast (a snapshot of it, or the fused forecast that kept it), and the
+    return value ``(‖θ′ − θ‖₁, ‖θ″ − θ‖₁)``. None, with nothing written, where the closed form
+    does not apply (the caller runs the real step)."""
+    known = _applies(optimizer)
+    if known is None:
+        return None
     kind = type(optimizer)
-    if kind in (torch.optim.Adam, torch.optim.AdamW):
-        known = _ADAM_OPTIONS
-    elif kind is torch.optim.RMSprop:
-        known = _RMSPROP_OPTIONS
+    if isinstance(before, FusedForecast):
+        if before.optimizer is not optimizer:
+            return None
+        saved_state, saved_groups = before.state_before, optimizer.param_groups  # (a step leaves the settings alone)
     else:
-        return None
-    if not set(optimizer.defaults) <= known or _hooked(optimizer) or len(before.parts) != 1 or before.parts[0][0] is not optimizer:
-        return None
-    if not kernels.available():
-        return None
-    _, saved_state, saved_groups, _ = before.parts[0]
+        if len(before.parts) != 1 or before.parts[0][0] is not optimizer:
+            return None
+        _, saved_state, saved_groups, _ = before.parts[0]
     names = {id(p): n for n, p in params.items()}
     calls: list[Call] = []
     zeroed: list[str] = []
@@ -134,3 +184,149 @@ def dry_direction(optimizer: Any, before: OptimizerSnapshot, params: dict[str, T
         forecast += sums[0]
         dry += sums[1]
     return forecast, dry
+
+
+# -- the forecast step -------------------------------------------------------------------------
+class SpareState:
+    """Memory for the state a fused forecast writes: the tensors the previous forecast retired,
+    by parameter and state entry. One is reused only while nothing else holds it (the optimizer
+    state again, after a ``load_state_dict`` of an older state dict; a state dict the user
+    kept), else new memory is taken: a forecast never writes into a tensor anyone else can see."""
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple[int, str], Tensor] = {}
+
+    def take(self, p: Tensor, key: str, like: Tensor) -> Tensor:
+        spare = self._pool.pop((id(p), key), None)
+        if spare is not None and sys.getrefcount(spare) <= _UNSHARED and _same_layout(spare, like):
+            return spare
+        return torch.empty_like(like)
+
+    def give(self, p: Tensor, key: str, t: Tensor) -> None:
+        self._pool[(id(p), key)] = t
+
+    def clear(self) -> None:
+        self._pool.clear()
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+
+
+def _unshared_refcount() -> int:
+    """``sys.getrefcount`` of a tensor held by one local name only, as :meth:`SpareState.take`
+    sees its candidate (measured: the count differs between Python versions)."""
+    pool = {0: torch.empty(0)}
+    spare = pool.pop(0)
+    return sys.getrefcount(spare)
+
+
+_UNSHARED = _unshared_refcount()
+
+
+class FusedForecast:
+    """A committed forecast step θ′ = OPT(s, θ, g) that kept the state before it: see
+    :func:`fused_forecast`. :attr:`state_before` is that state (for AG-2's dry step);
+    :meth:`restore` makes it the optimizer's again."""
+
+    def __init__(self, optimizer: Any, entries: list[tuple[Tensor, dict, float, list[tuple[str, Tensor, Tensor]]]],
+                 spares: SpareState) -> None:
+        self.optimizer = optimizer
+        self._entries = entries
+        self._spares = spares
+        #: ``{parameter: {"step": the count before, entry: tensor before, ...}}``
+        self.state_before = {p: {"step": step, **{key: old for key, old, _ in swaps}} for p, _, step, swaps in entries}
+
+    def restore(self) -> None:
+        """Put the state before the forecast back (the same tensors, untouched; the step counts
+        as they were). The parameters are the caller's to restore."""
+        for p, state, step, swaps in self._entries:
+            state["step"].fill_(step)
+            for key, old, new in swaps:
+                state[key] = old
+                self._spares.give(p, key, new)
+
+
+def fused_forecast(optimizer: Any, params: dict[str, Tensor], grads: dict[str, Tensor], spares: SpareState) -> FusedForecast | None:
+    """One ``optimizer.step()`` with ``grads`` (by name, for the parameters ``params``) as one
+    fused pass per tensor — θ′ into the parameters, the state after the step into spare memory,
+    then swapped in and the step counts advanced — for torch's Adam, AdamW and RMSprop on the
+    CPU with a state already built. The state before stays in its tensors, untouched: undoing
+    the step (:meth:`FusedForecast.restore`) copies nothing, and neither does keeping it, where
+    the generic route snapshots the whole state first. The result agrees with the real step to
+    float32 rounding (the committed moments bit for bit where ATen's vector kernels fuse as
+    these do). None, with nothing written, where it does not apply (the caller runs the real
+    step)."""
+    known = _applies(optimizer)
+    if known is None:
+        return None
+    adam = known is _ADAM_OPTIONS
+    names = {id(p): n for n, p in params.items()}
+    targets: list[Tensor] = []
+    grad_list: list[Tensor] = []
+    inputs: tuple[list, list, list] = ([], [], [])
+    hyper: list[list[float]] = []
+    plan: list[tuple[Tensor, dict, float, tuple]] = []
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("differentiable"):
+            return None
+        keys = _state_keys(group, adam)
+        rows: dict[float, list[float]] = {}
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None:
+                if p.grad is not None:  # not among ``params`` but with a gradient: the real step would move it
+                    return None
+                continue
+            grad = grads.get(name)
+            if grad is None:  # no gradient: the real step leaves it alone
+                continue
+            state = optimizer.state.get(p)
+            step_t = state.get("step") if state else None
+            if not isinstance(step_t, Tensor) or step_t.numel() != 1 or any(k is not None and k not in state for k in keys):
+                return None  # the first step (torch builds the state) or a state this module does not know
+            step = float(step_t.item())
+            if not 0 <= step < _MAX_STEP:
+                return None
+            row = rows.get(step)
+            if row is None:
+                row = rows[step] = (_adam_hyper(group, step + 1, type(optimizer) is torch.optim.AdamW) if adam
+                                    else _rmsprop_hyper(group))
+            targets.append(p)
+            grad_list.append(grad)
+            hyper.append(row)
+            for column, key in zip(inputs, keys):
+                column.append(state[key] if key is not None else None)
+            plan.append((p, state, step, keys))
+    outputs: tuple[list, list, list] = ([], [], [])
+    for k, (p, _, _, keys) in enumerate(plan):
+        for column, source, key in zip(outputs, inputs, keys):
+            column.append(spares.take(p, key, source[k]) if key is not None else None)
+    run = kernels.adam_forecast if adam else kernels.rmsprop_forecast
+    steps = [state["step"] for _, state, _, _ in plan]
+    counted = all(s.dtype is torch.float32 and s.is_cpu for s in steps)  # (torch's default; the kernel counts those)
+    if not run(targets, grad_list, *inputs, *outputs, hyper, steps=steps if counted else None):
+        for k, (p, _, _, keys) in enumerate(plan):  # nothing written: the spares stay spare
+            for column, key in zip(outputs, keys):
+                if key is not None:
+                    spares.give(p, key, column[k])
+        return None
+    entries = []
+    for k, (p, state, step, keys) in enumerate(plan):
+        swaps = []
+        for column, key in zip(outputs, keys):
+            if key is not None:
+                swaps.append((key, state[key], column[k]))
+                state[key] = column[k]
+        entries.append((p, state, step, swaps))
+    if steps and not counted:
+        torch._foreach_add_(steps, 1)  # as the real step: step_t += 1
+    forecast = FusedForecast(optimizer, entries, spares)
+    for p, _, _, swaps in entries:  # the state before is spare memory for the next forecast once this one is gone
+        for key, old, _ in swaps:
+            spares.give(p, key, old)
+    return forecast
+
+
+# above this a float32 step count no longer counts (x + 1 == x)
+_MAX_STEP = float(1 << 24)

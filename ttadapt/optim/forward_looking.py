@@ -30,7 +30,7 @@ from ..averaged import DeferredAverage, call_closure
 from ..metrics import step_lengths
 from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
-from .closed_form import dry_direction
+from .closed_form import FusedForecast, SpareState, dry_direction, fused_forecast
 from .snapshot import OptimizerSnapshot, SwappedState, swappable
 
 __all__ = ["AG1", "AG2"]
@@ -51,6 +51,8 @@ class _ForwardLooking(OptimizerWrapper):
         # the last step's optimizer-state snapshots and copies of θ, recycled by the next step
         # (they are dead by then; copying into them is cheaper than allocating new memory)
         self._spare_snapshots: list[OptimizerSnapshot] = []
+        # the moments the last fused forecast retired, written by the next (see closed_form)
+        self._spare_state = SpareState()
         self._spare_start: dict[str, Tensor] | None = None
         #: L1 length ‖θ′ − θ‖₁ of the last forecast step (AG-2's committed step has this length)
         self.last_forecast_l1: float | None = None
@@ -101,11 +103,16 @@ class _ForwardLooking(OptimizerWrapper):
             self._skip("gradient")
             return loss
         theta = {n: run.start[n].detach() for n in params}  # θ (private copies: free to overwrite at the end)
-        before = OptimizerSnapshot(self.optimizer, reuse=spares.pop() if spares else None)
-        self._spare_snapshots.append(before)
         old_grads = {n: p.grad for n, p in params.items()}
-        self._set_grads(params, grads)
-        self.optimizer.step()  # the forecast θ′; its state is the committed one (s ← s′)
+        # the forecast θ′; its state is the committed one (s ← s′), the one before kept for AG-2's
+        # dry step and for undoing it: fused for torch's Adam/AdamW/RMSprop on the CPU, else a
+        # snapshot of the state and the real step
+        before: OptimizerSnapshot | FusedForecast | None = fused_forecast(self.optimizer, params, grads, self._spare_state)
+        if before is None:
+            before = OptimizerSnapshot(self.optimizer, reuse=spares.pop() if spares else None)
+            self._spare_snapshots.append(before)
+            self._set_grads(params, grads)
+            self.optimizer.step()
         del grads
         for p in params.values():
             p.grad = None
@@ -171,7 +178,7 @@ class _ForwardLooking(OptimizerWrapper):
         return True
 
     def _ag2_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor],
-                    before: OptimizerSnapshot, spares: list[OptimizerSnapshot]) -> bool:
+                    before: OptimizerSnapshot | FusedForecast, spares: list[OptimizerSnapshot]) -> bool:
         """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, θ″ from the state before the forecast with G′;
         False (nothing committed, ``before`` unspent) where G′ is not finite.
 
@@ -189,7 +196,7 @@ class _ForwardLooking(OptimizerWrapper):
         if not all_finite(*(averaged[n] for n in params)):
             return False
         forecast_l1, _ = _l1_lengths(params, theta)  # p is overwritten next
-        if swappable(self.optimizer):
+        if isinstance(before, OptimizerSnapshot) and swappable(self.optimizer):
             # run the dry step on the snapshot's own tensors (spent afterwards) while the
             # committed state objects wait aside: no state copied at all
             committed = before.swap_in()
