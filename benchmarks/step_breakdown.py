@@ -4,7 +4,7 @@
 
 Wraps the parts of a wrapper's step with wall-clock timers (the graph forward, the two
 backwards, the pass at the other state, the base optimizer's step, the state snapshot, the
-non-finite checks, the AG-1/AG-2 update; AG-3: its two passes) and prints each part's mean per step over ``--steps``
+non-finite checks, the AG-1/AG-2 update, the fused forecast where it applies; AG-3: its two passes) and prints each part's mean per step over ``--steps``
 steps after three warm-up steps, then the plain step (zero_grad, forward, backward, step) with
 its optimizer step. glibc is told to keep freed memory (see _alloc.py). Parts nest: "pass at
 other + averaged backward" contains "pass at other".
@@ -54,6 +54,7 @@ def instrument(optimizer) -> None:
     averaged._record_pass = timed("pass at other", averaged._record_pass)
     ag3.averaged_loss = timed("both passes (AG-3)", ag3.averaged_loss)
     forward_looking.OptimizerSnapshot.__init__ = timed("optimizer-state snapshot", forward_looking.OptimizerSnapshot.__init__)
+    forward_looking.fused_forecast = timed("fused forecast step (Adam/AdamW/RMSprop)", forward_looking.fused_forecast)
     forward_looking.all_finite = timed("non-finite checks", forward_looking.all_finite)
     ag3.all_finite = timed("non-finite checks", ag3.all_finite)
     W = forward_looking._ForwardLooking

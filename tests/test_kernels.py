@@ -259,6 +259,24 @@ def test_ag1_update_kernel_matches_the_formula(n):
 
 
 @needs_kernels
+def test_ag1_update_of_many_tensors_in_one_call_matches_one_call_each():
+    """ag1_update_many: the same parameters bit for bit and the summed L1 length, across sizes
+    on both sides of the threading threshold; None, nothing written, if one triple does not fit."""
+    triples = [_theta_and_step(n, 10 + n) for n in SIZES]
+    grads = [torch.randn(t[0].shape, generator=t[3]) for t in triples]
+    one_each = [t[1].clone() for t in triples]
+    want = sum(kernels.ag1_update(p, t[0], g) for p, t, g in zip(one_each, triples, grads))
+    many = [t[1].clone() for t in triples]
+    got = kernels.ag1_update_many(many, [t[0] for t in triples], grads)
+    assert all(torch.equal(a, b) for a, b in zip(many, one_each))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert all(p._version > 0 for p in many)
+    again = [t[1].clone() for t in triples]
+    assert kernels.ag1_update_many(again, [t[0] for t in triples[:-1]] + [triples[-1][0].double()], grads) is None
+    assert all(torch.equal(p, t[1]) for p, t in zip(again, triples))
+
+
+@needs_kernels
 @pytest.mark.parametrize("n", SIZES)
 def test_ag2_kernels_match_the_formulas(n):
     theta, dry, want_l1, _ = _theta_and_step(n, 7)

@@ -233,6 +233,16 @@ double ag1_update_f32(float* p, const float* theta, const float* g, int64_t n, i
     return abs_diff_sum(p, theta, g, n, threads);
 }
 
+/* ag1_update_f32 over `count` tensors in one call (a model's many small tensors: a call each
+ * costs more than the arithmetic), the sums added up. */
+double ag1_update_many_f32(int64_t count, float* const* p, const float* const* theta, const float* const* g,
+                           const int64_t* n, int threads) {
+    double total = 0.0;
+    for (int64_t k = 0; k < count; k++)
+        total += abs_diff_sum(p[k], theta[k], g[k], n[k], threads);
+    return total;
+}
+
 /* Σ|a − b|, read-only: AG-2's L1 step lengths. */
 double l1_diff_f32(const float* a, const float* b, int64_t n, int threads) {
     return abs_diff_sum((float*)a, b, NULL, n, threads); /* without g nothing is written */

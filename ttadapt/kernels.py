@@ -10,11 +10,13 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   where the inputs tie;
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
   (:func:`ttadapt.activations._exp_linear_secant`), or ``g ⊙`` it;
-- :func:`ag1_update`: ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
+- :func:`ag1_update` (:func:`ag1_update_many`: many tensors in one call): ``θ ← θ − |θ′ − θ|·sign(G′)``
+  and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step;
 - :func:`adam_direction` and :func:`rmsprop_direction`: AG-2's dry step of ``torch.optim``'s
-  Adam / AdamW / RMSprop, read-only on the optimizer state (see
-  :mod:`ttadapt.optim.closed_form`).
+  Adam / AdamW / RMSprop, read-only on the optimizer state; :func:`adam_forecast` and
+  :func:`rmsprop_forecast`: AG-1/AG-2's forecast step of the same, all tensors in one call, the
+  new state written beside the old (see :mod:`ttadapt.optim.closed_form`).
 
 They are compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; about a second) into a cache directory (``$TTADAPT_KERNEL_CACHE``, else
@@ -46,8 +48,8 @@ from torch import Tensor
 
 from .rare import _flat
 
-__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "ag1_update", "l1_diff", "ag2_rescale",
-           "adam_direction", "rmsprop_direction"]
+__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
+           "adam_direction", "rmsprop_direction", "adam_forecast", "rmsprop_forecast"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _COMMON = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
@@ -149,6 +151,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.clamp_secant_f32.restype = None
         lib.ag1_update_f32.argtypes = [_P, _P, _P, _N, _I]
         lib.ag1_update_f32.restype = ctypes.c_double
+        lib.ag1_update_many_f32.argtypes = [_N, _P, _P, _P, _P, _I]
+        lib.ag1_update_many_f32.restype = ctypes.c_double
         lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I, _P, _N]
         lib.exp_linear_secant_f32.restype = ctypes.c_int64
         lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
@@ -329,6 +333,24 @@ def ag1_update(p: Tensor, theta: Tensor, g: Tensor) -> float | None:
     if lib is None or not _dense(p, theta, g):
         return None
     total = lib.ag1_update_f32(p.data_ptr(), theta.data_ptr(), g.data_ptr(), p.numel(), torch.get_num_threads())
+    torch.autograd.graph.increment_version(p)
+    return float(total)
+
+
+def ag1_update_many(p: list[Tensor], theta: list[Tensor], g: list[Tensor]) -> float | None:
+    """:func:`ag1_update` for each ``(p[k], theta[k], g[k])`` in one call, returning the sum of
+    their ``Σ|θ′ − θ|``; None, with nothing written, where the kernel does not apply to every
+    triple."""
+    lib = _library()
+    count = len(p)
+    if lib is None or not len(theta) == len(g) == count or not all(_dense(*t) for t in zip(p, theta, g)):
+        return None
+    if count == 0:
+        return 0.0
+    ptrs = ctypes.c_void_p * count
+    total = lib.ag1_update_many_f32(count, ptrs(*[t.data_ptr() for t in p]), ptrs(*[t.data_ptr() for t in theta]),
+                                    ptrs(*[t.data_ptr() for t in g]), (ctypes.c_int64 * count)(*[t.numel() for t in p]),
+                                    torch.get_num_threads())
     torch.autograd.graph.increment_version(p)
     return float(total)
 

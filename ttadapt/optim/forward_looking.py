@@ -3,8 +3,11 @@
 Each step, on one batch:
 
 1. one forward at θ with a graph, one backward: the ordinary gradient g;
-2. the forecast: the base optimizer's real ``step()`` with g gives θ′; its state advances with
-   g and is kept (s ← s′);
+2. the forecast: the base optimizer's step with g gives θ′; its state advances with g and is
+   kept (s ← s′), the state before it kept aside (for AG-2's dry step and for undoing the
+   step) — for torch's Adam, AdamW and RMSprop on the CPU by the fused kernels of
+   :mod:`ttadapt.optim.closed_form`, which write the new state into spare memory; otherwise by a
+   snapshot of the state and the real ``step()``;
 3. one forward at θ′ without a graph, then a second backward through the graph of step 1: the
    averaged gradient G′ between θ and θ′, graph state θ, loss gradient taken at θ′'s output;
 4. AG-1: θ ← θ − |θ′ − θ| ⊙ sign(G′) — the forecast's per-coordinate magnitude, the averaged
@@ -151,18 +154,22 @@ class _ForwardLooking(OptimizerWrapper):
 
     def _ag1_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor]) -> bool:
         """θ ← θ − |θ′ − θ| ⊙ sign(G′), with the parameters holding θ′: one fused pass per tensor
-        where :func:`ttadapt.kernels.ag1_update` applies, else four PyTorch ops. False where G′ or
+        where :func:`ttadapt.kernels.ag1_update` applies (all in one call where all fit), else
+        four PyTorch ops. False where G′ or
         the forecast step is not finite (then the caller rolls back and skips the step): the
         fused passes prove it on the way; the tensors they do not cover are checked before
         their update."""
-        fused = 0.0
+        names = list(params)
+        fused = kernels.ag1_update_many([params[n] for n in names], [theta[n] for n in names], [averaged[n] for n in names])
         unfused: list[str] = []
-        for n, p in params.items():
-            l1 = kernels.ag1_update(p, theta[n], averaged[n])
-            if l1 is None:
-                unfused.append(n)
-            else:
-                fused += l1
+        if fused is None:  # not every tensor fits: one call each where the kernel applies
+            fused = 0.0
+            for n, p in params.items():
+                l1 = kernels.ag1_update(p, theta[n], averaged[n])
+                if l1 is None:
+                    unfused.append(n)
+                else:
+                    fused += l1
         if unfused and not all_finite(*(averaged[n] for n in unfused)):
             return False  # (the caller restores the parameters the fused passes wrote)
         lengths: list[Tensor] = []
