@@ -433,10 +433,10 @@ def _forecast(name: str, hn: int, p: list[Tensor], grad: list[Tensor], inputs: l
     ptrs = ctypes.c_void_p * count
 
     def column(tensors: list[Tensor | None]) -> ctypes.Array:
-        return ptrs(*(None if t is None else t.data_ptr() for t in tensors))
+        return ptrs(*[None if t is None else t.data_ptr() for t in tensors])
 
-    h = (ctypes.c_float * (count * hn))(*(x for row in hyper for x in row))
-    sizes = (ctypes.c_int64 * count)(*(t.numel() for t in p))
+    h = (ctypes.c_float * (count * hn))(*[x for row in hyper for x in row])
+    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in p])
     getattr(lib, name)(count, column(p), column(grad), *(column(c) for c in inputs), *(column(c) for c in outputs),
                        None if steps is None else column(steps), sizes, h, torch.get_num_threads())
     torch.autograd.graph.increment_version(p)

@@ -197,8 +197,11 @@ class SpareState:
         self._pool: dict[tuple[int, str], Tensor] = {}
 
     def take(self, p: Tensor, key: str, like: Tensor) -> Tensor:
+        """A tensor of ``like``'s shape to write ``p``'s entry ``key`` into. (Its dtype, device and
+        layout are the kernel's to check, which declines the whole step, nothing written, on a
+        mismatch; the caller then clears the pool.)"""
         spare = self._pool.pop((id(p), key), None)
-        if spare is not None and sys.getrefcount(spare) <= _UNSHARED and _same_layout(spare, like):
+        if spare is not None and sys.getrefcount(spare) <= _UNSHARED and spare.shape == like.shape:
             return spare
         return torch.empty_like(like)
 
@@ -207,10 +210,6 @@ class SpareState:
 
     def clear(self) -> None:
         self._pool.clear()
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
 
 
 def _unshared_refcount() -> int:
@@ -234,8 +233,11 @@ class FusedForecast:
         self.optimizer = optimizer
         self._entries = entries
         self._spares = spares
-        #: ``{parameter: {"step": the count before, entry: tensor before, ...}}``
-        self.state_before = {p: {"step": step, **{key: old for key, old, _ in swaps}} for p, _, step, swaps in entries}
+
+    @property
+    def state_before(self) -> dict[Tensor, dict[str, Any]]:
+        """``{parameter: {"step": the count before, entry: tensor before, ...}}``"""
+        return {p: {"step": step, **{key: old for key, old, _ in swaps}} for p, _, step, swaps in self._entries}
 
     def restore(self) -> None:
         """Put the state before the forecast back (the same tensors, untouched; the step counts
@@ -306,10 +308,7 @@ def fused_forecast(optimizer: Any, params: dict[str, Tensor], grads: dict[str, T
     steps = [state["step"] for _, state, _, _ in plan]
     counted = all(s.dtype is torch.float32 and s.is_cpu for s in steps)  # (torch's default; the kernel counts those)
     if not run(targets, grad_list, *inputs, *outputs, hyper, steps=steps if counted else None):
-        for k, (p, _, _, keys) in enumerate(plan):  # nothing written: the spares stay spare
-            for column, key in zip(outputs, keys):
-                if key is not None:
-                    spares.give(p, key, column[k])
+        spares.clear()  # nothing written; a spare laid out unlike its state entry is not taken again
         return None
     entries = []
     for k, (p, state, step, keys) in enumerate(plan):
