@@ -284,6 +284,20 @@ def test_fused_forecast_reuses_retired_memory_nobody_holds():
         assert opt.state[p]["exp_avg"] is not held
 
 
+def test_a_spare_the_kernel_refuses_is_not_taken_again():
+    """A spare of the right shape but another dtype: the kernel declines (None, nothing written),
+    the pool is emptied, and the next forecast takes new memory and applies."""
+    p, opt, g = _warm("Adam", {}, 300, seed=6)
+    spares = SpareState()
+    spares.give(p, "exp_avg", torch.empty(300, dtype=torch.float64))
+    value, saved = p.detach().clone(), copy.deepcopy(opt.state[p])
+    grad = torch.randn(300, generator=g)
+    assert fused_forecast(opt, {"p": p}, {"p": grad}, spares) is None
+    assert torch.equal(p.detach(), value) and all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+    assert fused_forecast(opt, {"p": p}, {"p": grad}, spares) is not None
+    assert opt.state[p]["exp_avg"].dtype == torch.float32 and float(opt.state[p]["step"]) == float(saved["step"]) + 1
+
+
 @pytest.mark.parametrize("case", ["sgd", "subclass", "float64", "hook", "capturable", "no kernels", "first step",
                                   "outside gradient"])
 def test_fused_forecast_writes_nothing_where_it_does_not_apply(case, monkeypatch):
