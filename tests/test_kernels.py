@@ -287,6 +287,23 @@ def test_ag2_kernels_match_the_formulas(n):
 
 
 @needs_kernels
+def test_ag2_commit_of_many_tensors_matches_torch_add():
+    """ag2_commit_many (p holding θ″ − θ): θ + scale·(θ″ − θ) as torch.add(θ, p, alpha=scale) to
+    an ulp (one rounding either way), all sizes in one call; False, nothing written, if one pair
+    does not fit."""
+    pairs = [_theta_and_step(n, 20 + n) for n in SIZES]
+    steps = [(t[1] - t[0]) for t in pairs]
+    want = [torch.add(t[0], d, alpha=0.37) for t, d in zip(pairs, steps)]
+    got = [d.clone() for d in steps]
+    assert kernels.ag2_commit_many(got, [t[0] for t in pairs], 0.37)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=torch.finfo(torch.float32).eps, atol=1e-30)
+    again = [d.clone() for d in steps]
+    assert not kernels.ag2_commit_many(again, [t[0] for t in pairs[:-1]] + [pairs[-1][0].double()], 0.37)
+    assert all(torch.equal(a, d) for a, d in zip(again, steps))
+
+
+@needs_kernels
 def test_kernels_decline_what_they_do_not_cover():
     a = torch.randn(64, 64)
     assert kernels.tanh_secant(a.double(), a.double(), a.double(), a.double()) is None  # float64: PyTorch ops

@@ -413,6 +413,44 @@ void adam_direction_f32(const float* theta, const float* grad, const float* m, c
     direction(vmax ? amsgrad_chunk : adam_chunk, theta, grad, m, v, vmax, d, n, h, sums, threads);
 }
 
+/* adam_direction_f32 over `count` tensors in one call (h: 9 per tensor), sums added up. */
+void adam_direction_many_f32(int64_t count, const float* const* theta, const float* const* grad, const float* const* m,
+                             const float* const* v, const float* const* vmax, float* const* d, const int64_t* n,
+                             const float* h, double* sums, int threads) {
+    for (int64_t k = 0; k < count; k++)
+        direction(vmax[k] ? amsgrad_chunk : adam_chunk, theta[k], grad[k], m[k], v[k], vmax[k], d[k], n[k], h + 9 * k,
+                  sums, threads);
+}
+
+/* rmsprop_direction_f32 over `count` tensors in one call (h: 7 per tensor), sums added up. */
+void rmsprop_direction_many_f32(int64_t count, const float* const* theta, const float* const* grad,
+                                const float* const* sq, const float* const* grad_avg, const float* const* buf,
+                                float* const* d, const int64_t* n, const float* h, double* sums, int threads) {
+    for (int64_t k = 0; k < count; k++)
+        direction(grad_avg[k] ? (buf[k] ? rmsprop_centered_momentum_chunk : rmsprop_centered_chunk)
+                              : (buf[k] ? rmsprop_momentum_chunk : rmsprop_chunk),
+                  theta[k], grad[k], sq[k], grad_avg[k], buf[k], d[k], n[k], h + 7 * k, sums, threads);
+}
+
+/* AG-2's committed step over `count` tensors, with p holding θ″ − θ: p ← θ + scale·(θ″ − θ),
+ * one rounding (as torch.add(θ, p, alpha=scale) in ATen's vector kernel). */
+void ag2_commit_many_f32(int64_t count, float* const* p, const float* const* theta, const int64_t* n, float scale,
+                         int threads) {
+    for (int64_t k = 0; k < count; k++) {
+        float* pk = p[k];
+        const float* tk = theta[k];
+        int64_t size = n[k];
+        int64_t chunks = (size + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && size >= PARALLEL_MIN)
+        for (int64_t j = 0; j < chunks; j++) {
+            int64_t start = j * 4 * CHUNK, stop = start + 4 * CHUNK < size ? start + 4 * CHUNK : size;
+#pragma GCC ivdep
+            for (int64_t i = start; i < stop; i++)
+                pk[i] = fmaf(pk[i], scale, tk[i]);
+        }
+    }
+}
+
 void rmsprop_direction_f32(const float* theta, const float* grad, const float* sq, const float* grad_avg, const float* buf,
                            float* d, int64_t n, const float* h, double* sums, int threads) {
     direction(grad_avg ? (buf ? rmsprop_centered_momentum_chunk : rmsprop_centered_chunk)

@@ -12,9 +12,10 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   (:func:`ttadapt.activations._exp_linear_secant`), or ``g ⊙`` it;
 - :func:`ag1_update` (:func:`ag1_update_many`: many tensors in one call): ``θ ← θ − |θ′ − θ|·sign(G′)``
   and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
-- :func:`l1_diff` and :func:`ag2_rescale`: AG-2's step lengths and its rescaled step;
-- :func:`adam_direction` and :func:`rmsprop_direction`: AG-2's dry step of ``torch.optim``'s
-  Adam / AdamW / RMSprop, read-only on the optimizer state; :func:`adam_forecast` and
+- :func:`l1_diff`, :func:`ag2_rescale` and :func:`ag2_commit_many`: AG-2's step lengths and its
+  rescaled step;
+- :func:`adam_direction` and :func:`rmsprop_direction` (``_many``: all tensors in one call):
+  AG-2's dry step of ``torch.optim``'s Adam / AdamW / RMSprop, read-only on the optimizer state; :func:`adam_forecast` and
   :func:`rmsprop_forecast`: AG-1/AG-2's forecast step of the same, all tensors in one call, the
   new state written beside the old (see :mod:`ttadapt.optim.closed_form`).
 
@@ -49,7 +50,8 @@ from torch import Tensor
 from .rare import _flat
 
 __all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
-           "adam_direction", "rmsprop_direction", "adam_forecast", "rmsprop_forecast"]
+           "adam_direction", "rmsprop_direction", "adam_direction_many", "rmsprop_direction_many", "ag2_commit_many",
+           "adam_forecast", "rmsprop_forecast"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _COMMON = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
@@ -162,6 +164,11 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         for name in ("adam_direction_f32", "rmsprop_direction_f32"):
             getattr(lib, name).argtypes = [_P, _P, _P, _P, _P, _P, _N, _P, _P, _I]
             getattr(lib, name).restype = None
+        for name in ("adam_direction_many_f32", "rmsprop_direction_many_f32"):
+            getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
+            getattr(lib, name).restype = None
+        lib.ag2_commit_many_f32.argtypes = [_N, _P, _P, _P, _F, _I]
+        lib.ag2_commit_many_f32.restype = None
         for name in ("adam_forecast_f32", "rmsprop_forecast_f32"):
             getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
             getattr(lib, name).restype = None
@@ -347,10 +354,8 @@ def ag1_update_many(p: list[Tensor], theta: list[Tensor], g: list[Tensor]) -> fl
         return None
     if count == 0:
         return 0.0
-    ptrs = ctypes.c_void_p * count
-    total = lib.ag1_update_many_f32(count, ptrs(*[t.data_ptr() for t in p]), ptrs(*[t.data_ptr() for t in theta]),
-                                    ptrs(*[t.data_ptr() for t in g]), (ctypes.c_int64 * count)(*[t.numel() for t in p]),
-                                    torch.get_num_threads())
+    total = lib.ag1_update_many_f32(count, _pointers(p), _pointers(theta), _pointers(g),
+                                    (ctypes.c_int64 * count)(*[t.numel() for t in p]), torch.get_num_threads())
     torch.autograd.graph.increment_version(p)
     return float(total)
 
@@ -413,6 +418,60 @@ def rmsprop_direction(d: Tensor, theta: Tensor, grad: Tensor, square_avg: Tensor
     return _direction("rmsprop_direction_f32", d, theta, grad, square_avg, grad_avg, momentum_buffer, hyper)
 
 
+def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
+    """The tensors' data pointers as a C array (NULL for None)."""
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+def _direction_many(name: str, hn: int, d: list[Tensor], theta: list[Tensor], grad: list[Tensor],
+                    state: list[list[Tensor | None]], hyper: list[list[float]]) -> tuple[float, float] | None:
+    lib = _library()
+    count = len(d)
+    if any(len(column) != count for column in (theta, grad, hyper, *state)) or any(len(h) != hn for h in hyper):
+        raise ValueError(f"{name}: {count} tensors need {count} entries of each input, and {hn} hyper-parameters each")
+    if lib is None:
+        return None
+    for k in range(count):
+        if not _dense(d[k], theta[k], grad[k], *[column[k] for column in state if column[k] is not None]):
+            return None
+    sums = (ctypes.c_double * 2)(0.0, 0.0)
+    if count:
+        getattr(lib, name)(count, _pointers(theta), _pointers(grad), *[_pointers(c) for c in state], _pointers(d),
+                           (ctypes.c_int64 * count)(*[t.numel() for t in d]),
+                           (ctypes.c_float * (count * hn))(*[x for row in hyper for x in row]), sums, torch.get_num_threads())
+        torch.autograd.graph.increment_version(d)
+    return sums[0], sums[1]
+
+
+def adam_direction_many(d: list[Tensor], theta: list[Tensor], grad: list[Tensor], exp_avg: list[Tensor],
+                        exp_avg_sq: list[Tensor], max_exp_avg_sq: list[Tensor | None],
+                        hyper: list[list[float]]) -> tuple[float, float] | None:
+    """:func:`adam_direction` for each tensor in one call, the sums added up; None, with nothing
+    written, where the kernel does not apply to every tensor."""
+    return _direction_many("adam_direction_many_f32", 9, d, theta, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq], hyper)
+
+
+def rmsprop_direction_many(d: list[Tensor], theta: list[Tensor], grad: list[Tensor], square_avg: list[Tensor],
+                           grad_avg: list[Tensor | None], momentum_buffer: list[Tensor | None],
+                           hyper: list[list[float]]) -> tuple[float, float] | None:
+    """:func:`rmsprop_direction` for each tensor in one call (see :func:`adam_direction_many`)."""
+    return _direction_many("rmsprop_direction_many_f32", 7, d, theta, grad, [square_avg, grad_avg, momentum_buffer], hyper)
+
+
+def ag2_commit_many(p: list[Tensor], theta: list[Tensor], scale: float) -> bool:
+    """With each ``p`` holding θ″ − θ: ``p ← θ + scale·(θ″ − θ)`` (one rounding), all tensors in
+    one call; False, nothing written, where the kernel does not apply to every pair."""
+    lib = _library()
+    count = len(p)
+    if lib is None or len(theta) != count or not all(_dense(a, b) for a, b in zip(p, theta)):
+        return False
+    if count:
+        lib.ag2_commit_many_f32(count, _pointers(p), _pointers(theta), (ctypes.c_int64 * count)(*[t.numel() for t in p]),
+                                float(scale), torch.get_num_threads())
+        torch.autograd.graph.increment_version(p)
+    return True
+
+
 def _forecast(name: str, hn: int, p: list[Tensor], grad: list[Tensor], inputs: list[list[Tensor | None]],
               outputs: list[list[Tensor | None]], steps: list[Tensor] | None, hyper: list[list[float]]) -> bool:
     lib = _library()
@@ -430,15 +489,10 @@ def _forecast(name: str, hn: int, p: list[Tensor], grad: list[Tensor], inputs: l
         return False
     if count == 0:
         return True
-    ptrs = ctypes.c_void_p * count
-
-    def column(tensors: list[Tensor | None]) -> ctypes.Array:
-        return ptrs(*[None if t is None else t.data_ptr() for t in tensors])
-
     h = (ctypes.c_float * (count * hn))(*[x for row in hyper for x in row])
     sizes = (ctypes.c_int64 * count)(*[t.numel() for t in p])
-    getattr(lib, name)(count, column(p), column(grad), *(column(c) for c in inputs), *(column(c) for c in outputs),
-                       None if steps is None else column(steps), sizes, h, torch.get_num_threads())
+    getattr(lib, name)(count, _pointers(p), _pointers(grad), *[_pointers(c) for c in inputs], *[_pointers(c) for c in outputs],
+                       None if steps is None else _pointers(steps), sizes, h, torch.get_num_threads())
     torch.autograd.graph.increment_version(p)
     return True
 

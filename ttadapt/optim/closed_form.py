@@ -33,7 +33,7 @@ runs the real ``step()``.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,9 +50,6 @@ _ADAM_OPTIONS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "f
                  "fused", "decoupled_weight_decay"}
 _RMSPROP_OPTIONS = {"lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "foreach", "capturable",
                     "differentiable"}
-
-Call = Callable[[], "tuple[float, float] | None"]
-
 
 def _value(x: Any) -> float:
     return float(x.item() if isinstance(x, Tensor) else x)
@@ -105,32 +102,29 @@ def _state_keys(settings: dict, adam: bool) -> tuple[str | None, str | None, str
             "momentum_buffer" if _value(settings["momentum"]) > 0 else None)
 
 
-def _adam_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings: dict, decoupled_default: bool) -> Call | None:
+def _adam_moments(theta: Tensor, state: dict, settings: dict) -> tuple[float, tuple] | None:
+    """(the number of the step being taken, Adam's moments before it) from ``state``, zeros
+    where the step is the first; None for a state this module does not know."""
     amsgrad = bool(settings["amsgrad"])
     if state:
         if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state or (amsgrad and "max_exp_avg_sq" not in state):
             return None
-        step = _value(state["step"]) + 1
-        m, v, vmax = state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None
-    else:  # the first step: torch starts from zeros
-        step = 1.0
-        m = v = torch.zeros_like(theta)
-        vmax = m if amsgrad else None
-    hyper = _adam_hyper(settings, step, decoupled_default)
-    return lambda: kernels.adam_direction(d, theta, grad, m, v, vmax, hyper)
+        return _value(state["step"]) + 1, (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None)
+    zeros = torch.zeros_like(theta)  # the first step: torch starts from zeros
+    return 1.0, (zeros, zeros, zeros if amsgrad else None)
 
 
-def _rmsprop_call(d: Tensor, theta: Tensor, grad: Tensor, state: dict, settings: dict) -> Call | None:
+def _rmsprop_moments(theta: Tensor, state: dict, settings: dict) -> tuple | None:
+    """RMSprop's square average, gradient average (centered) and momentum buffer (momentum > 0)
+    before the step, zeros where it is the first; None for a state this module does not know."""
     centered, momentum = bool(settings["centered"]), _value(settings["momentum"])
     if state:
         if "square_avg" not in state or (centered and "grad_avg" not in state) or (momentum > 0 and "momentum_buffer" not in state):
             return None
-        sq, avg, buf = state["square_avg"], state.get("grad_avg") if centered else None, state.get("momentum_buffer") if momentum > 0 else None
-    else:
-        sq = torch.zeros_like(theta)
-        avg, buf = (sq if centered else None), (sq if momentum > 0 else None)
-    hyper = _rmsprop_hyper(settings)
-    return lambda: kernels.rmsprop_direction(d, theta, grad, sq, avg, buf, hyper)
+        return (state["square_avg"], state.get("grad_avg") if centered else None,
+                state.get("momentum_buffer") if momentum > 0 else None)
+    zeros = torch.zeros_like(theta)
+    return zeros, (zeros if centered else None), (zeros if momentum > 0 else None)
 
 
 def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", params: dict[str, Tensor],
@@ -153,11 +147,17 @@ def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", p
             return None
         _, saved_state, saved_groups, _ = before.parts[0]
     names = {id(p): n for n, p in params.items()}
-    calls: list[Call] = []
+    adam = known is _ADAM_OPTIONS
+    targets: list[Tensor] = []
+    starts: list[Tensor] = []
+    grad_list: list[Tensor] = []
+    moments: tuple[list, list, list] = ([], [], [])
+    hyper: list[list[float]] = []
     zeroed: list[str] = []
     for group, settings in zip(optimizer.param_groups, saved_groups):
         if settings.get("capturable") or settings.get("differentiable"):
             return None
+        rows: dict[float, list[float]] = {}
         for p in group["params"]:
             name = names.get(id(p))
             if name is None:  # does not require a gradient: the step leaves it alone
@@ -167,22 +167,35 @@ def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", p
                 zeroed.append(name)
                 continue
             state = saved_state.get(p, {})
-            call = (_adam_call(p.detach(), theta[name], grad, state, settings, kind is torch.optim.AdamW) if known is _ADAM_OPTIONS
-                    else _rmsprop_call(p.detach(), theta[name], grad, state, settings))
-            moments = [t for key, t in state.items() if key != "step" and isinstance(t, Tensor)]
-            if call is None or not kernels.fits(p, theta[name], grad, *moments):
-                return None
-            calls.append(call)
-    forecast = dry = 0.0
+            if adam:
+                found = _adam_moments(theta[name], state, settings)
+                if found is None:
+                    return None
+                step, these = found
+                row = rows.get(step)
+                if row is None:
+                    row = rows[step] = _adam_hyper(settings, step, kind is torch.optim.AdamW)
+            else:
+                these = _rmsprop_moments(theta[name], state, settings)
+                if these is None:
+                    return None
+                row = rows.get(0.0)
+                if row is None:
+                    row = rows[0.0] = _rmsprop_hyper(settings)
+            targets.append(p)
+            starts.append(theta[name])
+            grad_list.append(grad)
+            hyper.append(row)
+            for column, t in zip(moments, these):
+                column.append(t)
+    run = kernels.adam_direction_many if adam else kernels.rmsprop_direction_many
+    sums = run(targets, starts, grad_list, *moments, hyper)  # p ← θ″ − θ for all of them, or nothing written
+    if sums is None:
+        return None
+    forecast, dry = sums
     for name in zeroed:
         forecast += float((params[name].detach() - theta[name]).abs().sum(dtype=torch.float64))
         params[name].detach().zero_()
-    for call in calls:
-        sums = call()
-        if sums is None:  # checked above: cannot happen
-            raise RuntimeError("a fused dry step did not apply after its checks passed")
-        forecast += sums[0]
-        dry += sums[1]
     return forecast, dry
 
 

@@ -228,11 +228,13 @@ class _ForwardLooking(OptimizerWrapper):
         """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, with ``p`` holding θ″ − θ for the names in
         ``differenced`` and θ″ for the others."""
         scale = forecast_l1 / length if length > 0 else 0.0
-        for n, p in params.items():
-            if n in differenced:  # p holds θ″ − θ
-                torch.add(theta[n], p, alpha=scale, out=p)
-            else:
-                kernels.ag2_rescale(p, theta[n], scale)
+        # all of them in one kernel call where they all hold θ″ − θ and fit, else one op each
+        if not (len(differenced) == len(params) and kernels.ag2_commit_many(list(params.values()), [theta[n] for n in params], scale)):
+            for n, p in params.items():
+                if n in differenced:  # p holds θ″ − θ
+                    torch.add(theta[n], p, alpha=scale, out=p)
+                else:
+                    kernels.ag2_rescale(p, theta[n], scale)
         self.last_forecast_l1 = forecast_l1
 
 
