@@ -248,16 +248,28 @@ double l1_diff_f32(const float* a, const float* b, int64_t n, int threads) {
     return abs_diff_sum((float*)a, b, NULL, n, threads); /* without g nothing is written */
 }
 
-/* AG-2's rescaled step, with p holding θ″: p ← θ + scale·(θ″ − θ). */
-void ag2_rescale_f32(float* p, const float* theta, float scale, int64_t n, int threads) {
+/* AG-2's committed step p ← θ + scale·(θ″ − θ), with p holding θ″ (differenced == 0) or θ″ − θ
+ * (differenced != 0; then one rounding, as torch.add(θ, p, alpha=scale) in ATen's vector kernel). */
+static void ag2_step(float* p, const float* theta, float scale, int64_t n, int differenced, int threads) {
     int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+        if (differenced) {
 #pragma GCC ivdep
-        for (int64_t i = start; i < stop; i++)
-            p[i] = theta[i] + scale * (p[i] - theta[i]);
+            for (int64_t i = start; i < stop; i++)
+                p[i] = fmaf(p[i], scale, theta[i]);
+        } else {
+#pragma GCC ivdep
+            for (int64_t i = start; i < stop; i++)
+                p[i] = theta[i] + scale * (p[i] - theta[i]);
+        }
     }
+}
+
+/* AG-2's rescaled step, with p holding θ″: p ← θ + scale·(θ″ − θ). */
+void ag2_rescale_f32(float* p, const float* theta, float scale, int64_t n, int threads) {
+    ag2_step(p, theta, scale, n, 0, threads);
 }
 
 /* The secant of f(u) = s·(max(u, 0) + α·expm1(κ·min(u, 0))) (ELU, SELU, CELU; κ > 0) without
@@ -432,23 +444,11 @@ void rmsprop_direction_many_f32(int64_t count, const float* const* theta, const 
                   theta[k], grad[k], sq[k], grad_avg[k], buf[k], d[k], n[k], h + 7 * k, sums, threads);
 }
 
-/* AG-2's committed step over `count` tensors, with p holding θ″ − θ: p ← θ + scale·(θ″ − θ),
- * one rounding (as torch.add(θ, p, alpha=scale) in ATen's vector kernel). */
+/* AG-2's committed step over `count` tensors, with p holding θ″ − θ (see ag2_step). */
 void ag2_commit_many_f32(int64_t count, float* const* p, const float* const* theta, const int64_t* n, float scale,
                          int threads) {
-    for (int64_t k = 0; k < count; k++) {
-        float* pk = p[k];
-        const float* tk = theta[k];
-        int64_t size = n[k];
-        int64_t chunks = (size + 4 * CHUNK - 1) / (4 * CHUNK);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && size >= PARALLEL_MIN)
-        for (int64_t j = 0; j < chunks; j++) {
-            int64_t start = j * 4 * CHUNK, stop = start + 4 * CHUNK < size ? start + 4 * CHUNK : size;
-#pragma GCC ivdep
-            for (int64_t i = start; i < stop; i++)
-                pk[i] = fmaf(pk[i], scale, tk[i]);
-        }
-    }
+    for (int64_t k = 0; k < count; k++)
+        ag2_step(p[k], theta[k], scale, n[k], 1, threads);
 }
 
 void rmsprop_direction_f32(const float* theta, const float* grad, const float* sq, const float* grad_avg, const float* buf,
