@@ -51,6 +51,7 @@ _ADAM_OPTIONS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "f
 _RMSPROP_OPTIONS = {"lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "foreach", "capturable",
                     "differentiable"}
 
+
 def _value(x: Any) -> float:
     return float(x.item() if isinstance(x, Tensor) else x)
 
@@ -102,29 +103,22 @@ def _state_keys(settings: dict, adam: bool) -> tuple[str | None, str | None, str
             "momentum_buffer" if _value(settings["momentum"]) > 0 else None)
 
 
-def _adam_moments(theta: Tensor, state: dict, settings: dict) -> tuple[float, tuple] | None:
-    """(the number of the step being taken, Adam's moments before it) from ``state``, zeros
-    where the step is the first; None for a state this module does not know."""
-    amsgrad = bool(settings["amsgrad"])
-    if state:
-        if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state or (amsgrad and "max_exp_avg_sq" not in state):
-            return None
-        return _value(state["step"]) + 1, (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None)
-    zeros = torch.zeros_like(theta)  # the first step: torch starts from zeros
-    return 1.0, (zeros, zeros, zeros if amsgrad else None)
+def _hyper(settings: dict, step: float, adam: bool, adamw: bool) -> list[float]:
+    """The kernels' hyper-parameters for the step numbered ``step`` (Adam's depend on it)."""
+    return _adam_hyper(settings, step, adamw) if adam else _rmsprop_hyper(settings)
 
 
-def _rmsprop_moments(theta: Tensor, state: dict, settings: dict) -> tuple | None:
-    """RMSprop's square average, gradient average (centered) and momentum buffer (momentum > 0)
-    before the step, zeros where it is the first; None for a state this module does not know."""
-    centered, momentum = bool(settings["centered"]), _value(settings["momentum"])
-    if state:
-        if "square_avg" not in state or (centered and "grad_avg" not in state) or (momentum > 0 and "momentum_buffer" not in state):
-            return None
-        return (state["square_avg"], state.get("grad_avg") if centered else None,
-                state.get("momentum_buffer") if momentum > 0 else None)
-    zeros = torch.zeros_like(theta)
-    return zeros, (zeros if centered else None), (zeros if momentum > 0 else None)
+def _moments(theta: Tensor, state: dict, keys: tuple, adam: bool) -> tuple[float, tuple] | None:
+    """(the number of the step being taken, the state entries ``keys`` before it) from
+    ``state`` — zeros where the step is the first (torch starts from zeros); None for a state
+    this module does not know."""
+    if not state:
+        zeros = torch.zeros_like(theta)
+        return 1.0, tuple(zeros if k is not None else None for k in keys)
+    if any(k is not None and k not in state for k in keys) or (adam and "step" not in state):
+        return None
+    step = _value(state["step"]) + 1 if "step" in state else 1.0
+    return step, tuple(state[k] if k is not None else None for k in keys)
 
 
 def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", params: dict[str, Tensor],
@@ -157,6 +151,7 @@ def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", p
     for group, settings in zip(optimizer.param_groups, saved_groups):
         if settings.get("capturable") or settings.get("differentiable"):
             return None
+        keys = _state_keys(settings, adam)
         rows: dict[float, list[float]] = {}
         for p in group["params"]:
             name = names.get(id(p))
@@ -166,22 +161,13 @@ def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", p
             if grad is None:  # no gradient: the step leaves it alone, θ″ − θ = 0
                 zeroed.append(name)
                 continue
-            state = saved_state.get(p, {})
-            if adam:
-                found = _adam_moments(theta[name], state, settings)
-                if found is None:
-                    return None
-                step, these = found
-                row = rows.get(step)
-                if row is None:
-                    row = rows[step] = _adam_hyper(settings, step, kind is torch.optim.AdamW)
-            else:
-                these = _rmsprop_moments(theta[name], state, settings)
-                if these is None:
-                    return None
-                row = rows.get(0.0)
-                if row is None:
-                    row = rows[0.0] = _rmsprop_hyper(settings)
+            found = _moments(theta[name], saved_state.get(p, {}), keys, adam)
+            if found is None:
+                return None
+            step, these = found
+            row = rows.get(step)
+            if row is None:
+                row = rows[step] = _hyper(settings, step, adam, kind is torch.optim.AdamW)
             targets.append(p)
             starts.append(theta[name])
             grad_list.append(grad)
@@ -298,21 +284,21 @@ def fused_forecast(optimizer: Any, params: dict[str, Tensor], grads: dict[str, T
                 continue
             state = optimizer.state.get(p)
             step_t = state.get("step") if state else None
-            if not isinstance(step_t, Tensor) or step_t.numel() != 1 or any(k is not None and k not in state for k in keys):
+            if not isinstance(step_t, Tensor) or step_t.numel() != 1:
                 return None  # the first step (torch builds the state) or a state this module does not know
-            step = float(step_t.item())
-            if not 0 <= step < _MAX_STEP:
+            found = _moments(p, state, keys, adam)
+            if found is None or not 1 <= found[0] <= _MAX_STEP:
                 return None
-            row = rows.get(step)
+            number, these = found
+            row = rows.get(number)
             if row is None:
-                row = rows[step] = (_adam_hyper(group, step + 1, type(optimizer) is torch.optim.AdamW) if adam
-                                    else _rmsprop_hyper(group))
+                row = rows[number] = _hyper(group, number, adam, type(optimizer) is torch.optim.AdamW)
             targets.append(p)
             grad_list.append(grad)
             hyper.append(row)
-            for column, key in zip(inputs, keys):
-                column.append(state[key] if key is not None else None)
-            plan.append((p, state, step, keys))
+            for column, t in zip(inputs, these):
+                column.append(t)
+            plan.append((p, state, number - 1, keys))
     outputs: tuple[list, list, list] = ([], [], [])
     for k, (p, _, _, keys) in enumerate(plan):
         for column, source, key in zip(outputs, inputs, keys):

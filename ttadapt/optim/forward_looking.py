@@ -155,10 +155,9 @@ class _ForwardLooking(OptimizerWrapper):
     def _ag1_update(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor]) -> bool:
         """θ ← θ − |θ′ − θ| ⊙ sign(G′), with the parameters holding θ′: one fused pass per tensor
         where :func:`ttadapt.kernels.ag1_update` applies (all in one call where all fit), else
-        four PyTorch ops. False where G′ or
-        the forecast step is not finite (then the caller rolls back and skips the step): the
-        fused passes prove it on the way; the tensors they do not cover are checked before
-        their update."""
+        four PyTorch ops. False where G′ or the forecast step is not finite (then the caller
+        rolls back and skips the step): the fused passes prove it on the way; the tensors they
+        do not cover are checked before their update."""
         names = list(params)
         fused = kernels.ag1_update_many([params[n] for n in names], [theta[n] for n in names], [averaged[n] for n in names])
         unfused: list[str] = []
