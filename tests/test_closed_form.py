@@ -184,6 +184,41 @@ def test_wrapper_step_equals_the_generic_route(name, kw, method, monkeypatch):
             torch.testing.assert_close(a[key], b[key], rtol=4e-6, atol=4e-6 * scale + 1e-12, msg=key)
 
 
+@pytest.mark.parametrize("name,kw", [CONFIGS[1], CONFIGS[-1]], ids=[IDS[1], IDS[-1]])
+def test_ag2_with_the_fused_forecast_and_the_real_dry_step(name, kw, monkeypatch):
+    """Where the dry step's closed form does not apply but the forecast's did, AG-2 puts the
+    state before the forecast back, runs the real dry step from it and reinstates the committed
+    state by copies: the same parameters and committed state as the fully generic route (to
+    float32 rounding)."""
+    torch.manual_seed(4)
+    base = _Net()
+    x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+
+    def run():
+        model = copy.deepcopy(base)
+        opt = _optimizer(name, list(model.parameters()), kw)
+        wrapper = ttadapt.AG2(model, opt)
+        closure = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+        for _ in range(3):
+            wrapper.step(closure)
+        return model, opt
+
+    real = forward_looking.fused_forecast
+    applied = []
+    monkeypatch.setattr(forward_looking, "fused_forecast", lambda *a: applied.append(real(*a)) or applied[-1])
+    monkeypatch.setattr(forward_looking, "dry_direction", lambda *a: None)
+    mixed_model, mixed_opt = run()
+    assert [f is not None for f in applied] == [False, True, True]  # the first step builds the state
+    monkeypatch.setattr(forward_looking, "fused_forecast", lambda *a: None)
+    slow_model, slow_opt = run()
+    for (n, a), (_, b) in zip(mixed_model.named_parameters(), slow_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-7, msg=n)
+    for a, b in zip(mixed_opt.state.values(), slow_opt.state.values()):
+        for key in a:
+            scale = float(b[key].abs().max())
+            torch.testing.assert_close(a[key], b[key], rtol=4e-6, atol=4e-6 * scale + 1e-12, msg=key)
+
+
 # -- the fused forecast ------------------------------------------------------------------------
 def _warm(name: str, kw: dict, n: int, seed: int) -> tuple[torch.nn.Parameter, torch.optim.Optimizer, torch.Generator]:
     g = torch.Generator().manual_seed(seed)
