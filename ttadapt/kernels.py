@@ -10,14 +10,15 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   where the inputs tie;
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
   (:func:`ttadapt.activations._exp_linear_secant`), or ``g ⊙`` it;
-- :func:`ag1_update` (:func:`ag1_update_many`: many tensors in one call): ``θ ← θ − |θ′ − θ|·sign(G′)``
-  and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
+- :func:`ag1_update` (:func:`ag1_update_many`: many tensors in one call):
+  ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff`, :func:`ag2_rescale` and :func:`ag2_commit_many`: AG-2's step lengths and its
   rescaled step;
 - :func:`adam_direction` and :func:`rmsprop_direction` (``_many``: all tensors in one call):
-  AG-2's dry step of ``torch.optim``'s Adam / AdamW / RMSprop, read-only on the optimizer state; :func:`adam_forecast` and
-  :func:`rmsprop_forecast`: AG-1/AG-2's forecast step of the same, all tensors in one call, the
-  new state written beside the old (see :mod:`ttadapt.optim.closed_form`).
+  AG-2's dry step of ``torch.optim``'s Adam / AdamW / RMSprop, read-only on the optimizer
+  state; :func:`adam_forecast` and :func:`rmsprop_forecast`: AG-1/AG-2's forecast step of the
+  same, all tensors in one call, the new state written beside the old (see
+  :mod:`ttadapt.optim.closed_form`).
 
 They are compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; about a second) into a cache directory (``$TTADAPT_KERNEL_CACHE``, else
@@ -348,16 +349,7 @@ def ag1_update_many(p: list[Tensor], theta: list[Tensor], g: list[Tensor]) -> fl
     """:func:`ag1_update` for each ``(p[k], theta[k], g[k])`` in one call, returning the sum of
     their ``Σ|θ′ − θ|``; None, with nothing written, where the kernel does not apply to every
     triple."""
-    lib = _library()
-    count = len(p)
-    if lib is None or not len(theta) == len(g) == count or not all(_dense(*t) for t in zip(p, theta, g)):
-        return None
-    if count == 0:
-        return 0.0
-    total = lib.ag1_update_many_f32(count, _pointers(p), _pointers(theta), _pointers(g),
-                                    (ctypes.c_int64 * count)(*[t.numel() for t in p]), torch.get_num_threads())
-    torch.autograd.graph.increment_version(p)
-    return float(total)
+    return _run_many("ag1_update_many_f32", [p, theta, g], p)
 
 
 def l1_diff(a: Tensor, b: Tensor) -> float | None:
@@ -423,23 +415,40 @@ def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
-def _direction_many(name: str, hn: int, d: list[Tensor], theta: list[Tensor], grad: list[Tensor],
-                    state: list[list[Tensor | None]], hyper: list[list[float]]) -> tuple[float, float] | None:
+def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tensor], *, hyper: list[list[float]] | None = None,
+              hn: int = 0, extra: tuple = (), tail: tuple = ()) -> float | None:
+    """Check and run one of the kernels that walk many tensors in one call (a model's tensors
+    are many and mostly small: a call each would cost more than the arithmetic):
+    ``name(count, *columns, *extra, sizes, [hyper,] *tail, threads)``. ``columns`` are the
+    tensor arguments, one list each with an entry per tensor (None: NULL), every row of one
+    shape and layout; ``hyper`` has ``hn`` floats per row; autograd is told of the writes into
+    ``written``. None, nothing written, where the kernels are off or a row does not fit; else
+    the kernel's return value (0.0 where it has none)."""
+    count = len(written)
+    if any(len(column) != count for column in columns) or (hyper is not None and (
+            len(hyper) != count or any(len(h) != hn for h in hyper))):
+        raise ValueError(f"{name}: {count} tensors need {count} entries of each argument"
+                         + (f" and {hn} hyper-parameters each" if hyper is not None else ""))
     lib = _library()
-    count = len(d)
-    if any(len(column) != count for column in (theta, grad, hyper, *state)) or any(len(h) != hn for h in hyper):
-        raise ValueError(f"{name}: {count} tensors need {count} entries of each input, and {hn} hyper-parameters each")
     if lib is None:
         return None
     for k in range(count):
-        if not _dense(d[k], theta[k], grad[k], *[column[k] for column in state if column[k] is not None]):
+        if not _dense(*[column[k] for column in columns if column[k] is not None]):
             return None
+    if count == 0:
+        return 0.0
+    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in written])
+    h = () if hyper is None else ((ctypes.c_float * (count * hn))(*[x for row in hyper for x in row]),)
+    result = getattr(lib, name)(count, *[_pointers(c) for c in columns], *extra, sizes, *h, *tail, torch.get_num_threads())
+    torch.autograd.graph.increment_version(written)
+    return 0.0 if result is None else float(result)
+
+
+def _direction_many(name: str, hn: int, d: list[Tensor], theta: list[Tensor], grad: list[Tensor],
+                    state: list[list[Tensor | None]], hyper: list[list[float]]) -> tuple[float, float] | None:
     sums = (ctypes.c_double * 2)(0.0, 0.0)
-    if count:
-        getattr(lib, name)(count, _pointers(theta), _pointers(grad), *[_pointers(c) for c in state], _pointers(d),
-                           (ctypes.c_int64 * count)(*[t.numel() for t in d]),
-                           (ctypes.c_float * (count * hn))(*[x for row in hyper for x in row]), sums, torch.get_num_threads())
-        torch.autograd.graph.increment_version(d)
+    if _run_many(name, [theta, grad, *state, d], d, hyper=hyper, hn=hn, tail=(sums,)) is None:
+        return None
     return sums[0], sums[1]
 
 
@@ -461,40 +470,15 @@ def rmsprop_direction_many(d: list[Tensor], theta: list[Tensor], grad: list[Tens
 def ag2_commit_many(p: list[Tensor], theta: list[Tensor], scale: float) -> bool:
     """With each ``p`` holding θ″ − θ: ``p ← θ + scale·(θ″ − θ)`` (one rounding), all tensors in
     one call; False, nothing written, where the kernel does not apply to every pair."""
-    lib = _library()
-    count = len(p)
-    if lib is None or len(theta) != count or not all(_dense(a, b) for a, b in zip(p, theta)):
-        return False
-    if count:
-        lib.ag2_commit_many_f32(count, _pointers(p), _pointers(theta), (ctypes.c_int64 * count)(*[t.numel() for t in p]),
-                                float(scale), torch.get_num_threads())
-        torch.autograd.graph.increment_version(p)
-    return True
+    return _run_many("ag2_commit_many_f32", [p, theta], p, tail=(ctypes.c_float(scale),)) is not None
 
 
 def _forecast(name: str, hn: int, p: list[Tensor], grad: list[Tensor], inputs: list[list[Tensor | None]],
               outputs: list[list[Tensor | None]], steps: list[Tensor] | None, hyper: list[list[float]]) -> bool:
-    lib = _library()
-    count = len(p)
-    if lib is None or not (len(grad) == len(hyper) == count and len(inputs) == len(outputs) == 3):
+    if steps is not None and (len(steps) != len(p) or not all(s.dtype is _F32 and s.is_cpu and s.numel() == 1 for s in steps)):
         return False
-    if any(len(h) != hn for h in hyper) or any(len(column) != count for column in (*inputs, *outputs)) or (
-            steps is not None and len(steps) != count):
-        raise ValueError(f"{name}: {count} tensors need {count} entries of each input and output, and {hn} hyper-parameters each")
-    for k in range(count):
-        present = [column[k] for column in (*inputs, *outputs) if column[k] is not None]
-        if not _dense(p[k], grad[k], *present):
-            return False
-    if steps is not None and not all(s.dtype is _F32 and s.is_cpu and s.numel() == 1 for s in steps):
-        return False
-    if count == 0:
-        return True
-    h = (ctypes.c_float * (count * hn))(*[x for row in hyper for x in row])
-    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in p])
-    getattr(lib, name)(count, _pointers(p), _pointers(grad), *[_pointers(c) for c in inputs], *[_pointers(c) for c in outputs],
-                       None if steps is None else _pointers(steps), sizes, h, torch.get_num_threads())
-    torch.autograd.graph.increment_version(p)
-    return True
+    return _run_many(name, [p, grad, *inputs, *outputs], p, hyper=hyper, hn=hn,
+                     extra=(None if steps is None else _pointers(steps),)) is not None
 
 
 def adam_forecast(p: list[Tensor], grad: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor],
