@@ -420,12 +420,8 @@ static void direction(direction_chunk chunk, const float* theta, const float* gr
     sums[1] += dry;
 }
 
-void adam_direction_f32(const float* theta, const float* grad, const float* m, const float* v, const float* vmax, float* d,
-                        int64_t n, const float* h, double* sums, int threads) {
-    direction(vmax ? amsgrad_chunk : adam_chunk, theta, grad, m, v, vmax, d, n, h, sums, threads);
-}
-
-/* adam_direction_f32 over `count` tensors in one call (h: 9 per tensor), sums added up. */
+/* AG-2's dry step of Adam / AdamW over `count` tensors in one call (ADAM_CHUNK; h: 9 per tensor),
+ * sums added up. */
 void adam_direction_many_f32(int64_t count, const float* const* theta, const float* const* grad, const float* const* m,
                              const float* const* v, const float* const* vmax, float* const* d, const int64_t* n,
                              const float* h, double* sums, int threads) {
@@ -434,7 +430,7 @@ void adam_direction_many_f32(int64_t count, const float* const* theta, const flo
                   sums, threads);
 }
 
-/* rmsprop_direction_f32 over `count` tensors in one call (h: 7 per tensor), sums added up. */
+/* The same for RMSprop (RMSPROP_CHUNK; h: 7 per tensor). */
 void rmsprop_direction_many_f32(int64_t count, const float* const* theta, const float* const* grad,
                                 const float* const* sq, const float* const* grad_avg, const float* const* buf,
                                 float* const* d, const int64_t* n, const float* h, double* sums, int threads) {
@@ -449,13 +445,6 @@ void ag2_commit_many_f32(int64_t count, float* const* p, const float* const* the
                          int threads) {
     for (int64_t k = 0; k < count; k++)
         ag2_step(p[k], theta[k], scale, n[k], 1, threads);
-}
-
-void rmsprop_direction_f32(const float* theta, const float* grad, const float* sq, const float* grad_avg, const float* buf,
-                           float* d, int64_t n, const float* h, double* sums, int threads) {
-    direction(grad_avg ? (buf ? rmsprop_centered_momentum_chunk : rmsprop_centered_chunk)
-                       : (buf ? rmsprop_momentum_chunk : rmsprop_chunk),
-              theta, grad, sq, grad_avg, buf, d, n, h, sums, threads);
 }
 
 /* AG-1/AG-2's forecast step θ′ = OPT(s, θ, g) of torch.optim.Adam / AdamW, out of place on the

@@ -14,7 +14,7 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff`, :func:`ag2_rescale` and :func:`ag2_commit_many`: AG-2's step lengths and its
   rescaled step;
-- :func:`adam_direction` and :func:`rmsprop_direction` (``_many``: all tensors in one call):
+- :func:`adam_direction_many` and :func:`rmsprop_direction_many` (all tensors in one call):
   AG-2's dry step of ``torch.optim``'s Adam / AdamW / RMSprop, read-only on the optimizer
   state; :func:`adam_forecast` and :func:`rmsprop_forecast`: AG-1/AG-2's forecast step of the
   same, all tensors in one call, the new state written beside the old (see
@@ -51,7 +51,7 @@ from torch import Tensor
 from .rare import _flat
 
 __all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
-           "adam_direction", "rmsprop_direction", "adam_direction_many", "rmsprop_direction_many", "ag2_commit_many",
+           "adam_direction_many", "rmsprop_direction_many", "ag2_commit_many",
            "adam_forecast", "rmsprop_forecast"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
@@ -162,9 +162,6 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.l1_diff_f32.restype = ctypes.c_double
         lib.ag2_rescale_f32.argtypes = [_P, _P, _F, _N, _I]
         lib.ag2_rescale_f32.restype = None
-        for name in ("adam_direction_f32", "rmsprop_direction_f32"):
-            getattr(lib, name).argtypes = [_P, _P, _P, _P, _P, _P, _N, _P, _P, _I]
-            getattr(lib, name).restype = None
         for name in ("adam_direction_many_f32", "rmsprop_direction_many_f32"):
             getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
             getattr(lib, name).restype = None
@@ -372,44 +369,6 @@ def ag2_rescale(p: Tensor, theta: Tensor, scale: float) -> bool:
     return True
 
 
-def _direction(name: str, d: Tensor, theta: Tensor, grad: Tensor, first: Tensor, second: Tensor | None,
-               third: Tensor | None, hyper: list[float]) -> tuple[float, float] | None:
-    lib = _library()
-    present = [t for t in (second, third) if t is not None]
-    if lib is None or not _dense(d, theta, grad, first, *present):
-        return None
-    h = (ctypes.c_float * len(hyper))(*hyper)
-    sums = (ctypes.c_double * 2)(0.0, 0.0)
-    getattr(lib, name)(theta.data_ptr(), grad.data_ptr(), first.data_ptr(), None if second is None else second.data_ptr(),
-                       None if third is None else third.data_ptr(), d.data_ptr(), d.numel(), h, sums,
-                       torch.get_num_threads())
-    torch.autograd.graph.increment_version(d)
-    return sums[0], sums[1]
-
-
-def adam_direction(d: Tensor, theta: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                   max_exp_avg_sq: Tensor | None, hyper: list[float]) -> tuple[float, float] | None:
-    """With ``d`` holding the forecast θ′: ``d ← θ″ − θ``, θ″ being one step of ``torch.optim.Adam``
-    or ``AdamW`` from θ with ``grad`` and the given moments (only read; ``max_exp_avg_sq`` for
-    amsgrad), and the return value ``(Σ|θ′ − θ|, Σ|θ″ − θ|)`` — or None (nothing written) where
-    the kernel does not apply. ``hyper``: 1 − β1, β2, 1 − β2, −lr/(1 − β1^t), (1 − β2^t)^½, eps,
-    ±1 (−1 to maximize), the coupled weight decay (Adam's, else 0), 1 − lr·weight decay
-    (AdamW's decoupled decay, else 1)."""
-    if len(hyper) != 9:
-        raise ValueError(f"adam_direction takes 9 hyper-parameters, got {len(hyper)}")
-    return _direction("adam_direction_f32", d, theta, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper)
-
-
-def rmsprop_direction(d: Tensor, theta: Tensor, grad: Tensor, square_avg: Tensor, grad_avg: Tensor | None,
-                      momentum_buffer: Tensor | None, hyper: list[float]) -> tuple[float, float] | None:
-    """:func:`adam_direction` for ``torch.optim.RMSprop`` (``grad_avg`` when centered,
-    ``momentum_buffer`` when momentum > 0). ``hyper``: α, 1 − α, −lr, eps, ±1 (−1 to maximize),
-    weight decay, momentum."""
-    if len(hyper) != 7:
-        raise ValueError(f"rmsprop_direction takes 7 hyper-parameters, got {len(hyper)}")
-    return _direction("rmsprop_direction_f32", d, theta, grad, square_avg, grad_avg, momentum_buffer, hyper)
-
-
 def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
     """The tensors' data pointers as a C array (NULL for None)."""
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
@@ -455,15 +414,22 @@ def _direction_many(name: str, hn: int, d: list[Tensor], theta: list[Tensor], gr
 def adam_direction_many(d: list[Tensor], theta: list[Tensor], grad: list[Tensor], exp_avg: list[Tensor],
                         exp_avg_sq: list[Tensor], max_exp_avg_sq: list[Tensor | None],
                         hyper: list[list[float]]) -> tuple[float, float] | None:
-    """:func:`adam_direction` for each tensor in one call, the sums added up; None, with nothing
-    written, where the kernel does not apply to every tensor."""
+    """AG-2's dry step of ``torch.optim.Adam`` / ``AdamW``, all tensors in one call: with each
+    ``d`` holding the forecast θ′, ``d ← θ″ − θ``, θ″ being one step from θ with ``grad`` and the
+    given moments (only read; ``max_exp_avg_sq`` for amsgrad, else None), and the return value
+    ``(Σ|θ′ − θ|, Σ|θ″ − θ|)`` over all tensors — or None, nothing written, where the kernel
+    does not apply to every tensor. ``hyper`` per tensor: 1 − β1, β2, 1 − β2, −lr/(1 − β1^t),
+    (1 − β2^t)^½, eps, ±1 (−1 to maximize), the coupled weight decay (Adam's, else 0),
+    1 − lr·weight decay (AdamW's decoupled decay, else 1)."""
     return _direction_many("adam_direction_many_f32", 9, d, theta, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq], hyper)
 
 
 def rmsprop_direction_many(d: list[Tensor], theta: list[Tensor], grad: list[Tensor], square_avg: list[Tensor],
                            grad_avg: list[Tensor | None], momentum_buffer: list[Tensor | None],
                            hyper: list[list[float]]) -> tuple[float, float] | None:
-    """:func:`rmsprop_direction` for each tensor in one call (see :func:`adam_direction_many`)."""
+    """:func:`adam_direction_many` for ``torch.optim.RMSprop`` (``grad_avg`` when centered,
+    ``momentum_buffer`` when momentum > 0; None otherwise). ``hyper`` per tensor: α, 1 − α, −lr,
+    eps, ±1 (−1 to maximize), weight decay, momentum."""
     return _direction_many("rmsprop_direction_many_f32", 7, d, theta, grad, [square_avg, grad_avg, momentum_buffer], hyper)
 
 
@@ -487,7 +453,7 @@ def adam_forecast(p: list[Tensor], grad: list[Tensor], exp_avg: list[Tensor], ex
     """One ``torch.optim.Adam`` / ``AdamW`` step for each tensor in ``p`` (θ in, θ′ out, in
     place), out of place on the state: the moments before the step are only read, the ones
     after it are written into the ``*_out`` tensors (``max_exp_avg_sq`` and its output for
-    amsgrad, else None). ``hyper`` per tensor as :func:`adam_direction`'s. ``steps``: each
+    amsgrad, else None). ``hyper`` per tensor as :func:`adam_direction_many`'s. ``steps``: each
     tensor's step count (float32 scalars), advanced by one in the same call. False, with nothing
     written, where the kernel does not apply to every tensor."""
     return _forecast("adam_forecast_f32", 9, p, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq],
@@ -500,7 +466,7 @@ def rmsprop_forecast(p: list[Tensor], grad: list[Tensor], square_avg: list[Tenso
                      steps: list[Tensor] | None = None) -> bool:
     """:func:`adam_forecast` for ``torch.optim.RMSprop`` (``grad_avg`` when centered,
     ``momentum_buffer`` when momentum > 0; None otherwise); ``hyper`` as
-    :func:`rmsprop_direction`'s."""
+    :func:`rmsprop_direction_many`'s."""
     return _forecast("rmsprop_forecast_f32", 7, p, grad, [square_avg, grad_avg, momentum_buffer],
                      [square_avg_out, grad_avg_out, momentum_buffer_out], steps, hyper)
 
@@ -548,7 +514,7 @@ def _self_test() -> str | None:
     want_p = theta + 0.37 * (p - theta)
     if not ag2_rescale(p, theta, 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
         return "AG-2 rescale"
-    # the closed-form dry steps (optim.closed_form, which calls adam_direction / rmsprop_direction)
+    # the closed-form dry steps (optim.closed_form, which calls adam_direction_many / rmsprop_direction_many)
     # against the real optimizers' steps, from a warm state
     from .optim.closed_form import SpareState, dry_direction, fused_forecast
     from .optim.snapshot import OptimizerSnapshot, dry_run

@@ -15,10 +15,10 @@ last step's retired moments), then swaps those in: the state before is never cop
 **AG-2's dry step** θ″ = OPT(s_before, θ, G′) is needed only for its direction and length,
 then discarded. The generic route (:meth:`OptimizerSnapshot.swap_in`, a real ``step()``, two
 L1 passes, a rescale) costs a whole optimizer step and four more passes over the parameters.
-:func:`dry_direction` gives θ″ − θ and both L1 lengths in one fused pass per tensor over θ,
-θ′, G′ and the saved moments (:func:`ttadapt.kernels.adam_direction`,
-:func:`ttadapt.kernels.rmsprop_direction`), reading the optimizer state and writing nothing but
-the parameters.
+:func:`dry_direction` gives θ″ − θ and both L1 lengths in one fused pass over θ, θ′, G′ and
+the saved moments, all tensors in one call (:func:`ttadapt.kernels.adam_direction_many`,
+:func:`ttadapt.kernels.rmsprop_direction_many`), reading the optimizer state and writing
+nothing but the parameters.
 
 Both follow the single-tensor ``step()`` operation by operation, with the roundings of ATen's
 vectorised kernels, so they agree with the real step to float32 rounding (tested against it,
@@ -78,7 +78,7 @@ def _applies(optimizer: Any) -> set[str] | None:
 
 
 def _adam_hyper(settings: dict, step: float, decoupled_default: bool) -> list[float]:
-    """:func:`ttadapt.kernels.adam_direction`'s hyper-parameters for the step numbered ``step``."""
+    """:func:`ttadapt.kernels.adam_direction_many`'s hyper-parameters for the step numbered ``step``."""
     beta1, beta2 = (_value(b) for b in settings["betas"])
     lr, eps, wd = _value(settings["lr"]), _value(settings["eps"]), _value(settings["weight_decay"])
     decoupled = bool(settings.get("decoupled_weight_decay", decoupled_default))
@@ -88,7 +88,7 @@ def _adam_hyper(settings: dict, step: float, decoupled_default: bool) -> list[fl
 
 
 def _rmsprop_hyper(settings: dict) -> list[float]:
-    """:func:`ttadapt.kernels.rmsprop_direction`'s hyper-parameters."""
+    """:func:`ttadapt.kernels.rmsprop_direction_many`'s hyper-parameters."""
     alpha, lr, eps = _value(settings["alpha"]), _value(settings["lr"]), _value(settings["eps"])
     wd, momentum = _value(settings["weight_decay"]), _value(settings["momentum"])
     return [alpha, 1 - alpha, -lr, eps, -1.0 if settings["maximize"] else 1.0, wd, momentum]
