@@ -309,7 +309,13 @@ def test_kernels_decline_what_they_do_not_cover():
     assert kernels.tanh_secant(a.double(), a.double(), a.double(), a.double()) is None  # float64: PyTorch ops
     assert kernels.clamp_secant(a[:, ::2], a[:, ::2], 0.0, 1.0) is None  # not a block of memory
     assert kernels.clamp_secant(a, a.T, 0.0, 1.0) is None  # laid out differently
-    assert kernels.clamp_secant(a, a, 0.0, 1.0, out=torch.empty(64, 64).T) is None
+    b = a + torch.randn_like(a)
+    misfit = torch.empty(64, 64).T  # an `out` laid out otherwise: the result goes to new memory
+    for secant in (lambda out: kernels.clamp_secant(a, b, 0.0, 1.0, out=out),
+                   lambda out: kernels.tanh_secant(a, a.tanh(), b, out=out),
+                   lambda out: kernels.tanh_secant(a, a.tanh(), b, b.tanh(), out=out)):
+        got = secant(misfit)
+        assert got is not None and got is not misfit and got.is_contiguous() and torch.equal(got, secant(None))
     assert kernels.clamp_secant(torch.empty(0), torch.empty(0), 0.0, 1.0) is None
     p = a.clone()
     assert kernels.ag1_update(p, a.half(), a) is None and torch.equal(p, a)

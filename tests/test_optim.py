@@ -277,13 +277,19 @@ def test_deferred_average_equals_two_pass_engine(act, linear, seed):
         assert torch.allclose(averaged[n], ref[n], rtol=1e-12, atol=1e-14), n
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["native-node", "autograd-function"])
 @pytest.mark.parametrize("act", [nn.ELU(), nn.SELU(), nn.CELU(alpha=0.7), nn.ReLU(), nn.Tanh()], ids=lambda a: type(a).__name__)
-def test_deferred_average_float32_fused_backward(act):
-    """float32, where the fused kernels form g ⊙ secant in the hooked node's backward (ties
+def test_deferred_average_float32_fused_backward(act, big, monkeypatch):
+    """float32, where the fused kernels form g ⊙ secant in the averaged backward (ties
     included: `other` equals θ in the first layer's bias): the two-pass engine's result, to
-    float32 rounding."""
+    float32 rounding — through the hooked native node (sites up to PRODUCT_MAX elements) and
+    through the autograd function (larger sites, here every site), whose ordinary backward is
+    PyTorch's own."""
+    from ttadapt import secant
     from ttadapt.averaged import DeferredAverage
 
+    if big:
+        monkeypatch.setattr(secant, "PRODUCT_MAX", 0)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 300), act, nn.Linear(300, 300), act, nn.Linear(300, 3))
     x = torch.randn(64, 6)
@@ -292,11 +298,44 @@ def test_deferred_average_float32_fused_backward(act):
     other["0.weight"] = m[0].weight.detach().clone()
     other["0.bias"] = m[0].bias.detach().clone()  # the first site's inputs tie exactly
     run = DeferredAverage(m, cl)
-    run.ordinary_grad()
+    assert [slot.native is None for slot in run.session.slots] == [big, big]
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for n, g in run.ordinary_grad().items():
+        assert torch.equal(g, m.get_parameter(n).grad), n  # the native backward either way
     got = run.averaged_grad(other, seed="current")
     want = ttadapt.averaged_grad(m, cl, other)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=2e-5, atol=1e-5)
+
+
+def test_deferred_average_towards_the_parameters_as_they_are_now():
+    """``averaged_grad(None)``: the other state is the model's parameters when it is called (the
+    caller stepped them in place after the graph pass), as if they had been passed."""
+    from ttadapt.averaged import DeferredAverage
+
+    torch.manual_seed(0)
+    m = mlp().double()
+    x, y = next(iter(batches("tanh_mlp", 1)))
+    cl = closure_for(m, x.double(), y)
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    runs = [DeferredAverage(m, cl), DeferredAverage(m, cl)]
+    for run in runs:
+        run.ordinary_grad()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    moved = {n: p.detach().clone() for n, p in m.named_parameters()}
+    implicit = runs[0].averaged_grad(None, seed="other")
+    explicit = runs[1].averaged_grad(moved, seed="other")
+    for n in explicit:
+        assert torch.equal(implicit[n], explicit[n]), n
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(start[n])
+    want = ttadapt.averaged_grad(m, cl, moved, seed="other")
+    for n in want:
+        assert torch.allclose(implicit[n], want[n], rtol=1e-12, atol=1e-14), n
 
 
 def test_native_sites_are_hooked_and_let_go():

@@ -308,6 +308,8 @@ class DeferredAverage:
     def averaged_grad(self, other: Mapping[str, Tensor] | None, *, seed: str = "other") -> dict[str, Tensor]:
         """The averaged gradient between θ and ``other`` with graph state θ (frees the graph).
 
+        ``other=None`` is the model's parameters as they are now (the caller has stepped them to
+        θ′ since the graph pass); a mapping is checked and completed as in :func:`averaged_grad`.
         ``seed="other"`` takes the loss gradient at the model output at ``other`` (AG-1 / AG-2);
         :attr:`other_loss` then holds the loss there.
         """

@@ -238,27 +238,37 @@ def fits(*tensors: Tensor) -> bool:
     return _library() is not None and _dense(*tensors)
 
 
-def _out(like: Tensor, out: Tensor | None) -> Tensor | None:
-    """Where a secant goes: new memory, or ``out`` when laid out like ``like``. The secants leave
-    version counters alone: their ``out`` is new or memory the engine alone holds (a kept input
-    or output of the pass at `other`), which no autograd graph has saved."""
-    if out is None:
-        return torch.empty_like(like)
-    return out if _dense(like, out) else None
+def _out(like: Tensor, out: Tensor | None) -> Tensor:
+    """Where a secant goes: ``out`` when laid out like ``like``, else new memory. The secants
+    leave version counters alone: their ``out`` is new or memory the engine alone holds (a kept
+    input or output of the pass at `other`), which no autograd graph has saved."""
+    if out is not None and _dense(like, out):
+        return out
+    return torch.empty_like(like)
 
 
 def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None = None, out: Tensor | None = None,
                 grad: Tensor | None = None) -> Tensor | None:
     """The tanh secant slope from ``ua``, ``fa = tanh(ua)``, ``ub`` and ``fb = tanh(ub)`` into
-    ``out`` (new memory if None; may be ``fb`` or ``ub``), or None where the kernel does not
+    ``out`` (may be ``fb`` or ``ub``; new memory if None or laid out otherwise), or None where the kernel does not
     apply. Without ``fb`` the kernel forms ``tanh(ub)`` itself (a few ulps from ATen's; ``fa``
     where ``ub == ua``), which saves keeping it; given ``grad``, ``grad ⊙ slope`` in the same
     pass (a site's averaged backward)."""
     lib = _library()
-    if lib is None or not _dense(ua, fa, ub, *(t for t in (fb, grad) if t is not None)):
+    if lib is None:
         return None
-    result = _out(ua, out)
-    if result is None:
+    tensors = [ua, fa, ub]  # (a list, not a generator: this runs per site)
+    if fb is not None:
+        tensors.append(fb)
+    if grad is not None:
+        tensors.append(grad)
+    if out is not None:
+        tensors.append(out)
+    if _dense(*tensors):
+        result = out if out is not None else torch.empty_like(ua)
+    elif out is not None and _dense(*tensors[:-1]):
+        result = torch.empty_like(ua)  # ``out`` laid out otherwise: new memory
+    else:
         return None
     lib.tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), None if fb is None else fb.data_ptr(),
                         None if grad is None else grad.data_ptr(), result.data_ptr(), ua.numel(), torch.get_num_threads())
@@ -284,8 +294,6 @@ def clamp_secant(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor | Non
     if lib is None or not (_dense(ua, ub) if grad is None else _dense(ua, ub, grad)):
         return None
     result = _out(ua, out)
-    if result is None:
-        return None
     lib.clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), None if grad is None else grad.data_ptr(), result.data_ptr(),
                          ua.numel(), float(lo), float(hi), torch.get_num_threads())
     return result
@@ -321,8 +329,6 @@ def _exp_linear(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float
     if not (_dense(ua, ub) if grad is None else _dense(ua, ub, grad)):
         return None
     result = _out(ua, out)
-    if result is None:
-        return None
     ties = torch.empty(_MAX_TIES, dtype=torch.int64) if grad is None else None
     count = lib.exp_linear_secant_f32(ua.data_ptr(), ub.data_ptr(), None if grad is None else grad.data_ptr(),
                                       result.data_ptr(), ua.numel(), float(alpha), float(scale), float(kappa),

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import secant
 from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
@@ -369,7 +370,11 @@ class SiteSession:
                 return func(*args, **kwargs)
             fn, derivative, closed_form = activation_callables(act, settings)
             grad_secant = bind_settings(act.grad_secant, settings)
-            if u.grad_fn is not None and single_node_call(func, args, kwargs, u, inplace):
+            # A native op's own node runs its ordinary backward in the averaged backward too, whose
+            # result the hook then replaces: on sites above PRODUCT_MAX that wasted pass costs more
+            # than the autograd function's Python (which runs PyTorch's own vjp when ordinary).
+            if (u.grad_fn is not None and (u.numel() <= secant.PRODUCT_MAX or act.vjp is None)
+                    and single_node_call(func, args, kwargs, u, inplace)):
                 fns = (fn, derivative, act.exact(settings), closed_form, grad_secant)
                 return native_site(lambda: func(*args, **kwargs), u, inplace, fns, slot)
             vjp = None

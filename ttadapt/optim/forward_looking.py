@@ -119,7 +119,7 @@ class _ForwardLooking(OptimizerWrapper):
         del grads
         for p in params.values():
             p.grad = None
-        averaged = run.averaged_grad({n: p.detach() for n, p in params.items()}, seed="other")
+        averaged = run.averaged_grad(None, seed="other")  # other = the parameters as they are now: θ′
         if self.reduce is not None:
             self.reduce([averaged[n] for n in params])
         self.last_forecast_loss = run.other_loss
