@@ -53,6 +53,15 @@ class DeferredSlot:
     def filled(self) -> bool:
         return self.ub is not None
 
+    def take_other(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(ub, fb, weight)`` for the averaged backward, let go of here: the graph holds the slot
+        until the loss dies, and the kept tensors must not live that long (the peak memory of
+        the averaged backward would hold every site's)."""
+        assert self.ub is not None
+        taken = (self.ub, self.fb, self.weight)
+        self.ub = self.fb = self.weight = None
+        return taken
+
 
 def activation_slope(fn: Callable, derivative: Callable, ua: Tensor, fa: Tensor, ub: Tensor, exact: tuple[float, float] | bool,
                      closed_form: Callable | None, fb: Tensor | None = None) -> Tensor:
@@ -214,7 +223,9 @@ class DeferredActivation(Function):
                 return (vjp(grad, ua, _output(ctx, fn, ua)),) + none
             return (grad * derivative(ua).to(grad.dtype),) + none
         y = ctx.y if ctx.y._version == ctx.y_version else None
-        return (secant_grad(grad, ua, y, slot.ub, slot.fb, (fn, derivative, exact, closed_form, grad_secant)),) + none
+        ctx.y = None
+        ub, fb, _ = slot.take_other()
+        return (secant_grad(grad, ua, y, ub, fb, (fn, derivative, exact, closed_form, grad_secant)),) + none
 
 
 def _prelu_weight_grad(gw: Tensor, weight_shape: torch.Size, weight_numel: int) -> Tensor:
@@ -239,7 +250,8 @@ class DeferredPReLU(Function):
         u, weight = ctx.saved_tensors
         slot = ctx.slot
         if slot.filled:
-            s_u, s_w = _prelu_slopes(u, slot.ub, weight, slot.weight)
+            ub, _, wb = slot.take_other()
+            s_u, s_w = _prelu_slopes(u, ub, weight, wb)
         else:
             s_u = torch.where(u > 0, torch.ones_like(u), _prelu_weight(weight, u).expand_as(u))
             s_w = u.clamp(max=0)
@@ -265,7 +277,9 @@ class DeferredModule(Function):
         if not ctx.slot.filled:
             return grad * derivative(u), None, None, None
         y = _output(ctx, forward, u)
-        return grad * secant_slope(forward, derivative, u, y, ctx.slot.ub, fb=ctx.slot.fb), None, None, None
+        ctx.y = None
+        ub, fb, _ = ctx.slot.take_other()
+        return grad * secant_slope(forward, derivative, u, y, ub, fb=fb), None, None, None
 
 
 class DeferredPassThrough(Function):
@@ -286,7 +300,10 @@ class DeferredPassThrough(Function):
         forward, derivative = ctx.fns
         with torch.no_grad():
             if ctx.slot.filled:
-                slope = secant_slope(forward, derivative, u, _output(ctx, forward, u), ctx.slot.ub, fb=ctx.slot.fb)
+                y = _output(ctx, forward, u)
+                ctx.y = None
+                ub, fb, _ = ctx.slot.take_other()
+                slope = secant_slope(forward, derivative, u, y, ub, fb=fb)
             else:
                 slope = derivative(u)
         return grad * slope, grad, None, None, None
@@ -344,8 +361,9 @@ class DeferredAffine(Function):
             if slot.rescale:
                 slot.norms = (_norm(gu), _norm(gw, gb))
             return gu, gw, gb, None, None, None
-        u_mean = torch.add(u, slot.ub).mul_(0.5) if needs[1] else u
-        w_mean = torch.add(weight, slot.weight).mul_(0.5) if needs[0] else weight
+        ub, _, wb = slot.take_other()
+        u_mean = torch.add(u, ub).mul_(0.5) if needs[1] else u
+        w_mean = torch.add(weight, wb).mul_(0.5) if needs[0] else weight
         gu, gw, gb = _affine_grads(ctx.kind, ctx.conv_args, ctx.has_bias, needs, grad, u_mean, w_mean)
         if slot.rescale and slot.norms is not None:
             _rescale(slot.norms[0], gu)
