@@ -100,10 +100,11 @@ def _fused_clamp_secant(exact: tuple[float, float] | bool, ua: Tensor, ub: Tenso
     return kernels.clamp_secant(ua, ub, *exact, out=_writable_out(ub, owned, fb, fb_owned))
 
 
-def _output_and_slope(u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable, derivative: Callable,
+def _output_and_slope(u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable | None, derivative: Callable | None,
                       inplace: bool, exact: tuple[float, float] | bool, owned: bool, closed_form: Callable | None = None,
                       fb: Tensor | None = None, fb_owned: bool = False) -> tuple[Tensor, Tensor]:
-    """``(call(u), secant slope towards ub)`` of one site (see :class:`SecantActivation`)."""
+    """``(call(u), secant slope towards ub)`` of one site (see :class:`SecantActivation`);
+    ``fn`` and ``derivative`` may be None where ``closed_form`` applies (same dtype)."""
     if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
         fa = None if inplace else call(u)  # an in-place call runs after the slope is formed
         slope = closed_form(u, fa, ub, fb, owned, fb_owned)
@@ -362,15 +363,14 @@ def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor]
         # this runs once per site and pass, on sites of a few thousand elements: every µs of
         # Python shows (no context-manager object, no callables the closed form does not need)
         closed_form = bind_settings(act.secant, settings)
+        if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
+            fn = derivative = None  # (the closed form needs neither)
+        else:
+            fn, derivative, closed_form = activation_callables(act, settings)
         torch._C._set_grad_enabled(False)
         try:
-            if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
-                y = call(u)
-                slope = closed_form(u, y, ub, fb, owned, fb_owned)
-            else:
-                fn, derivative, closed_form = activation_callables(act, settings)
-                y, slope = _output_and_slope(u, ub, call, fn, derivative, False, act.exact(settings), owned, closed_form, fb,
-                                             fb_owned)
+            y, slope = _output_and_slope(u, ub, call, fn, derivative, False, act.exact(settings), owned, closed_form, fb,
+                                         fb_owned)
         finally:
             torch._C._set_grad_enabled(True)
         if type(y) is Tensor and y.shape == u.shape and y.dtype == u.dtype == slope.dtype:
