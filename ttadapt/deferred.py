@@ -14,6 +14,9 @@ backward run at PyTorch's speed with no Python per site, and :func:`hook_native_
 node once the slot is filled, replacing the gradient it passes on by ``g ⊙`` secant
 (:func:`native_site` keeps what the hook needs). On a model of many small sites, such as the
 paper's Model B, the Python of an autograd ``Function`` per site cost more than the arithmetic.
+Sites above :data:`ttadapt.secant.PRODUCT_MAX` elements that are not in place run
+:class:`DeferredActivation` instead: the hooked node would first repeat its ordinary backward,
+a full pass over the site, before the hook replaces the result.
 
 For AG-2 Linear a slot also carries, from the ordinary backward, the L2 norms of the affine
 layer's input and parameter gradients, to which the averaged ones are rescaled.
