@@ -32,6 +32,7 @@ few ulps for ``tanh(d)/d``), only speed differs. :func:`status` says which is in
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import math
@@ -375,9 +376,32 @@ def ag2_rescale(p: Tensor, theta: Tensor, scale: float) -> bool:
     return True
 
 
-def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
-    """The tensors' data pointers as a C array (NULL for None)."""
-    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+def _pointers(tensors: list[Tensor | None]) -> array.array:
+    """The tensors' data pointers as a C array (NULL for None), for :func:`_run_many`, which
+    passes its address. (``array`` fills it in one C loop; a ctypes array converts each entry.)"""
+    return array.array("Q", [0 if t is None else t.data_ptr() for t in tensors])
+
+
+def _rows_fit(columns: list[list[Tensor | None]], count: int) -> bool:
+    """:func:`_dense` of every row (the row's tensors across ``columns``), inlined for the usual
+    case of contiguous rows: this runs over every tensor of a model on every step."""
+    for k in range(count):
+        first = None
+        contiguous = True
+        for column in columns:
+            t = column[k]
+            if t is None:
+                continue
+            if first is None:
+                first, shape = t, t.shape
+                if first.numel() == 0:
+                    return False
+            if t.dtype is not _F32 or not t.is_cpu or t.shape != shape:
+                return False
+            contiguous = contiguous and t.is_contiguous()
+        if not contiguous and not _dense(*[column[k] for column in columns if column[k] is not None]):
+            return False
+    return True
 
 
 def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tensor], *, hyper: list[list[float]] | None = None,
@@ -386,9 +410,10 @@ def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tenso
     are many and mostly small: a call each would cost more than the arithmetic):
     ``name(count, *columns, *extra, sizes, [hyper,] *tail, threads)``. ``columns`` are the
     tensor arguments, one list each with an entry per tensor (None: NULL), every row of one
-    shape and layout; ``hyper`` has ``hn`` floats per row; autograd is told of the writes into
-    ``written``. None, nothing written, where the kernels are off or a row does not fit; else
-    the kernel's return value (0.0 where it has none)."""
+    shape and layout; ``hyper`` has ``hn`` floats per row; ``extra`` may hold pointer arrays
+    (:func:`_pointers`); autograd is told of the writes into ``written``. None, nothing
+    written, where the kernels are off or a row does not fit; else the kernel's return value
+    (0.0 where it has none)."""
     count = len(written)
     if any(len(column) != count for column in columns) or (hyper is not None and (
             len(hyper) != count or any(len(h) != hn for h in hyper))):
@@ -397,14 +422,22 @@ def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tenso
     lib = _library()
     if lib is None:
         return None
-    for k in range(count):
-        if not _dense(*[column[k] for column in columns if column[k] is not None]):
-            return None
+    if not _rows_fit(columns, count):
+        return None
     if count == 0:
         return 0.0
-    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in written])
-    h = () if hyper is None else ((ctypes.c_float * (count * hn))(*[x for row in hyper for x in row]),)
-    result = getattr(lib, name)(count, *[_pointers(c) for c in columns], *extra, sizes, *h, *tail, torch.get_num_threads())
+    # the C arrays stay referenced here for the call; the kernel gets their addresses
+    arrays = [_pointers(c) for c in columns]
+    arrays += [x for x in extra if isinstance(x, array.array)]
+    sizes = array.array("q", [t.numel() for t in written])
+    h = array.array("f", [x for row in hyper for x in row]) if hyper is not None else None
+    address = lambda a: a.buffer_info()[0]  # noqa: E731
+    args = [address(a) for a in arrays[:len(columns)]]
+    args += [address(x) if isinstance(x, array.array) else x for x in extra]
+    args.append(address(sizes))
+    if h is not None:
+        args.append(address(h))
+    result = getattr(lib, name)(count, *args, *tail, torch.get_num_threads())
     torch.autograd.graph.increment_version(written)
     return 0.0 if result is None else float(result)
 

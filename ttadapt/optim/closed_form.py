@@ -115,10 +115,13 @@ def _moments(theta: Tensor, state: dict, keys: tuple, adam: bool) -> tuple[float
     if not state:
         zeros = torch.zeros_like(theta)
         return 1.0, tuple(zeros if k is not None else None for k in keys)
-    if any(k is not None and k not in state for k in keys) or (adam and "step" not in state):
+    for k in keys:  # (loops, not generators: this runs per tensor and step)
+        if k is not None and k not in state:
+            return None
+    if adam and "step" not in state:
         return None
     step = _value(state["step"]) + 1 if "step" in state else 1.0
-    return step, tuple(state[k] if k is not None else None for k in keys)
+    return step, tuple([state[k] if k is not None else None for k in keys])
 
 
 def dry_direction(optimizer: Any, before: "OptimizerSnapshot | FusedForecast", params: dict[str, Tensor],
