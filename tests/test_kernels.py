@@ -304,6 +304,29 @@ def test_ag2_commit_of_many_tensors_matches_torch_add():
 
 
 @needs_kernels
+def test_finite_check_of_many_tensors_matches_isfinite():
+    """One read-only call over many tensors: True exactly where ``torch.isfinite`` holds for every
+    element (finite values near float32's maximum included: nothing is summed that could
+    overflow), None where a tensor is not float32, dense and non-empty; the tensors'
+    versions are left alone."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.finfo(torch.float32).max
+    base = [torch.randn(n, generator=g) for n in (1, 7, 1000, 4099)] + [torch.tensor(2.0), torch.full((300,), big)]
+    base.append(torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last))
+    versions = [t._version for t in base]
+    assert kernels.all_finite_many(base) is True
+    assert [t._version for t in base] == versions
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for k in range(len(base)):
+            tensors = [t.clone() for t in base]
+            tensors[k][tuple(n - 1 for n in tensors[k].shape)] = bad  # the last element (any layout)
+            assert kernels.all_finite_many(tensors) is False
+    assert kernels.all_finite_many([base[0], base[1].double()]) is None
+    assert kernels.all_finite_many([base[0], torch.empty(0)]) is None
+    assert kernels.all_finite_many([torch.randn(4, 4)[:, ::2]]) is None
+
+
+@needs_kernels
 def test_kernels_decline_what_they_do_not_cover():
     a = torch.randn(64, 64)
     assert kernels.tanh_secant(a.double(), a.double(), a.double(), a.double()) is None  # float64: PyTorch ops

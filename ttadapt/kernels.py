@@ -166,6 +166,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         for name in ("adam_direction_many_f32", "rmsprop_direction_many_f32"):
             getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
             getattr(lib, name).restype = None
+        lib.finite_many_f32.argtypes = [_N, _P, _P, _I]
+        lib.finite_many_f32.restype = ctypes.c_double
         lib.ag2_commit_many_f32.argtypes = [_N, _P, _P, _P, _F, _I]
         lib.ag2_commit_many_f32.restype = None
         for name in ("adam_forecast_f32", "rmsprop_forecast_f32"):
@@ -405,15 +407,16 @@ def _rows_fit(columns: list[list[Tensor | None]], count: int) -> bool:
 
 
 def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tensor], *, hyper: list[list[float]] | None = None,
-              hn: int = 0, extra: tuple = (), tail: tuple = ()) -> float | None:
+              hn: int = 0, extra: tuple = (), tail: tuple = (), read_only: bool = False) -> float | None:
     """Check and run one of the kernels that walk many tensors in one call (a model's tensors
     are many and mostly small: a call each would cost more than the arithmetic):
     ``name(count, *columns, *extra, sizes, [hyper,] *tail, threads)``. ``columns`` are the
     tensor arguments, one list each with an entry per tensor (None: NULL), every row of one
     shape and layout; ``hyper`` has ``hn`` floats per row; ``extra`` may hold pointer arrays
-    (:func:`_pointers`); autograd is told of the writes into ``written``. None, nothing
-    written, where the kernels are off or a row does not fit; else the kernel's return value
-    (0.0 where it has none)."""
+    (:func:`_pointers`); autograd is told of the writes into ``written`` (a ``read_only``
+    kernel writes nothing: ``written`` then only gives the sizes). None, nothing written, where
+    the kernels are off or a row does not fit; else the kernel's return value (0.0 where it has
+    none)."""
     count = len(written)
     if any(len(column) != count for column in columns) or (hyper is not None and (
             len(hyper) != count or any(len(h) != hn for h in hyper))):
@@ -438,8 +441,17 @@ def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tenso
     if h is not None:
         args.append(address(h))
     result = getattr(lib, name)(count, *args, *tail, torch.get_num_threads())
-    torch.autograd.graph.increment_version(written)
+    if not read_only:
+        torch.autograd.graph.increment_version(written)
     return 0.0 if result is None else float(result)
+
+
+def all_finite_many(tensors: list[Tensor]) -> bool | None:
+    """Whether every element of every tensor is finite, in one read-only call over all of them
+    (a model's many small tensors: a PyTorch reduction each would cost more than the reading);
+    None where the kernel does not apply to every tensor (float32 on the CPU, dense, non-empty)."""
+    flag = _run_many("finite_many_f32", [tensors], tensors, read_only=True)
+    return None if flag is None else flag == 0.0
 
 
 def _direction_many(name: str, hn: int, d: list[Tensor], theta: list[Tensor], grad: list[Tensor],
@@ -546,6 +558,10 @@ def _self_test() -> str | None:
     l1 = ag1_update(p, theta, grad)
     if l1 is None or not torch.equal(p, want_p) or abs(l1 - want_l1) > 1e-6 * max(1.0, want_l1):
         return "AG-1 update"
+    finite = [theta, p.nan_to_num(0.0, 0.0), grad]
+    if all_finite_many(finite) is not True or all_finite_many([*finite, ua]) is not False or \
+            all_finite_many([ub, theta]) is not False:  # ua holds a NaN, ub an inf
+        return "finite check"
     l1 = l1_diff(ub.nan_to_num(0.0, 0.0), theta)
     if l1 is None or abs(l1 - want_l1) > 1e-6 * max(1.0, want_l1):
         return "L1 length"

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..states import ModelLayout
 
 __all__ = ["OptimizerWrapper", "Closure"]
@@ -23,7 +24,9 @@ def _is_optimizer(obj: Any) -> bool:
 def all_finite(*tensors: Tensor | None) -> bool:
     """Whether every element of every tensor is finite (one host synchronisation when so).
 
-    A finite sum (or L1 norm) proves its tensor finite (a NaN or ±inf makes it NaN or ±inf): one
+    Small float32 CPU tensors (a model's biases, a small model's everything) are read by one
+    kernel call for all of them (:func:`ttadapt.kernels.all_finite_many`, exact). Otherwise a
+    finite sum (or L1 norm) proves its tensor finite (a NaN or ±inf makes it NaN or ±inf): one
     read-only pass, no temporary. Only a non-finite sum — a non-finite element, or finite ones
     whose sum overflows — is settled by each tensor's minimum and maximum.
     """
@@ -36,6 +39,14 @@ def all_finite(*tensors: Tensor | None) -> bool:
                 (small if n <= _FOREACH_MAX_NUMEL else large).append(t)
     if not (small or large):
         return True
+    if small:
+        finite = kernels.all_finite_many(small)  # None where it does not apply to all of them
+        if finite is False:
+            return False
+        if finite:
+            small = []
+            if not large:
+                return True
     with torch.no_grad():
         # small tensors (a model's biases, a small model's everything): their L1 norms in one
         # multi-tensor call, as finite as their sums; large ones: a sum each (faster per element)
