@@ -253,10 +253,10 @@ def _out(like: Tensor, out: Tensor | None) -> Tensor:
 def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None = None, out: Tensor | None = None,
                 grad: Tensor | None = None) -> Tensor | None:
     """The tanh secant slope from ``ua``, ``fa = tanh(ua)``, ``ub`` and ``fb = tanh(ub)`` into
-    ``out`` (may be ``fb`` or ``ub``; new memory if None or laid out otherwise), or None where the kernel does not
-    apply. Without ``fb`` the kernel forms ``tanh(ub)`` itself (a few ulps from ATen's; ``fa``
-    where ``ub == ua``), which saves keeping it; given ``grad``, ``grad ⊙ slope`` in the same
-    pass (a site's averaged backward)."""
+    ``out`` (may be ``fb`` or ``ub``; new memory if None or laid out otherwise), or None where
+    the kernel does not apply. Without ``fb`` the kernel forms ``tanh(ub)`` itself (a few ulps
+    from ATen's; ``fa`` where ``ub == ua``), which saves keeping it; given ``grad``,
+    ``grad ⊙ slope`` in the same pass (a site's averaged backward)."""
     lib = _library()
     if lib is None:
         return None
@@ -429,17 +429,11 @@ def _run_many(name: str, columns: list[list[Tensor | None]], written: list[Tenso
         return None
     if count == 0:
         return 0.0
-    # the C arrays stay referenced here for the call; the kernel gets their addresses
-    arrays = [_pointers(c) for c in columns]
-    arrays += [x for x in extra if isinstance(x, array.array)]
-    sizes = array.array("q", [t.numel() for t in written])
-    h = array.array("f", [x for row in hyper for x in row]) if hyper is not None else None
-    address = lambda a: a.buffer_info()[0]  # noqa: E731
-    args = [address(a) for a in arrays[:len(columns)]]
-    args += [address(x) if isinstance(x, array.array) else x for x in extra]
-    args.append(address(sizes))
-    if h is not None:
-        args.append(address(h))
+    # C arrays, referenced here for the call; the kernel gets their addresses
+    arrays = [_pointers(c) for c in columns] + [*extra, array.array("q", [t.numel() for t in written])]
+    if hyper is not None:
+        arrays.append(array.array("f", [x for row in hyper for x in row]))
+    args = [x.buffer_info()[0] if isinstance(x, array.array) else x for x in arrays]
     result = getattr(lib, name)(count, *args, *tail, torch.get_num_threads())
     if not read_only:
         torch.autograd.graph.increment_version(written)

@@ -100,9 +100,10 @@ def _fused_clamp_secant(exact: tuple[float, float] | bool, ua: Tensor, ub: Tenso
     return kernels.clamp_secant(ua, ub, *exact, out=_writable_out(ub, owned, fb, fb_owned))
 
 
-def _output_and_slope(u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable | None, derivative: Callable | None,
-                      inplace: bool, exact: tuple[float, float] | bool, owned: bool, closed_form: Callable | None = None,
-                      fb: Tensor | None = None, fb_owned: bool = False) -> tuple[Tensor, Tensor]:
+def _output_and_slope(u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], fn: Callable | None,
+                      derivative: Callable | None, inplace: bool, exact: tuple[float, float] | bool, owned: bool,
+                      closed_form: Callable | None = None, fb: Tensor | None = None,
+                      fb_owned: bool = False) -> tuple[Tensor, Tensor]:
     """``(call(u), secant slope towards ub)`` of one site (see :class:`SecantActivation`);
     ``fn`` and ``derivative`` may be None where ``closed_form`` applies (same dtype)."""
     if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
