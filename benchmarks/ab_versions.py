@@ -6,7 +6,8 @@ This machine's speed drifts by up to 8x for minutes, so two runs of ``step_cost.
 a change of a few per cent. Here the revision's ``ttadapt`` package is extracted with ``git
 archive`` into a temporary directory and imported under another name (the package imports
 itself relatively), each version gets its own copy of the same seeded model, and their calls
-alternate (the order flipped every round); the medians are compared. ``--what``: a wrapper
+alternate (the order flipped every round); the medians are compared (and the means: they also
+see costs that come once in many calls, such as a full garbage collection). ``--what``: a wrapper
 (``AG1``, ``AG2``, ``AG3`` with ``d=1``, ``SAM``) stepping Adam, ``engine`` (``averaged_grad``
 towards a nearby state) or ``plain`` (zero_grad, forward, backward, Adam step: the same code in
 both versions, so its ratio is the harness's own spread). ``--case``: a case of ``_models.py``
@@ -108,8 +109,9 @@ def main() -> None:
                 if r >= 3:
                     times[k].append(time.perf_counter() - start)
     b, w = (statistics.median(times[k]) * 1e3 for k in calls)
+    bm, wm = (statistics.fmean(times[k]) * 1e3 for k in calls)
     print(f"{args.case} {args.what}: {args.base} {b:.2f} ms, working tree {w:.2f} ms, "
-          f"working tree / base {w / b:.3f} (medians of {args.rounds})")
+          f"working tree / base {w / b:.3f} (medians of {args.rounds}); means {bm:.2f} and {wm:.2f} ms, {wm / bm:.3f}")
 
 
 if __name__ == "__main__":

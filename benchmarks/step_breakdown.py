@@ -4,7 +4,8 @@
 
 Wraps the parts of a wrapper's step with wall-clock timers (the graph forward, the two
 backwards, the pass at the other state, the base optimizer's step, the state snapshot, the
-non-finite checks, the AG-1/AG-2 update, the fused forecast where it applies; AG-3: its two passes) and prints each part's mean per step over ``--steps``
+non-finite checks, the AG-1/AG-2 update, the fused forecast where it applies; AG-3: its two passes;
+Python's cyclic garbage collector, per generation, wherever it runs) and prints each part's mean per step over ``--steps``
 steps after three warm-up steps, then the plain step (zero_grad, forward, backward, step) with
 its optimizer step. glibc is told to keep freed memory (see _alloc.py). Parts nest: "pass at
 other + averaged backward" contains "pass at other".
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,17 @@ def instrument(optimizer) -> None:
     optimizer.step = timed("base optimizer step", optimizer.step)
 
 
+_GC_START: list[float] = [0.0]
+
+
+def time_collector(phase: str, info: dict) -> None:
+    """gc callback: the cyclic garbage collector's time, per generation collected."""
+    if phase == "start":
+        _GC_START[0] = time.perf_counter()
+    else:
+        TIMES[f"cyclic garbage collector, generation {info['generation']}"] += time.perf_counter() - _GC_START[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b"])
@@ -74,6 +87,7 @@ def main() -> None:
     model, x, y = benchmark_case(args.case)
     optimizer = ttadapt.create_optimizer(args.optimizer, model.parameters(), 1e-4)
     instrument(optimizer)
+    gc.callbacks.append(time_collector)
 
     def closure():
         return F.cross_entropy(model(x), y)

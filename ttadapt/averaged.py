@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from .collector import pausing_collector
 from .sites import SiteSession
 from .states import ModelLayout, evaluated_at, fork_rng, resolve_state
 
@@ -187,6 +188,7 @@ def averaged_backward(
     return loss.detach()
 
 
+@pausing_collector
 def averaged_grad(
     model: nn.Module,
     closure: Closure,

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..averaged import averaged_loss, call_closure
+from ..collector import pausing_collector
 from ..states import ModelLayout
 from .anchors import AnchorStore
 from .base import Closure, OptimizerWrapper, all_finite
@@ -52,6 +53,7 @@ class AG3(OptimizerWrapper):
     def _hyper(self) -> dict[str, Any]:
         return {"d": self.d, "linear": self.linear, "anchor_storage": self.anchors.storage}
 
+    @pausing_collector
     def step(self, closure: Closure, *, anchor_closure: Closure | None = None) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ(t).
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..averaged import DeferredAverage, call_closure
+from ..collector import pausing_collector
 from ..metrics import step_lengths
 from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
@@ -79,6 +80,7 @@ class _ForwardLooking(OptimizerWrapper):
     def _hyper(self) -> dict[str, Any]:
         return {"linear": self.linear}
 
+    @pausing_collector
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ (before it)."""
         closure = self._check_closure(closure)

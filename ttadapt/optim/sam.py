@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..averaged import call_closure
+from ..collector import pausing_collector
 from ..states import ModelLayout, evaluated_at
 from .base import Closure, OptimizerWrapper, all_finite
 
@@ -58,6 +59,7 @@ class SAM(OptimizerWrapper):
     def _hyper(self) -> dict[str, Any]:
         return {"rho": self.rho, "adaptive": self.adaptive}
 
+    @pausing_collector
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ."""
         closure = self._check_closure(closure)
