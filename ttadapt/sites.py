@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import secant
 from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
+from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
                        hook_native_site, native_site, single_node_call)
@@ -143,6 +144,10 @@ class _Mode(TorchFunctionMode):
                 return s._on_affine(func, kind, args, kwargs)
         if s.phase == "inspect" and _hashable(func) and func in UNAVERAGED_POINTWISE:
             s._log_unaveraged(func, args, kwargs)
+        elif s.phase == "record" and (func is _MAX_POOL2D[0] or func is _MAX_POOL2D[1]):
+            out = max_pool2d_call(args, kwargs)  # the no-graph pass: the same values, faster (see pooling.py)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
