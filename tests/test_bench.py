@@ -29,8 +29,9 @@ def test_tiny_recipe_runs_end_to_end_and_resumes(tmp_path):
     record = json.loads(runs[0].read_text())
     assert len(record["train_loss"]) == 2 and len(record["decrease_ag"]) == 8  # 2 epochs × 4 steps
     assert len(record["l1_ag"]) == len(record["l2_plain"]) == 8
-    # AG-1 moves each coordinate by the forecast's magnitude (or not at all where G' = 0)
-    assert all(a <= p * (1 + 1e-9) for a, p in zip(record["l1_ag"], record["l1_plain"]))
+    # AG-1 moves each coordinate by the forecast's magnitude (or not at all where G' = 0); the
+    # lengths are read back as float32 differences θ_new − θ, which round (1e-9 relative seen)
+    assert all(a <= p * (1 + 1e-6) for a, p in zip(record["l1_ag"], record["l1_plain"]))
     assert sum(record["l1_ag"]) / sum(record["l1_plain"]) > 0.9
     table = (tmp_path / "table.md").read_text()
     assert "| rmsprop | grad |" in table and "| rmsprop | ag1 |" in table and "%" in table

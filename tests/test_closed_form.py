@@ -41,11 +41,33 @@ def _optimizer(name: str, params, kw: dict) -> torch.optim.Optimizer:
     return getattr(torch.optim, name)(params, lr=lr, **kw)
 
 
-def _within_ulps(got: torch.Tensor, want: torch.Tensor, theta: torch.Tensor, ulps: float = 2.0) -> None:
-    """θ″ − θ to a couple of float32 ulps of θ″ (ATen's float sqrt is not always correctly
-    rounded, the kernel's is; and θ″ − θ inherits θ″'s rounding)."""
-    bound = ulps * torch.finfo(torch.float32).eps * torch.maximum(theta.abs(), (theta + want).abs()) + 1e-30
-    excess = ((got - want).abs() - bound).max()
+def _term_scale(opt: torch.optim.Optimizer, grad: torch.Tensor) -> torch.Tensor:
+    """|θ″ − θ| of the optimizer's next step (from its state now, on a copy) with θ, the gradient
+    and every state tensor replaced by their absolute values, in float64: the size of the terms
+    the step adds up. Where they nearly cancel (a momentum buffer against the new gradient,
+    β1·m against (1 − β1)·g), a float32 evaluation's rounding is relative to them, not to the
+    result, and two correct evaluations — ATen's vectorised one (which fuses some multiply-adds
+    on CPUs that have them) and the kernel's — may differ by more ulps of θ″ than two."""
+    twin = copy.deepcopy(opt)
+    q = twin.param_groups[0]["params"][0]
+    state = twin.state.pop(q, {})
+    q.data = q.data.abs().double()
+    twin.state[q] = {k: v.abs().double() if torch.is_tensor(v) and v.is_floating_point() and k != "step" else v
+                     for k, v in state.items()}
+    start = q.detach().clone()
+    maximize = twin.param_groups[0].get("maximize", False)  # (then the step negates the gradient: all terms add)
+    q.grad = -grad.abs().double() if maximize else grad.abs().double()
+    twin.step()
+    return (q.detach() - start).abs()
+
+
+def _within_ulps(got: torch.Tensor, want: torch.Tensor, theta: torch.Tensor, terms: torch.Tensor, ulps: float = 2.0) -> None:
+    """θ″ − θ to a couple of float32 ulps of the larger of θ″ and the terms it sums (see
+    :func:`_term_scale`; ATen's float sqrt is not always correctly rounded, the kernel's is; and
+    θ″ − θ inherits θ″'s rounding)."""
+    size = torch.maximum(theta.abs(), (theta + want).abs()).double() + terms
+    bound = ulps * torch.finfo(torch.float32).eps * size + 1e-30
+    excess = ((got - want).abs().double() - bound).max()
     assert excess <= 0, f"off by more than {ulps} ulps: {float(excess)}"
 
 
@@ -63,13 +85,14 @@ def test_dry_direction_matches_the_real_step(name, kw, n, warm):
     saved = copy.deepcopy(opt.state_dict())
     grad = torch.randn(n, generator=g)
     want = dry_run(opt, {p: grad})[p] - p.detach()
+    terms = _term_scale(opt, grad)
     theta = p.detach().clone()
     forecast = theta + 1e-2 * torch.randn(n, generator=g)
     with torch.no_grad():
         p.copy_(forecast)
     lengths = dry_direction(opt, before, {"p": p}, {"p": theta}, {"p": grad})
     assert lengths is not None
-    _within_ulps(p.detach(), want, theta)
+    _within_ulps(p.detach(), want, theta, terms)
     forecast_l1 = float((forecast - theta).abs().double().sum())
     assert lengths[0] == pytest.approx(forecast_l1, rel=1e-6)
     assert lengths[1] == pytest.approx(float(want.abs().double().sum()), rel=1e-5)
@@ -213,10 +236,15 @@ def test_ag2_with_the_fused_forecast_and_the_real_dry_step(name, kw, monkeypatch
     slow_model, slow_opt = run()
     for (n, a), (_, b) in zip(mixed_model.named_parameters(), slow_model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-7, msg=n)
+    # centered RMSprop with α = 0.3 divides by √(v − ḡ²), which nearly cancels three steps in:
+    # the two routes' rounding (ATen's vectorised ops fuse multiply-adds on CPUs that have them,
+    # the kernel does not) reaches the momentum buffer amplified, 4e-5 of its scale measured on
+    # an AVX-512 machine (the parameters still agree to 4e-6)
+    tolerance = 2e-4 if kw.get("centered") else 4e-6
     for a, b in zip(mixed_opt.state.values(), slow_opt.state.values()):
         for key in a:
             scale = float(b[key].abs().max())
-            torch.testing.assert_close(a[key], b[key], rtol=4e-6, atol=4e-6 * scale + 1e-12, msg=key)
+            torch.testing.assert_close(a[key], b[key], rtol=4e-6, atol=tolerance * scale + 1e-12, msg=key)
 
 
 # -- the fused forecast ------------------------------------------------------------------------
@@ -234,7 +262,7 @@ def _warm(name: str, kw: dict, n: int, seed: int) -> tuple[torch.nn.Parameter, t
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("n", [5, 1031, 300_001])
 def test_fused_forecast_matches_the_real_step(name, kw, n):
-    """θ′ and the state after it against the real step from the same state: θ′ to two ulps;
+    """θ′ and the state after it against the real step from the same state: θ′ to two ulps of the terms it sums (see _term_scale);
     the moments bit for bit where no square root feeds them (Adam's, RMSprop's averages), to two
     ulps of the larger term where one does (RMSprop's momentum buffer, buf·momentum + g/avg);
     the step count advanced."""
@@ -245,9 +273,10 @@ def test_fused_forecast_matches_the_real_step(name, kw, n):
     theta = p.detach().clone()
     q.grad = grad.clone()
     twin.step()
+    terms = _term_scale(opt, grad)
     forecast = fused_forecast(opt, {"p": p}, {"p": grad}, SpareState())
     assert forecast is not None
-    _within_ulps(p.detach() - theta, q.detach() - theta, theta)
+    _within_ulps(p.detach() - theta, q.detach() - theta, theta, terms)
     mine, real = opt.state[p], twin.state[q]
     assert mine.keys() == real.keys()
     for key in mine:
@@ -271,10 +300,11 @@ def test_fused_forecast_counts_steps_of_any_dtype():
         grad = torch.randn(100, generator=g)
         q.grad = grad.clone()
         twin.step()
+        terms = _term_scale(opt, grad)
         forecast = fused_forecast(opt, {"p": p}, {"p": grad}, SpareState())
         assert forecast is not None
         assert opt.state[p]["step"].dtype == dtype and float(opt.state[p]["step"]) == 3.0
-        _within_ulps(p.detach() - theta, q.detach() - theta, theta)
+        _within_ulps(p.detach() - theta, q.detach() - theta, theta, terms)
         forecast.restore()
         assert float(opt.state[p]["step"]) == 2.0
 

@@ -374,8 +374,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path, method):
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _params(tmp_path / "one" / "model.pt"), _params(tmp_path / "two" / "model.pt")
+    # the all-reduce sums the two halves' gradients in another order than one process does; AG-2's
+    # dry Adam step, g/√v on coordinates whose averaged gradient is near zero, amplifies that
+    # rounding (one weight of 100 off by 9.4e-6, a tenth of a 1e-4 step, seen on one CPU)
+    atol = 3e-5 if method == "ag2" else 1e-6
     for n in a:
-        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=atol)
     ckpt = read_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert (tmp_path / "two" / "log.txt").read_text().count("saved final checkpoint") == 1  # rank 0 only

@@ -195,10 +195,12 @@ void clamp_secant_f32(const float* ua, const float* ub, const float* grad, float
     }
 }
 
-/* Σ|p − θ| over [start, stop) in float; with g (not NULL) also p ← θ − |p − θ|·sign(g), sign(0) = 0,
- * and the sum made NaN by a non-finite g (g·0 is 0 for finite g, NaN for ±inf and NaN). */
-static float abs_diff_chunk(float* p, const float* theta, const float* g, int64_t start, int64_t stop) {
-    float part = 0.0f;
+/* Σ|p − θ| over [start, stop), added up in double (a float sum of a few thousand like-sized terms
+ * drifts by ~1e-6 of itself: its roundings do not average out); with g (not NULL) also
+ * p ← θ − |p − θ|·sign(g), sign(0) = 0, and the sum made NaN by a non-finite g (g·0 is 0 for
+ * finite g, NaN for ±inf and NaN). */
+static double abs_diff_chunk(float* p, const float* theta, const float* g, int64_t start, int64_t stop) {
+    double part = 0.0;
     if (g) {
 #pragma omp simd reduction(+ : part)
         for (int64_t i = start; i < stop; i++) {
@@ -367,7 +369,7 @@ int64_t exp_linear_secant_f32(const float* ua, const float* ub, const float* gra
         const float wd = h[7], decay = h[8];                                                                          \
         const float c = w1 < 0.5f ? w1 : w1 - 1.0f; /* torch.lerp as ATen's vector kernel: */                         \
         const int small = w1 < 0.5f; /* fmaf(w, g − m, m) for w < 0.5, else fmaf(w − 1, g − m, g) */                  \
-        float f = 0.0f, s = 0.0f;                                                                                     \
+        double f = 0.0, s = 0.0; /* (in double: see abs_diff_chunk) */                                               \
         _Pragma("omp simd reduction(+ : f, s)") for (int64_t i = start; i < stop; i++) {                              \
             float t = theta[i], mi = m[i];                                                                            \
             float g = fmaf(t, wd, sign * grad[i]);                                                                    \
@@ -395,7 +397,7 @@ ADAM_CHUNK(amsgrad_chunk, 1)
         const float alpha = h[0], w = h[1], neg_lr = h[2], eps = h[3], sign = h[4], wd = h[5], momentum = h[6];       \
         const float c = w < 0.5f ? w : w - 1.0f;                                                                      \
         const int small = w < 0.5f;                                                                                   \
-        float f = 0.0f, s = 0.0f;                                                                                     \
+        double f = 0.0, s = 0.0; /* (in double: see abs_diff_chunk) */                                               \
         _Pragma("omp simd reduction(+ : f, s)") for (int64_t i = start; i < stop; i++) {                              \
             float t = theta[i];                                                                                       \
             float g = fmaf(t, wd, sign * grad[i]);                                                                    \
