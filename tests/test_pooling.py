@@ -11,6 +11,7 @@ from torch import nn
 import ttadapt
 import ttadapt.pooling as pooling
 import ttadapt.sites as sites
+from ttadapt import kernels
 
 CONFIGS = [
     # input shape, kernel, stride, padding, dilation
@@ -130,3 +131,19 @@ def test_engine_identical_with_and_without(what: str, monkeypatch: pytest.Monkey
     assert len(calls) == 3 * (1 if what == "averaged_grad" else 3 - (what == "AG3"))
     plain = run(False)
     assert all(torch.equal(a, b) for a, b in zip(fast, plain, strict=True))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+@pytest.mark.parametrize("shape", [(128, 8, 26, 26), (3, 2, 7, 9), (5, 11, 10)])
+def test_2x2_kernel_is_atens_bit_for_bit(shape) -> None:
+    """The fused 2 × 2 kernel visits each window in ATen's order with its NaN rule: the same bits,
+    a tie of −0.0 and +0.0 and NaN included."""
+    x = (2 * torch.randn(*shape)).round()  # ties, −0.0 beside +0.0
+    x.view(-1)[::17] = float("nan")
+    x.view(-1)[::5] = float("-inf")
+    got, want = kernels.max_pool2x2(x), F.max_pool2d(x, 2)
+    assert got is not None and got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    assert torch.equal(got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
+    assert kernels.max_pool2x2(x.transpose(-1, -2)) is None  # not contiguous: not the kernel's
+    assert kernels.max_pool2x2(x.double()) is None

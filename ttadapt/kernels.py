@@ -173,6 +173,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         for name in ("adam_forecast_f32", "rmsprop_forecast_f32"):
             getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
             getattr(lib, name).restype = None
+        lib.max_pool2x2_f32.argtypes = [_P, _P, _N, _N, _N, _N, _N, _I]
+        lib.max_pool2x2_f32.restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
     return None, f"the fused CPU kernels did not compile with {cc!r} into {_cache_dir()}"
 
@@ -516,6 +518,21 @@ def rmsprop_forecast(p: list[Tensor], grad: list[Tensor], square_avg: list[Tenso
                      [square_avg_out, grad_avg_out, momentum_buffer_out], steps, hyper)
 
 
+def max_pool2x2(x: Tensor) -> Tensor | None:
+    """``F.max_pool2d(x, 2)`` (2 × 2 windows, stride 2) of a contiguous 3-D or 4-D float32 CPU
+    tensor in one pass, the values of ATen's kernel bit for bit (see ``max_pool2x2_f32``); None
+    where the kernel does not apply."""
+    lib = _library()
+    if lib is None or x.dtype is not _F32 or not x.is_cpu or not x.is_contiguous() or x.dim() not in (3, 4):
+        return None
+    h, w = x.shape[-2:]
+    if h < 2 or w < 2 or x.numel() == 0:
+        return None
+    out = torch.empty((*x.shape[:-2], h // 2, w // 2), dtype=x.dtype)
+    lib.max_pool2x2_f32(x.data_ptr(), out.data_ptr(), x.numel() // (h * w), h, w, h // 2, w // 2, torch.get_num_threads())
+    return out
+
+
 def _self_test() -> str | None:
     """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
     branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
@@ -563,6 +580,15 @@ def _self_test() -> str | None:
     want_p = theta + 0.37 * (p - theta)
     if not ag2_rescale(p, theta, 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
         return "AG-2 rescale"
+    planes = torch.cat([ua.view(10, 10, 10), ub.view(10, 10, 10)])[:, :, :9].reshape(4, 5, 10, 9).contiguous()
+    planes[0, 0] = float("-inf")
+    planes[1, 1, ::3] = 0.0
+    planes[1, 1, 1::3] = -0.0  # a tie of −0.0 and +0.0: ATen keeps the first
+    want = torch.nn.functional.max_pool2d(planes, 2)
+    got = max_pool2x2(planes)
+    if got is None or not (torch.equal(got.isnan(), want.isnan())
+                           and torch.equal(got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))):
+        return "max pooling"
     # the closed-form dry steps (optim.closed_form, which calls adam_direction_many / rmsprop_direction_many)
     # against the real optimizers' steps, from a warm state
     from .optim.closed_form import SpareState, dry_direction, fused_forecast

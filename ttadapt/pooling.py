@@ -1,14 +1,17 @@
-"""2-D max pooling for ttadapt's own no-graph passes, as elementwise maxima of strided views.
+"""2-D max pooling for ttadapt's own no-graph passes, faster than PyTorch's CPU kernel.
 
 The pass at the other state (AG-1/AG-2's forecast, AG-3's anchor, ``averaged_grad``'s
 ``other``) runs the model once more without a graph; its cost is ttadapt's overhead. On the CPU
 PyTorch's max-pooling kernel for contiguous (NCHW) tensors is slow: 2.6 ms for Model B's first
 pool (128 × 8 × 26 × 26, 2 × 2), 5.5 ms for resnet18's stem pool at 64 × 64 (16 × 64 × 32 × 32,
-3 × 3, stride 2, padding 1), 18 ms for a 3 × 3 stride-1 pool of the same input. The maximum of
-the k² strided views of the (−∞-padded) input, one ``torch.maximum`` per view, gives the same
-values in 0.54, 2.5 and 1.1 ms there (``tests/test_pooling.py`` compares them with
-``torch.equal``; NaN propagates as in PyTorch's kernel, which takes a NaN over any number). Only
-the sign of a zero can differ where a window holds both −0.0 and +0.0.
+3 × 3, stride 2, padding 1), 18 ms for a 3 × 3 stride-1 pool of the same input. Here 2 × 2
+windows with stride 2 in float32 run a fused kernel that visits each window in ATen's order with
+its NaN rule (``kernels.max_pool2x2``: 0.18 ms for Model B's pool, ATen's bits exactly); other
+windows and dtypes take the maximum of the kernel's k² strided views of the (−∞-padded) input,
+one ``torch.maximum`` per view (2.5 and 1.3 ms for the two resnet-sized pools), the same values
+(``tests/test_pooling.py`` compares them with ``torch.equal``; NaN propagates as in PyTorch's
+kernel, which takes a NaN over any number; only the sign of a zero can differ where a window
+holds both −0.0 and +0.0).
 
 It applies to ``F.max_pool2d`` / ``torch.max_pool2d`` calls in a pass with no graph: CPU,
 floating point, 3-D or 4-D contiguous input, no indices, ``ceil_mode=False``; everything else
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
 
 __all__ = ["ENABLED", "MAX_POOL2D_CALLS", "max_pool2d_by_maxima", "max_pool2d_call"]
 
@@ -64,6 +69,10 @@ def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, pa
     out_w = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     if out_h < 1 or out_w < 1 or input.numel() == 0:
         return None
+    if k == s == (2, 2) and p == (0, 0) and d == (1, 1):
+        fused = kernels.max_pool2x2(input)  # float32: one pass, ATen's values bit for bit
+        if fused is not None:
+            return fused
     x = F.pad(input, (p[1], p[1], p[0], p[0]), value=float("-inf")) if p[0] or p[1] else input
     views = [x[..., i * d[0]:i * d[0] + s[0] * (out_h - 1) + 1:s[0], j * d[1]:j * d[1] + s[1] * (out_w - 1) + 1:s[1]]
              for i in range(k[0]) for j in range(k[1])]
