@@ -302,15 +302,24 @@ void ag2_rescale_f32(float* p, const float* theta, float scale, int64_t n, int t
  * the site's averaged backward in the same pass, and takes the derivative at ua itself where
  * the slope is 0/0 (to an ulp of ATen's elu_backward: s·α·κ·e^{κ ua} where ua ≤ 0, s where
  * ua > 0, NaN where ua is NaN). ``out`` may be ``ub`` or ``grad``. */
-static inline float exp_linear_slope(float a, float b, float alpha, float scale, float kappa, int fill) {
+static inline float exp_linear_slope(float a, float b, float alpha, float scale, float kappa, int fill, int close) {
     float pa = a < 0.0f ? 0.0f : a, pb = b < 0.0f ? 0.0f : b; /* NaN stays NaN */
     float ma = a > 0.0f ? 0.0f : a, mb = b > 0.0f ? 0.0f : b;
     float d = b - a;
     float r = pb - pa;
     float x = (kappa / 2.0f) * (d - r); /* κH/2 */
-    float ea = exp_nonpositive(kappa * ma), eb = exp_nonpositive(kappa * mb);
-    float near = x * tanh_ratio_series(x * x) * (ea + eb); /* tanh(κH/2)·(e^{κ ma} + e^{κ mb}) */
-    float q = scale * ((r + alpha * (fabsf(x) < 0.55f ? near : eb - ea)) / d);
+    float ea = exp_nonpositive(kappa * ma);
+    float t = x * tanh_ratio_series(x * x); /* tanh(κH/2) where |κH/2| < 0.55 */
+    float h; /* e^{κ mb} − e^{κ ma} */
+    if (close) {
+        /* every |κH/2| < 0.55 here: e^{κ mb} = e^{κ ma}·e^{κH} = ea·(1 + t)/(1 − t), so
+         * tanh(κH/2)·(e^{κ ma} + e^{κ mb}) = 2·ea·t/(1 − t), 1 − t > 0.49: one exponential */
+        h = (2.0f * ea) * t / (1.0f - t);
+    } else {
+        float eb = exp_nonpositive(kappa * mb);
+        h = fabsf(x) < 0.55f ? t * (ea + eb) : eb - ea;
+    }
+    float q = scale * ((r + alpha * h) / d);
     float derivative = a > 0.0f ? scale : (a != a ? a : kappa * (alpha * scale) * ea);
     return fill && q != q ? derivative : q;
 }
@@ -325,17 +334,32 @@ int64_t exp_linear_secant_f32(const float* ua, const float* ub, const float* gra
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
-        if (grad) {
+        /* the usual case (close inputs: every |κH/2| ≤ |κd/2| < 0.55) takes one exponential */
+        int close = max_gap(ua + start, ub + start, stop - start) * (kappa / 2.0f) < 0.55f;
+        if (grad && close) {
 #pragma GCC ivdep
             for (int64_t i = start; i < stop; i++)
-                out[i] = grad[i] * exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 1);
+                out[i] = grad[i] * exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 1, 1);
+        } else if (grad) {
+#pragma GCC ivdep
+            for (int64_t i = start; i < stop; i++)
+                out[i] = grad[i] * exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 1, 0);
         } else {
             int any = 0;
+            if (close) {
 #pragma GCC ivdep
-            for (int64_t i = start; i < stop; i++) {
-                float q = exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 0);
-                out[i] = q;
-                any |= q != q;
+                for (int64_t i = start; i < stop; i++) {
+                    float q = exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 0, 1);
+                    out[i] = q;
+                    any |= q != q;
+                }
+            } else {
+#pragma GCC ivdep
+                for (int64_t i = start; i < stop; i++) {
+                    float q = exp_linear_slope(ua[i], ub[i], alpha, scale, kappa, 0, 0);
+                    out[i] = q;
+                    any |= q != q;
+                }
             }
             if (any) {
                 for (int64_t i = start; i < stop; i++) {
