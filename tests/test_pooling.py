@@ -147,3 +147,15 @@ def test_2x2_kernel_is_atens_bit_for_bit(shape) -> None:
     assert torch.equal(got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
     assert kernels.max_pool2x2(x.transpose(-1, -2)) is None  # not contiguous: not the kernel's
     assert kernels.max_pool2x2(x.double()) is None
+
+
+def test_pytorch_call_under_torch_func_transforms() -> None:
+    """A vmapped tensor has no memory of its own for the kernel: PyTorch's call runs."""
+    seen: list = []
+
+    def f(xi: torch.Tensor) -> torch.Tensor:
+        seen.append(pooling.max_pool2d_by_maxima(xi, 2))
+        return F.max_pool2d(xi, 2)
+
+    torch.vmap(f)(torch.randn(3, 2, 4, 8, 8))
+    assert seen == [None]

@@ -56,8 +56,8 @@ def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, pa
     that does not apply (see the module docstring) — the caller then runs PyTorch's call."""
     if (not ENABLED or type(input) is not Tensor or input.device.type != "cpu" or input.dtype not in _FLOATS
             or input.dim() not in (3, 4) or return_indices or ceil_mode or not input.is_contiguous()
-            or (input.requires_grad and torch.is_grad_enabled())):
-        return None
+            or (input.requires_grad and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active()):
+        return None  # (under torch.func transforms a tensor may have no memory of its own to hand to the kernel)
     k, s = _pair(kernel_size), _pair(stride if stride is not None and stride != [] and stride != () else kernel_size)
     p, d = _pair(padding), _pair(dilation)
     if k is None or s is None or p is None or d is None or min(*k, *s, *d) < 1 or min(p) < 0:
