@@ -64,9 +64,12 @@ def activations() -> None:
     for cls, entry in registered_module_activations().items():
         table.add_row(entry.name, f"{cls.__module__}.{cls.__qualname__} (whole module call)", "—")
     console.print(table)
-    from . import kernels
+    from . import kernels, pooling
 
     console.print(f"CPU secants: {kernels.status()}", soft_wrap=True)
+    console.print("Max pooling in the no-graph passes: " + (
+        "faster code, the same values (TTADAPT_FAST_POOLING=0 turns it off)" if pooling.ENABLED
+        else "PyTorch's own call (TTADAPT_FAST_POOLING=0)"), soft_wrap=True)
 
 
 def _form_name(func) -> str:
