@@ -58,7 +58,7 @@ def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, pa
             or input.dim() not in (3, 4) or return_indices or ceil_mode or not input.is_contiguous()
             or (input.requires_grad and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active()):
         return None  # (under torch.func transforms a tensor may have no memory of its own to hand to the kernel)
-    k, s = _pair(kernel_size), _pair(stride if stride is not None and stride != [] and stride != () else kernel_size)
+    k, s = _pair(kernel_size), _pair(kernel_size if stride in (None, [], ()) else stride)  # (torch.max_pool2d's default is [])
     p, d = _pair(padding), _pair(dilation)
     if k is None or s is None or p is None or d is None or min(*k, *s, *d) < 1 or min(p) < 0:
         return None
@@ -81,7 +81,7 @@ def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, pa
     out = torch.maximum(views[0], views[1])
     for v in views[2:]:
         torch.maximum(out, v, out=out)
-    return out if out.is_contiguous() else out.contiguous()
+    return out.contiguous()  # (itself where it already is)
 
 
 _SIGNATURE = inspect.signature(max_pool2d_by_maxima)
