@@ -1,4 +1,5 @@
-"""Max pooling by strided maxima in the no-graph passes (ttadapt.pooling) against PyTorch's own
+"""ttadapt's faster max pooling (ttadapt.pooling: strided maxima and the fused 2 × 2 kernel in the
+no-graph passes, the kernel with PyTorch's backward in the graph passes) against PyTorch's own
 call, and the engine's results with it against those without it."""
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def test_pytorch_call_where_it_does_not_apply(case: str, monkeypatch: pytest.Mon
         x = x.contiguous(memory_format=torch.channels_last)
     elif case == "int":
         x = x.to(torch.int32)
-    elif case == "graph":
-        x.requires_grad_()
+    elif case == "graph":  # a graph: the 2 × 2 float32 kernel only (strided maxima give no indices)
+        x = x.double().requires_grad_()
     elif case == "off":
         monkeypatch.setattr(pooling, "ENABLED", False)
     elif case == "padding":
@@ -99,14 +100,15 @@ class Pooled(nn.Module):
 
 @pytest.mark.parametrize("what", ["averaged_grad", "AG1", "AG2", "AG3"])
 def test_engine_identical_with_and_without(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pass at the other state with the strided maxima gives bit-identical results; the
-    graph pass never uses them."""
-    calls: list[bool] = []
+    """The faster pooling gives bit-identical gradients, parameters and buffers: in the no-graph
+    passes every call takes it, in the graph passes the 2 × 2 ones (with PyTorch's backward)."""
+    calls: list[tuple[bool, int, bool]] = []  # (graph, kernel size, taken)
     real = sites.max_pool2d_call
 
     def spy(args, kwargs):
         out = real(args, kwargs)
-        calls.append(out is not None and not torch.is_grad_enabled())
+        k = args[1] if len(args) > 1 else kwargs["kernel_size"]
+        calls.append((torch.is_grad_enabled() and args[0].requires_grad, k, out is not None))
         return out
 
     monkeypatch.setattr(sites, "max_pool2d_call", spy)
@@ -127,10 +129,40 @@ def test_engine_identical_with_and_without(what: str, monkeypatch: pytest.Monkey
         return list(model.state_dict().values())
 
     fast = run(True)
-    assert calls and all(calls)  # every call it saw was in a no-graph pass, and it took each
-    assert len(calls) == 3 * (1 if what == "averaged_grad" else 3 - (what == "AG3"))
+    passes = {"averaged_grad": 2, "AG3": 4}.get(what, 6)  # two per step (AG-3's step 0 is a plain step, unseen)
+    assert len(calls) == 3 * passes
+    graph = [(k, taken) for g, k, taken in calls if g]
+    assert len(graph) == 3 * passes // 2
+    assert all(taken == (k == 2 and kernels.available()) for k, taken in graph)
+    assert all(taken for g, _, taken in calls if not g)
+    calls.clear()
     plain = run(False)
+    assert calls and not any(taken for _, _, taken in calls)
     assert all(torch.equal(a, b) for a, b in zip(fast, plain, strict=True))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+@pytest.mark.parametrize("shape", [(128, 8, 26, 26), (3, 2, 7, 9), (5, 11, 10)])
+def test_graph_pooling_is_pytorchs_bit_for_bit(shape) -> None:
+    """With a graph the kernel's output, its indices and the gradient through PyTorch's backward
+    (second order included) are the ordinary call's, with ties, −∞ and NaN windows."""
+    base = (2 * torch.randn(*shape)).round()  # ties, −0.0 beside +0.0
+    base.view(-1)[::17] = float("nan")
+    base.view(-1)[::5] = float("-inf")
+    x1, x2 = base.clone().requires_grad_(), base.clone().requires_grad_()
+    with torch.enable_grad():
+        got = pooling.max_pool2d_by_maxima(x1 * 1, 2)
+        want = F.max_pool2d(x2 * 1, 2)
+    assert got is not None and type(got.grad_fn).__name__ == "MaxPool2x2Backward"
+    assert torch.equal(got.detach().nan_to_num(0.0).view(torch.int32), want.detach().nan_to_num(0.0).view(torch.int32))
+    g = torch.randn_like(want).requires_grad_()
+    (g1,) = torch.autograd.grad(got, x1, g, create_graph=True)
+    (g2,) = torch.autograd.grad(want, x2, g, create_graph=True)
+    assert torch.equal(g1, g2) and g1.abs().sum() > 0
+    w = torch.randn_like(g1)
+    assert torch.equal(torch.autograd.grad((g1 * w).sum(), g)[0], torch.autograd.grad((g2 * w).sum(), g)[0])
+    _, at = kernels.max_pool2x2(base, indices=True)
+    assert torch.equal(at, F.max_pool2d(base, 2, return_indices=True)[1])
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")

@@ -620,14 +620,38 @@ static inline float max_nan(float m, float v) {
 
 /* 2-D max pooling with 2 × 2 windows and stride 2 (no padding, no dilation, ceil_mode=False) of
  * `planes` contiguous h × w planes into oh × ow ones: ATen's values for NCHW float32 input, with
- * each window visited in its order, in a fifth to a quarter of its kernel's time. (Other windows
- * are left to PyTorch operations: a general loop here was no faster than ATen's.) */
-void max_pool2x2_f32(const float* x, float* out, int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow,
-                     int threads) {
+ * each window visited in its order, in a fifth to a quarter of its kernel's time. With `idx` (not
+ * NULL) also ATen's indices: the position r·w + c in its plane of the element taken — the first
+ * maximum in window order, the last NaN (the element that set the value under ATen's rule) — for
+ * ATen's own backward. (Other windows are left to PyTorch operations: a general loop here was no
+ * faster than ATen's.) */
+void max_pool2x2_f32(const float* x, float* out, int64_t* idx, int64_t planes, int64_t h, int64_t w, int64_t oh,
+                     int64_t ow, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && planes * oh * ow >= PARALLEL_MIN)
     for (int64_t q = 0; q < planes; q++) {
         const float* xp = x + q * h * w;
         float* op = out + q * oh * ow;
+        if (idx) {
+            int64_t* ip = idx + q * oh * ow;
+            for (int64_t i = 0; i < oh; i++) {
+                const float* r0 = xp + 2 * i * w;
+                const float* r1 = r0 + w;
+                int64_t base = 2 * i * w;
+                for (int64_t j = 0; j < ow; j++) {
+                    float m = r0[2 * j], v;
+                    int64_t at = base + 2 * j;
+                    v = r0[2 * j + 1];
+                    if (v > m || v != v) { m = v; at = base + 2 * j + 1; }
+                    v = r1[2 * j];
+                    if (v > m || v != v) { m = v; at = base + w + 2 * j; }
+                    v = r1[2 * j + 1];
+                    if (v > m || v != v) { m = v; at = base + w + 2 * j + 1; }
+                    op[i * ow + j] = m;
+                    ip[i * ow + j] = at;
+                }
+            }
+            continue;
+        }
         for (int64_t i = 0; i < oh; i++) {
             const float* r0 = xp + 2 * i * w;
             const float* r1 = r0 + w;

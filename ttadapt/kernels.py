@@ -173,7 +173,7 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         for name in ("adam_forecast_f32", "rmsprop_forecast_f32"):
             getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
             getattr(lib, name).restype = None
-        lib.max_pool2x2_f32.argtypes = [_P, _P, _N, _N, _N, _N, _N, _I]
+        lib.max_pool2x2_f32.argtypes = [_P, _P, _P, _N, _N, _N, _N, _N, _I]
         lib.max_pool2x2_f32.restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
     return None, f"the fused CPU kernels did not compile with {cc!r} into {_cache_dir()}"
@@ -518,19 +518,23 @@ def rmsprop_forecast(p: list[Tensor], grad: list[Tensor], square_avg: list[Tenso
                      [square_avg_out, grad_avg_out, momentum_buffer_out], steps, hyper)
 
 
-def max_pool2x2(x: Tensor) -> Tensor | None:
+def max_pool2x2(x: Tensor, indices: bool = False) -> Tensor | tuple[Tensor, Tensor] | None:
     """``F.max_pool2d(x, 2)`` (2 × 2 windows, stride 2) of a contiguous 3-D or 4-D float32 CPU
-    tensor in one pass, the values of ATen's kernel bit for bit (see ``max_pool2x2_f32``); None
-    where the kernel does not apply."""
+    tensor in one pass, the values of ATen's kernel bit for bit (see ``max_pool2x2_f32``) — with
+    ``indices``, ``(values, indices)`` as ``F.max_pool2d(x, 2, return_indices=True)`` gives them
+    — or None where the kernel does not apply."""
     lib = _library()
     if lib is None or x.dtype is not _F32 or not x.is_cpu or not x.is_contiguous() or x.dim() not in (3, 4):
         return None
     h, w = x.shape[-2:]
     if h < 2 or w < 2 or x.numel() == 0:
         return None
-    out = torch.empty((*x.shape[:-2], h // 2, w // 2), dtype=x.dtype)
-    lib.max_pool2x2_f32(x.data_ptr(), out.data_ptr(), x.numel() // (h * w), h, w, h // 2, w // 2, torch.get_num_threads())
-    return out
+    shape = (*x.shape[:-2], h // 2, w // 2)
+    out = torch.empty(shape, dtype=x.dtype)
+    where = torch.empty(shape, dtype=torch.int64) if indices else None
+    lib.max_pool2x2_f32(x.data_ptr(), out.data_ptr(), None if where is None else where.data_ptr(), x.numel() // (h * w),
+                        h, w, h // 2, w // 2, torch.get_num_threads())
+    return out if where is None else (out, where)
 
 
 def _self_test() -> str | None:
@@ -589,6 +593,12 @@ def _self_test() -> str | None:
     if got is None or not (torch.equal(got.isnan(), want.isnan())
                            and torch.equal(got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))):
         return "max pooling"
+    planes[2, 2, :2, :2] = float("nan")  # a window of NaNs: ATen's index is the last one's
+    want, want_at = torch.nn.functional.max_pool2d(planes, 2, return_indices=True)
+    got = max_pool2x2(planes, indices=True)
+    if got is None or not (torch.equal(got[0].nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
+                           and torch.equal(got[1], want_at)):
+        return "max pooling (indices)"
     # the closed-form dry steps (optim.closed_form, which calls adam_direction_many / rmsprop_direction_many)
     # against the real optimizers' steps, from a warm state
     from .optim.closed_form import SpareState, dry_direction, fused_forecast

@@ -1,4 +1,4 @@
-"""2-D max pooling for ttadapt's own no-graph passes, faster than PyTorch's CPU kernel.
+"""2-D max pooling for ttadapt's own passes, faster than PyTorch's CPU kernel.
 
 The pass at the other state (AG-1/AG-2's forecast, AG-3's anchor, ``averaged_grad``'s
 ``other``) runs the model once more without a graph; its cost is ttadapt's overhead. On the CPU
@@ -13,10 +13,18 @@ one ``torch.maximum`` per view (2.5 and 1.3 ms for the two resnet-sized pools), 
 kernel, which takes a NaN over any number; only the sign of a zero can differ where a window
 holds both −0.0 and +0.0).
 
-It applies to ``F.max_pool2d`` / ``torch.max_pool2d`` calls in a pass with no graph: CPU,
-floating point, 3-D or 4-D contiguous input, no indices, ``ceil_mode=False``; everything else
-(and everything with ``TTADAPT_FAST_POOLING=0`` in the environment) runs PyTorch's own call. The
-pass at the graph state always runs the model's own call: its backward is the model's.
+The passes that build a graph (at the current parameters: ``averaged_grad``'s and AG-3's, AG-1's
+and AG-2's) pool 2 × 2 windows with stride 2 in float32 by the same kernel, which also gives
+ATen's indices (the first maximum of a window, its last NaN), under :class:`MaxPool2x2`: its
+backward is PyTorch's own (``max_pool2d_with_indices_backward`` with those indices), so the
+gradient is the ordinary one bit for bit, and it saves what PyTorch's node saves (the input and
+the indices). Other windows in those passes run PyTorch's call (strided maxima give no indices).
+
+It applies to ``F.max_pool2d`` / ``torch.max_pool2d`` calls on the CPU with floating-point, 3-D
+or 4-D contiguous input, no indices requested, ``ceil_mode=False``; everything else (and
+everything with ``TTADAPT_FAST_POOLING=0`` in the environment) runs PyTorch's own call. Plain
+training outside ttadapt's passes is not touched: a step's cost against the plain step's
+includes this speed-up, which ``TTADAPT_FAST_POOLING=0`` takes out.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import Function
 
 from . import kernels
 
-__all__ = ["ENABLED", "MAX_POOL2D_CALLS", "max_pool2d_by_maxima", "max_pool2d_call"]
+__all__ = ["ENABLED", "MAX_POOL2D_CALLS", "MaxPool2x2", "max_pool2d_by_maxima", "max_pool2d_call"]
 
 #: whether :func:`max_pool2d_by_maxima` may stand in for PyTorch's call (``TTADAPT_FAST_POOLING``)
 ENABLED = os.environ.get("TTADAPT_FAST_POOLING", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -50,13 +59,32 @@ def _pair(v: Any) -> tuple[int, int] | None:
     return None
 
 
+class MaxPool2x2(Function):
+    """``F.max_pool2d(u, 2)`` of a contiguous float32 CPU tensor by the fused kernel, with
+    PyTorch's own backward (``max_pool2d_with_indices_backward``) from the kernel's indices,
+    which are ATen's: the output and the gradient are the ordinary ones bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor) -> Tensor:  # type: ignore[override]
+        out, indices = kernels.max_pool2x2(u, indices=True)
+        ctx.save_for_backward(u, indices)  # what PyTorch's own node saves
+        ctx.mark_non_differentiable(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        u, indices = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, u, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+
+
 def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
                          ceil_mode: bool = False, return_indices: bool = False) -> Tensor | None:
-    """``F.max_pool2d(input, ...)`` as the maximum of strided views of ``input``; None where
-    that does not apply (see the module docstring) — the caller then runs PyTorch's call."""
+    """``F.max_pool2d(input, ...)`` by faster code (see the module docstring): strided maxima or
+    the fused 2 × 2 kernel without a graph, :class:`MaxPool2x2` where the call builds one; None
+    where that does not apply — the caller then runs PyTorch's call."""
     if (not ENABLED or type(input) is not Tensor or input.device.type != "cpu" or input.dtype not in _FLOATS
             or input.dim() not in (3, 4) or return_indices or ceil_mode or not input.is_contiguous()
-            or (input.requires_grad and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active()):
         return None  # (under torch.func transforms a tensor may have no memory of its own to hand to the kernel)
     k, s = _pair(kernel_size), _pair(kernel_size if stride in (None, [], ()) else stride)  # (torch.max_pool2d's default is [])
     p, d = _pair(padding), _pair(dilation)
@@ -69,10 +97,15 @@ def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, pa
     out_w = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     if out_h < 1 or out_w < 1 or input.numel() == 0:
         return None
-    if k == s == (2, 2) and p == (0, 0) and d == (1, 1):
-        fused = kernels.max_pool2x2(input)  # float32: one pass, ATen's values bit for bit
-        if fused is not None:
-            return fused
+    fused = k == s == (2, 2) and p == (0, 0) and d == (1, 1)
+    if input.requires_grad and torch.is_grad_enabled():  # a graph: PyTorch's backward from the kernel's indices
+        if fused and input.dtype is torch.float32 and kernels.available():
+            return MaxPool2x2.apply(input)
+        return None
+    if fused:
+        out = kernels.max_pool2x2(input)  # float32: one pass, ATen's values bit for bit
+        if out is not None:
+            return out
     x = F.pad(input, (p[1], p[1], p[0], p[0]), value=float("-inf")) if p[0] or p[1] else input
     views = [x[..., i * d[0]:i * d[0] + s[0] * (out_h - 1) + 1:s[0], j * d[1]:j * d[1] + s[1] * (out_w - 1) + 1:s[1]]
              for i in range(k[0]) for j in range(k[1])]

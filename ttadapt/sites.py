@@ -144,8 +144,8 @@ class _Mode(TorchFunctionMode):
                 return s._on_affine(func, kind, args, kwargs)
         if s.phase == "inspect" and _hashable(func) and func in UNAVERAGED_POINTWISE:
             s._log_unaveraged(func, args, kwargs)
-        elif s.phase == "record" and (func is _MAX_POOL2D[0] or func is _MAX_POOL2D[1]):
-            out = max_pool2d_call(args, kwargs)  # the no-graph pass: the same values, faster (see pooling.py)
+        elif s.phase != "inspect" and (func is _MAX_POOL2D[0] or func is _MAX_POOL2D[1]):
+            out = max_pool2d_call(args, kwargs)  # the same values (and gradient), faster: see pooling.py
             if out is not None:
                 return out
         return func(*args, **kwargs)
