@@ -114,6 +114,7 @@ def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
     layout = ModelLayout(model)
     state = resolve_state(layout, other)
     real_site, real_slope = SiteSession._on_activation, secant._output_and_slope
+    real_closed = secant._closed_form_output_and_slope
 
     def passthrough(self, func, act, form, args, kwargs):
         if self.phase != "apply":
@@ -124,6 +125,9 @@ def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
 
     def no_arithmetic(u, ub, call, *rest):
         return call(u), ub
+
+    def no_closed_form_arithmetic(secant_, settings, func, args, kwargs, u, ub, *rest):
+        return func(*args, **kwargs), ub
 
     def graph_pass() -> float:
         session = SiteSession()
@@ -147,16 +151,16 @@ def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
             SiteSession._on_activation = passthrough
             times.append(graph_pass())
             SiteSession._on_activation = real_site
-            secant._output_and_slope = no_arithmetic
+            secant._output_and_slope, secant._closed_form_output_and_slope = no_arithmetic, no_closed_form_arithmetic
             times.append(graph_pass())
-            secant._output_and_slope = real_slope
+            secant._output_and_slope, secant._closed_form_output_and_slope = real_slope, real_closed
             times.append(graph_pass())
             if r >= 2:
                 for k, t in zip(parts, times):
                     parts[k].append(t)
     finally:
         SiteSession._on_activation = real_site
-        secant._output_and_slope = real_slope
+        secant._output_and_slope, secant._closed_form_output_and_slope = real_slope, real_closed
     return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
 
 

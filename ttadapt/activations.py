@@ -122,6 +122,12 @@ class Activation:
     # of Tanh and of the ELU family): the pass at the other state then keeps only the inputs, not
     # the outputs too
     secant_forms_fb: Callable[[Tensor], bool] | None = None
+    # checked_secant(ua, fa, ub, fb, out) -> None: the secant slope into ``out`` by a fused CPU
+    # kernel, for a call without settings on tensors the caller has checked (contiguous float32
+    # CPU tensors of one shape, under ttadapt.kernels.PARALLEL_MIN elements, kernels loaded; fb
+    # may be None): the small sites of a pass at the graph state, where the general route's
+    # checks and layers cost more than the arithmetic
+    checked_secant: Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], None] | None = None
 
     def exact(self, settings: dict[str, Any]) -> tuple[float, float] | bool:
         """How the secant of one call may be formed exactly: the clamp bounds ``(lo, hi)`` of a
@@ -197,6 +203,7 @@ def register_activation(
     clamp: Callable[..., tuple[float, float]] | None = None,
     grad_secant: Callable[..., Tensor | None] | None = None,
     secant_forms_fb: Callable[[Tensor], bool] | None = None,
+    checked_secant: Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], None] | None = None,
 ) -> Activation:
     """Register an elementwise activation and the callables that compute it.
 
@@ -219,8 +226,10 @@ def register_activation(
     forms = tuple(forms)
     if grad_secant is None and clamp is not None:
         grad_secant = _clamp_grad_secant(clamp)
+    if checked_secant is None and clamp is not None and not (defaults or any(f.settings for f in forms)):
+        checked_secant = _clamp_checked_secant(*clamp())
     act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric,
-                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant, secant_forms_fb)
+                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant, secant_forms_fb, checked_secant)
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
@@ -252,6 +261,16 @@ def _clamp_grad_secant(clamp: Callable[..., tuple[float, float]]) -> Callable[..
         return kernels.clamp_secant(ua, ub, float(lo), float(hi), out=out, grad=g)
 
     return grad_secant
+
+
+def _clamp_checked_secant(lo: float, hi: float) -> Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], None]:
+    """``checked_secant`` of a clamp activation without settings (ReLU, ReLU6)."""
+    lo, hi = float(lo), float(hi)
+
+    def checked_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None, out: Tensor) -> None:
+        kernels.clamp_secant_checked(ua, ub, lo, hi, out)
+
+    return checked_secant
 
 
 def unregister_activation(name_or_cls: str | type) -> None:
@@ -616,6 +635,7 @@ register_activation(
     vjp=lambda g, u, y: aten.tanh_backward(g, y),
     grad_secant=lambda g, ua, fa, ub, fb, out: None if fa is None else kernels.tanh_secant(ua, fa, ub, fb, out=out, grad=g),
     secant_forms_fb=kernels.fits,
+    checked_secant=kernels.tanh_secant_checked,
 )
 register_activation(
     "softplus",

@@ -216,6 +216,12 @@ def available() -> bool:
     return _library() is not None
 
 
+def loaded() -> bool:
+    """Whether the fused kernels are in use, without compiling or loading them (False before the
+    first :func:`available` or kernel call): a check cheap enough for every small site."""
+    return _state.get("lib") is not None
+
+
 def status() -> str:
     """One line: the fused kernels in use and where, or why the PyTorch ops run instead."""
     _library()
@@ -278,6 +284,24 @@ def tanh_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None = None, ou
     lib.tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), None if fb is None else fb.data_ptr(),
                         None if grad is None else grad.data_ptr(), result.data_ptr(), ua.numel(), torch.get_num_threads())
     return result
+
+
+def tanh_secant_checked(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None, out: Tensor) -> None:
+    """:func:`tanh_secant` into ``out`` for tensors the caller has checked: the kernels are in
+    use, and all are contiguous float32 CPU tensors of one shape with fewer than
+    ``PARALLEL_MIN`` elements (the small sites of a graph pass, where the checks cost more than
+    the arithmetic)."""
+    _state["lib"].tanh_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), None if fb is None else fb.data_ptr(),
+                                  None, out.data_ptr(), ua.numel(), 1)
+
+
+def clamp_secant_checked(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor) -> None:
+    """:func:`clamp_secant` into ``out`` for tensors checked as for :func:`tanh_secant_checked`."""
+    _state["lib"].clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), None, out.data_ptr(), ua.numel(), lo, hi, 1)
+
+
+#: elements below which the kernels run on one thread (``PARALLEL_MIN`` in the C source)
+PARALLEL_MIN = 16384
 
 
 def _clamp_derivative(u: Tensor, lo: float, hi: float) -> Tensor:

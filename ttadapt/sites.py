@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import secant
+from . import kernels, secant
 from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
                        hook_native_site, native_site, single_node_call)
 from .secant import (AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables,
-                     averaged_activation_output, bind_settings, secant_slope)
+                     averaged_activation_output, bind_settings, secant_product, secant_slope)
 
 __all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
 
@@ -53,6 +53,7 @@ class SiteMismatchError(RuntimeError):
     """The two forward passes did not call the same activation sites in the same order."""
 
 
+_F32 = torch.float32
 _AFFINE: dict[Any, str] = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 
 
@@ -125,6 +126,40 @@ def _check_pair(k: int, rec: _Record, name: str, shape: torch.Size, dtype: torch
         )
 
 
+def _small_dense(u: Tensor, ub: Tensor, fb: Tensor | None) -> bool:
+    """Whether a site of the pass at the graph state takes :func:`_small_site`: plain contiguous
+    float32 CPU tensors under ``kernels.PARALLEL_MIN`` elements and no more than
+    ``secant.PRODUCT_MAX`` (same shape and dtype: checked by the pairing), a graph being built,
+    the kernels loaded, no torch.func transform."""
+    n = u.numel()
+    return (type(u) is Tensor and u.dtype is _F32 and u.is_cpu and n < kernels.PARALLEL_MIN and n <= secant.PRODUCT_MAX
+            and u.is_contiguous() and ub.is_contiguous() and ub.is_cpu and (fb is None or (fb.is_contiguous() and fb.is_cpu))
+            and torch.is_grad_enabled() and kernels.loaded() and not torch._C._are_functorch_transforms_active())
+
+
+def _small_site(checked: Callable, act: Activation, func: Callable, args: tuple, kwargs: dict, u: Tensor, ub: Tensor,
+                fb: Tensor | None, fb_owned: bool) -> Tensor:
+    """A small site of the pass at the graph state by the shortest route: the model's call and the
+    kernel's slope under no_grad, joined by :func:`~ttadapt.secant.secant_product` — what
+    :func:`~ttadapt.secant.averaged_activation_output` computes, without its general checks and
+    layers, which on sites of a few thousand elements cost more than the arithmetic (Model B's
+    tanh sites)."""
+    torch._C._set_grad_enabled(False)
+    try:
+        y = func(*args, **kwargs)
+        if type(y) is Tensor and y.shape == u.shape and y.dtype is _F32 and y.is_contiguous():
+            slope = torch.empty_like(u)
+            checked(u, y, ub, fb, slope)
+            done = True
+        else:  # (not met by the registered activations)
+            done = False
+    finally:
+        torch._C._set_grad_enabled(True)
+    if done:
+        return secant_product(u, y, slope)
+    return averaged_activation_output(act, lambda *_: y, (u,), {}, u, ub, {}, False, False, fb, fb_owned)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, session: "SiteSession") -> None:
         super().__init__()
@@ -174,7 +209,8 @@ class SiteSession:
         self.slots: list[DeferredSlot] = []  # the "graph" phase's sites
         self.rescale = False  # "graph" phase: affine slots record ordinary norms (AG-2 Linear)
         self._stack: list[str] = []
-        self._by_storage: dict[int, list[int]] = {}
+        self._by_storage: dict[int, list[int]] = {}  # kept inputs by memory, filled when an in-place call needs it
+        self._unkeyed: list[int] = []  # records kept by reference since, not yet in _by_storage
 
     # -- memory accounting ------------------------------------------------------------------
     @property
@@ -215,6 +251,7 @@ class SiteSession:
                     del module.forward
             self._stack.clear()
             self._by_storage.clear()
+            self._unkeyed.clear()
 
     def finish_apply(self) -> None:
         """Check that the pass at the graph state used every recorded site."""
@@ -308,7 +345,7 @@ class SiteSession:
             rec = _Record(name, u.shape, u.dtype, u.detach().clone(), None, weight)
         else:
             rec = _Record(name, u.shape, u.dtype, u.detach(), u._version, weight)
-            self._by_storage.setdefault(_storage_key(u), []).append(len(self.records))
+            self._unkeyed.append(len(self.records))  # (its memory is looked up only if an in-place call comes)
         self.records.append(rec)
 
     def _keep_output(self, u: Tensor, out: Any) -> None:
@@ -320,6 +357,11 @@ class SiteSession:
 
     def _before_inplace(self, u: Tensor) -> None:
         """An in-place call is about to overwrite ``u``: copy records that still point at it."""
+        for idx in self._unkeyed:
+            rec = self.records[idx]
+            if rec is not None and rec.version is not None:
+                self._by_storage.setdefault(_storage_key(rec.u), []).append(idx)
+        self._unkeyed.clear()
         for idx in self._by_storage.pop(_storage_key(u), []):
             rec = self.records[idx]
             if rec is not None and rec.version is not None and rec.u._version == rec.version:
@@ -391,18 +433,19 @@ class SiteSession:
             return DeferredActivation.apply(u, call, fn, derivative, inplace, act.exact(settings), closed_form, slot, vjp,
                                             grad_secant)
         rec = self._next(name, u)
-        settings = act.settings(given)
         if act.parametric:
-            weight = settings["weight"]
+            weight = act.settings(given)["weight"]
             if not (u.requires_grad or weight.requires_grad):
                 return func(*args, **kwargs)
             return SecantPReLU.apply(u, weight, rec.u, rec.weight)
         if not u.requires_grad:
             return func(*args, **kwargs)
-        call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
-        owned = rec.version is None or _sole_owner(rec.u)
         fb, fb_owned = rec.kept_output()
-        return averaged_activation_output(act, call, u, rec.u, settings, inplace, owned, fb, fb_owned)
+        checked = act.checked_secant
+        if checked is not None and not given and not inplace and _small_dense(u, rec.u, fb):
+            return _small_site(checked, act, func, args, kwargs, u, rec.u, fb, fb_owned)
+        owned = rec.version is None or _sole_owner(rec.u)
+        return averaged_activation_output(act, func, args, kwargs, u, rec.u, given, inplace, owned, fb, fb_owned)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
