@@ -99,12 +99,11 @@ def resolve_state(model: nn.Module | ModelLayout, state: Mapping[str, Tensor] | 
         p = params[name]
         if value.shape != p.shape:
             raise ValueError(f"`{what}[{key!r}]` has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}")
-        if value.is_floating_point() != p.is_floating_point() or value.is_complex() != p.is_complex():
-            raise ValueError(f"`{what}[{key!r}]` has dtype {value.dtype}, the parameter has {p.dtype}")
-        value = value.detach()
-        if value.dtype != p.dtype or value.device != p.device:
+        if value.dtype is not p.dtype or not ((value.is_cpu and p.is_cpu) or value.device == p.device):  # (same dtype, same kind)
+            if value.is_floating_point() != p.is_floating_point() or value.is_complex() != p.is_complex():
+                raise ValueError(f"`{what}[{key!r}]` has dtype {value.dtype}, the parameter has {p.dtype}")
             value = value.to(device=p.device, dtype=p.dtype)
-        given[name] = value
+        given[name] = value.detach()
     full = {name: given[name] if name in given else p.detach() for name, p in params.items()}
     return full
 
