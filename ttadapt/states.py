@@ -49,6 +49,8 @@ class ModelLayout:
         return {name: p for name, p in self.params.items() if p.requires_grad}
 
     def cuda_devices(self) -> list[int]:
+        if not torch.cuda.is_initialized():  # then no tensor lives on a CUDA device (the usual CPU case: no walk)
+            return []
         tensors = [*self.params.values(), *self.buffers.values()]
         return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
