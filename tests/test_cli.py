@@ -27,7 +27,7 @@ def test_activations_lists_the_registry():
     for name in ("relu", "gelu", "prelu", "hardswish", "tanhshrink"):
         assert name in result.output
     assert "CPU secants: " in result.output  # whether the fused kernels are in use, and why not
-    assert "Max pooling in the no-graph passes: " in result.output
+    assert "Max pooling in ttadapt's passes: " in result.output
 
 
 def test_inspect_a_torchvision_model():

@@ -67,8 +67,8 @@ def activations() -> None:
     from . import kernels, pooling
 
     console.print(f"CPU secants: {kernels.status()}", soft_wrap=True)
-    console.print("Max pooling in the no-graph passes: " + (
-        "faster code, the same values (TTADAPT_FAST_POOLING=0 turns it off)" if pooling.ENABLED
+    console.print("Max pooling in ttadapt's passes: " + (
+        "faster code, the same values and gradients (TTADAPT_FAST_POOLING=0 turns it off)" if pooling.ENABLED
         else "PyTorch's own call (TTADAPT_FAST_POOLING=0)"), soft_wrap=True)
 
 
