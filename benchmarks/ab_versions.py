@@ -67,11 +67,14 @@ def tail_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return nn.Sequential(*layers).train(), torch.randn(128, 400), torch.randint(0, 10, (128,))
 
 
-def make_call(lib, model: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str):
+def make_call(lib, model: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str, optimizer: str = "adam"):
     def closure():
         return F.cross_entropy(model(x), y)
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    else:  # the project's factory (SOAP with the paper's settings, ...), from the package under test
+        opt = lib.create_optimizer(optimizer, model.parameters(), 1e-4)
     if what == "plain":
         def call():
             opt.zero_grad()
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--case", default="model_b")
     parser.add_argument("--what", default="AG1", choices=["AG1", "AG2", "AG3", "SAM", "engine", "plain"])
     parser.add_argument("--rounds", type=int, default=80)
+    parser.add_argument("--optimizer", default="adam", help="adam (torch.optim.Adam), or a name for ttadapt.create_optimizer")
     args = parser.parse_args()
     keep_freed_memory()
     import ttadapt
@@ -99,8 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
         model, x, y = tail_case() if args.case == "tail" else benchmark_case(args.case)
-        calls = {"base": make_call(base, copy.deepcopy(model), x, y, args.what),
-                 "working tree": make_call(ttadapt, copy.deepcopy(model), x, y, args.what)}
+        calls = {"base": make_call(base, copy.deepcopy(model), x, y, args.what, args.optimizer),
+                 "working tree": make_call(ttadapt, copy.deepcopy(model), x, y, args.what, args.optimizer)}
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(args.rounds + 3):
             for k in (list(calls) if r % 2 else list(calls)[::-1]):

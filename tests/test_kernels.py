@@ -332,6 +332,32 @@ def test_ag2_commit_of_many_tensors_matches_torch_add():
 
 
 @needs_kernels
+def test_l1_lengths_and_rescale_of_many_tensors_match_one_call_each():
+    """l1_diff_many: the pairs' sums as l1_diff forms each, added in double in order — the same
+    float as the per-tensor calls, within 1e-9 of a float64 sum; ag2_rescale_many (p holding
+    θ″): the same bits as ag2_rescale per tensor. Neither applies (None / False, nothing written)
+    where one pair does not fit."""
+    pairs = [_theta_and_step(n, 40 + n) for n in SIZES]
+    thetas, dries = [t[0] for t in pairs], [t[1] for t in pairs]
+    total = 0.0
+    for d, t in zip(dries, thetas):
+        total += kernels.l1_diff(d, t)
+    assert kernels.l1_diff_many(dries, thetas) == total
+    assert total == pytest.approx(sum(float((d - t).abs().double().sum()) for d, t in zip(dries, thetas)), rel=1e-9)
+    got = [d.clone() for d in dries]
+    assert kernels.ag2_rescale_many(got, thetas, 0.37)
+    for g, d, t in zip(got, dries, thetas):
+        one = d.clone()
+        assert kernels.ag2_rescale(one, t, 0.37) and torch.equal(g, one)
+    misfit = thetas[:-1] + [thetas[-1].double()]
+    assert kernels.l1_diff_many(dries, misfit) is None
+    again = [d.clone() for d in dries]
+    assert not kernels.ag2_rescale_many(again, misfit, 0.37)
+    assert all(torch.equal(a, d) for a, d in zip(again, dries))
+    assert kernels.l1_diff_many([], []) == 0.0
+
+
+@needs_kernels
 def test_finite_check_of_many_tensors_matches_isfinite():
     """One read-only call over many tensors: True exactly where ``torch.isfinite`` holds for every
     element (finite values near float32's maximum included: nothing is summed that could

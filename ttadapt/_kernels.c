@@ -267,6 +267,15 @@ double l1_diff_f32(const float* a, const float* b, int64_t n, int threads) {
     return abs_diff_sum((float*)a, b, NULL, n, threads); /* without g nothing is written */
 }
 
+/* Σ_k Σ|a_k − b_k| over many tensors in one call (AG-2's L1 lengths on a model of many small
+ * tensors), each tensor's sum as l1_diff_f32 forms it, the tensors' sums added in double in order. */
+double l1_diff_many_f32(int64_t count, const float* const* a, const float* const* b, const int64_t* n, int threads) {
+    double total = 0.0;
+    for (int64_t k = 0; k < count; k++)
+        total += abs_diff_sum((float*)a[k], b[k], NULL, n[k], threads);
+    return total;
+}
+
 /* AG-2's committed step p ← θ + scale·(θ″ − θ), with p holding θ″ (differenced == 0) or θ″ − θ
  * (differenced != 0; then one rounding, as torch.add(θ, p, alpha=scale) in ATen's vector kernel). */
 static void ag2_step(float* p, const float* theta, float scale, int64_t n, int differenced, int threads) {
@@ -488,6 +497,13 @@ void ag2_commit_many_f32(int64_t count, float* const* p, const float* const* the
                          int threads) {
     for (int64_t k = 0; k < count; k++)
         ag2_step(p[k], theta[k], scale, n[k], 1, threads);
+}
+
+/* ag2_rescale_f32 over many tensors in one call: p_k ← θ_k + scale·(θ″_k − θ_k), p_k holding θ″_k. */
+void ag2_rescale_many_f32(int64_t count, float* const* p, const float* const* theta, const int64_t* n, float scale,
+                          int threads) {
+    for (int64_t k = 0; k < count; k++)
+        ag2_step(p[k], theta[k], scale, n[k], 0, threads);
 }
 
 /* AG-1/AG-2's forecast step θ′ = OPT(s, θ, g) of torch.optim.Adam / AdamW, out of place on the

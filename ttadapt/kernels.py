@@ -161,6 +161,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.exp_linear_secant_f32.restype = ctypes.c_int64
         lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
         lib.l1_diff_f32.restype = ctypes.c_double
+        lib.l1_diff_many_f32.argtypes = [_N, _P, _P, _P, _I]
+        lib.l1_diff_many_f32.restype = ctypes.c_double
         lib.ag2_rescale_f32.argtypes = [_P, _P, _F, _N, _I]
         lib.ag2_rescale_f32.restype = None
         for name in ("adam_direction_many_f32", "rmsprop_direction_many_f32"):
@@ -170,6 +172,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.finite_many_f32.restype = ctypes.c_double
         lib.ag2_commit_many_f32.argtypes = [_N, _P, _P, _P, _F, _I]
         lib.ag2_commit_many_f32.restype = None
+        lib.ag2_rescale_many_f32.argtypes = [_N, _P, _P, _P, _F, _I]
+        lib.ag2_rescale_many_f32.restype = None
         for name in ("adam_forecast_f32", "rmsprop_forecast_f32"):
             getattr(lib, name).argtypes = [_N, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
             getattr(lib, name).restype = None
@@ -393,6 +397,13 @@ def l1_diff(a: Tensor, b: Tensor) -> float | None:
     return float(lib.l1_diff_f32(a.data_ptr(), b.data_ptr(), a.numel(), torch.get_num_threads()))
 
 
+def l1_diff_many(a: list[Tensor], b: list[Tensor]) -> float | None:
+    """``Σ_k Σ|a_k − b_k|`` over all pairs in one read-only call (each pair's sum as
+    :func:`l1_diff` forms it, the pairs' sums added in double), or None where the kernel does
+    not apply to every pair."""
+    return _run_many("l1_diff_many_f32", [a, b], a, read_only=True)
+
+
 def ag2_rescale(p: Tensor, theta: Tensor, scale: float) -> bool:
     """With ``p`` holding θ″: ``p ← θ + scale·(θ″ − θ)`` in place; False (``p`` untouched) where
     the kernel does not apply."""
@@ -510,6 +521,12 @@ def ag2_commit_many(p: list[Tensor], theta: list[Tensor], scale: float) -> bool:
     return _run_many("ag2_commit_many_f32", [p, theta], p, tail=(ctypes.c_float(scale),)) is not None
 
 
+def ag2_rescale_many(p: list[Tensor], theta: list[Tensor], scale: float) -> bool:
+    """:func:`ag2_rescale` of every pair (each ``p`` holding θ″) in one call; False, nothing
+    written, where the kernel does not apply to every pair."""
+    return _run_many("ag2_rescale_many_f32", [p, theta], p, tail=(ctypes.c_float(scale),)) is not None
+
+
 def _forecast(name: str, hn: int, p: list[Tensor], grad: list[Tensor], inputs: list[list[Tensor | None]],
               outputs: list[list[Tensor | None]], steps: list[Tensor] | None, hyper: list[list[float]]) -> bool:
     if steps is not None and (len(steps) != len(p) or not all(s.dtype is _F32 and s.is_cpu and s.numel() == 1 for s in steps)):
@@ -604,10 +621,16 @@ def _self_test() -> str | None:
     l1 = l1_diff(ub.nan_to_num(0.0, 0.0), theta)
     if l1 is None or abs(l1 - want_l1) > 1e-6 * max(1.0, want_l1):
         return "L1 length"
+    l1 = l1_diff_many([ub.nan_to_num(0.0, 0.0)[:300], ub.nan_to_num(0.0, 0.0)[300:]], [theta[:300], theta[300:]])
+    if l1 is None or abs(l1 - want_l1) > 1e-6 * max(1.0, want_l1):
+        return "L1 lengths (many)"
     p = ub.nan_to_num(0.0, 0.0)
     want_p = theta + 0.37 * (p - theta)
     if not ag2_rescale(p, theta, 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
         return "AG-2 rescale"
+    p = ub.nan_to_num(0.0, 0.0)
+    if not ag2_rescale_many([p[:300], p[300:]], [theta[:300], theta[300:]], 0.37) or not torch.allclose(p, want_p, rtol=1e-6, atol=1e-6):
+        return "AG-2 rescale (many)"
     planes = torch.cat([ua.view(10, 10, 10), ub.view(10, 10, 10)])[:, :, :9].reshape(4, 5, 10, 9).contiguous()
     planes[0, 0] = float("-inf")
     planes[1, 1, ::3] = 0.0

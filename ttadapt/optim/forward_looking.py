@@ -212,8 +212,7 @@ class _ForwardLooking(OptimizerWrapper):
             committed = OptimizerSnapshot(self.optimizer, reuse=spares.pop() if spares else None)
             self._spare_snapshots.append(committed)
             before.restore()
-        for n, p in params.items():
-            p.copy_(theta[n])
+        torch._foreach_copy_(list(params.values()), [theta[n] for n in params])  # (one call: many small tensors)
         self._set_grads(params, averaged)
         self.optimizer.step()  # dry run from the state before the forecast, with G′
         if isinstance(committed, SwappedState):
@@ -229,8 +228,10 @@ class _ForwardLooking(OptimizerWrapper):
         """θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁, with ``p`` holding θ″ − θ for the names in
         ``differenced`` and θ″ for the others."""
         scale = forecast_l1 / length if length > 0 else 0.0
-        # all of them in one kernel call where they all hold θ″ − θ and fit, else one op each
-        if not (len(differenced) == len(params) and kernels.ag2_commit_many(list(params.values()), [theta[n] for n in params], scale)):
+        # all of them in one kernel call where they all hold θ″ − θ (or all θ″) and fit, else one op each
+        ps, thetas = list(params.values()), [theta[n] for n in params]
+        if not ((len(differenced) == len(params) and kernels.ag2_commit_many(ps, thetas, scale))
+                or (not differenced and kernels.ag2_rescale_many(ps, thetas, scale))):
             for n, p in params.items():
                 if n in differenced:  # p holds θ″ − θ
                     torch.add(theta[n], p, alpha=scale, out=p)
@@ -243,6 +244,10 @@ def _l1_lengths(params: dict[str, Tensor], theta: dict[str, Tensor]) -> tuple[fl
     """``Σ‖p − θ‖₁`` over the parameters — one read-only fused pass per tensor where
     :func:`ttadapt.kernels.l1_diff` applies — and the names of the other tensors, whose ``p``
     now holds ``p − θ``."""
+    names = list(params)
+    total = kernels.l1_diff_many([params[n] for n in names], [theta[n] for n in names])  # all in one call where all fit
+    if total is not None:
+        return total, set()
     total = 0.0
     differenced: list[str] = []
     parts: list[Tensor] = []

@@ -23,7 +23,14 @@ _NESTED = ("optimizer", "base_optimizer", "inner_optimizer", "_optimizer")
 _SKIP_ATTRS = {"param_groups", "state", "defaults", *_NESTED}
 
 
+# Values that copy.deepcopy returns as they are: no copy needed, and the check is a set lookup
+# (an optimizer's state holds many of them: step counts, SOAP's settings per parameter).
+_ATOMIC = frozenset({int, float, bool, complex, str, bytes, type(None)})
+
+
 def _clone(x: Any) -> Any:
+    if type(x) in _ATOMIC:
+        return x
     if isinstance(x, Tensor):
         return x.detach().clone()
     if isinstance(x, dict):
@@ -39,6 +46,8 @@ def _clone_into(x: Any, old: Any, copies: tuple[list[Tensor], list[Tensor]]) -> 
     """:func:`_clone`, writing tensors into ``old``'s same-layout tensors where it has them (a
     previous snapshot being recycled: no allocation, no page faults). Those writes are left in
     ``copies`` (destinations, sources) for one batched copy (:func:`_copy_all`)."""
+    if type(x) in _ATOMIC:
+        return x
     if isinstance(x, Tensor):
         if isinstance(old, Tensor) and _same_layout(old, x):
             copies[0].append(old)
@@ -64,11 +73,14 @@ def _copy_all(copies: tuple[list[Tensor], list[Tensor]]) -> None:
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+    return (a.shape == b.shape and a.dtype is b.dtype and a.stride() == b.stride()
+            and ((a.is_cpu and b.is_cpu) or a.device == b.device))
 
 
 def _restore(live: Any, saved: Any) -> Any:
     """Make ``live`` equal to ``saved``, in place where possible; return the restored value."""
+    if type(saved) in _ATOMIC:
+        return saved
     if isinstance(saved, Tensor):
         if isinstance(live, Tensor) and _same_layout(live, saved):
             with torch.no_grad():
@@ -183,13 +195,22 @@ def _restore_settings(opt: Any, groups: list[dict], attrs: dict[str, Any]) -> No
 
 def _tensors(x: Any) -> list[Tensor]:
     """Every tensor inside a state entry (dicts, lists, tuples)."""
+    found: list[Tensor] = []
+    _collect_tensors(x, found)
+    return found
+
+
+def _collect_tensors(x: Any, found: list[Tensor]) -> None:
+    if type(x) in _ATOMIC:
+        return
     if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+        found.append(x)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _collect_tensors(v, found)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _collect_tensors(v, found)
 
 
 def swappable(optimizer: Any) -> bool:
