@@ -107,14 +107,13 @@ def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
     (the function mode's interception alone); with the sites paired and joined to their
     backward but the secant's arithmetic skipped (the slope replaced by the kept
     input); and the real pass."""
-    from ttadapt import secant
+    from ttadapt import secant, sites
     from ttadapt.averaged import _record_pass
     from ttadapt.states import ModelLayout, resolve_state
 
     layout = ModelLayout(model)
     state = resolve_state(layout, other)
-    real_site, real_slope = SiteSession._on_activation, secant._output_and_slope
-    real_closed = secant._closed_form_output_and_slope
+    real_site, real_slope, real_short = SiteSession._on_activation, secant._output_and_slope, sites._small_site
 
     def passthrough(self, func, act, form, args, kwargs):
         if self.phase != "apply":
@@ -126,8 +125,10 @@ def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
     def no_arithmetic(u, ub, call, *rest):
         return call(u), ub
 
-    def no_closed_form_arithmetic(secant_, settings, func, args, kwargs, u, ub, *rest):
-        return func(*args, **kwargs), ub
+    def short_no_arithmetic(checked, act, func, args, kwargs, u, ub, *rest):  # small sites' short route
+        with torch.no_grad():
+            y = func(*args, **kwargs)
+        return secant.secant_product(u, y, ub)
 
     def graph_pass() -> float:
         session = SiteSession()
@@ -151,16 +152,16 @@ def graph_split(model, closure, other, rounds: int) -> dict[str, float]:
             SiteSession._on_activation = passthrough
             times.append(graph_pass())
             SiteSession._on_activation = real_site
-            secant._output_and_slope, secant._closed_form_output_and_slope = no_arithmetic, no_closed_form_arithmetic
+            secant._output_and_slope, sites._small_site = no_arithmetic, short_no_arithmetic
             times.append(graph_pass())
-            secant._output_and_slope, secant._closed_form_output_and_slope = real_slope, real_closed
+            secant._output_and_slope, sites._small_site = real_slope, real_short
             times.append(graph_pass())
             if r >= 2:
                 for k, t in zip(parts, times):
                     parts[k].append(t)
     finally:
         SiteSession._on_activation = real_site
-        secant._output_and_slope, secant._closed_form_output_and_slope = real_slope, real_closed
+        secant._output_and_slope, sites._small_site = real_slope, real_short
     return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
 
 

@@ -105,7 +105,7 @@ def main() -> None:
             return call(u)
 
         def averaged(u, ub, fb):
-            return averaged_activation_output(act, lambda x: call(x), (u,), {}, u, ub, {}, inplace, True, fb, True)
+            return averaged_activation_output(act, call, u, ub, {}, inplace, True, fb, True)
 
         row = [median_us(plain, lambda: (base * scale, None, None), args.rounds)]
         for s, ub in inputs.items():

@@ -352,42 +352,30 @@ def activation_callables(act: Activation, settings: dict) -> tuple[Callable, Cal
 PRODUCT_MAX = 1 << 16
 
 
-def averaged_activation_output(act: Activation, func: Callable, args: tuple, kwargs: dict, u: Tensor, ub: Tensor,
-                               given: dict, inplace: bool, owned: bool = False, fb: Tensor | None = None,
-                               fb_owned: bool = False) -> Tensor:
-    """The output of one site of a registered activation at the graph state — the model's own
-    call ``func(*args, **kwargs)`` on input ``u`` with the call's settings ``given`` — whose
-    backward is ``g ⊙`` secant towards ``ub`` (``fb``: the output at the other state, when that
-    pass kept it): the call and the slope under no_grad, joined by :func:`secant_product` (a
-    native backward) on sites up to :data:`PRODUCT_MAX` elements, else :class:`SecantActivation`."""
-    settings = act.settings(given) if (given or act.defaults) else given
+def averaged_activation_output(act: Activation, call: Callable[[Tensor], Tensor], u: Tensor, ub: Tensor, settings: dict, inplace: bool,
+                               owned: bool = False, fb: Tensor | None = None, fb_owned: bool = False) -> Tensor:
+    """The output of one site of a registered activation at the graph state, whose backward is
+    ``g ⊙`` secant towards ``ub`` (``fb``: the output at the other state, when that pass kept
+    it): the model's own call and the slope under no_grad, joined by :func:`secant_product`
+    (a native backward) on sites up to :data:`PRODUCT_MAX` elements, else
+    :class:`SecantActivation`."""
     if (not inplace and u.numel() <= PRODUCT_MAX and type(u) is Tensor and torch.is_grad_enabled()
             and not torch._C._are_functorch_transforms_active()):
         # this runs once per site and pass, on sites of a few thousand elements: every µs of
         # Python shows (no context-manager object, no callables the closed form does not need)
+        closed_form = bind_settings(act.secant, settings)
+        if closed_form is not None and _compute_dtype(u.dtype) == u.dtype:
+            fn = derivative = None  # (the closed form needs neither)
+        else:
+            fn, derivative, closed_form = activation_callables(act, settings)
         torch._C._set_grad_enabled(False)
         try:
-            if act.secant is not None and _compute_dtype(u.dtype) == u.dtype:
-                y, slope = _closed_form_output_and_slope(act.secant, settings, func, args, kwargs, u, ub, owned, fb, fb_owned)
-            else:
-                fn, derivative, closed_form = activation_callables(act, settings)
-                y, slope = _output_and_slope(u, ub, lambda _u: func(*args, **kwargs), fn, derivative, False,
-                                             act.exact(settings), owned, closed_form, fb, fb_owned)
+            y, slope = _output_and_slope(u, ub, call, fn, derivative, False, act.exact(settings), owned, closed_form, fb,
+                                         fb_owned)
         finally:
             torch._C._set_grad_enabled(True)
         if type(y) is Tensor and y.shape == u.shape and y.dtype == u.dtype == slope.dtype:
             return secant_product(u, y, slope)
         return SecantPassThrough.apply(u, y, slope)  # (not met by the registered activations)
     fn, derivative, closed_form = activation_callables(act, settings)
-    call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
     return SecantActivation.apply(u, ub, call, fn, derivative, inplace, act.exact(settings), owned, closed_form, fb, fb_owned)
-
-
-def _closed_form_output_and_slope(secant: Callable, settings: dict, func: Callable, args: tuple, kwargs: dict, u: Tensor,
-                                  ub: Tensor, owned: bool, fb: Tensor | None, fb_owned: bool) -> tuple[Tensor, Tensor]:
-    """``(the model's call, the closed-form secant towards ub)`` of one site that is not in
-    place (see :func:`_output_and_slope`, whose first branch this is, without its layers)."""
-    y = func(*args, **kwargs)
-    if settings:
-        return y, secant(u, y, ub, fb, owned, fb_owned, **settings)
-    return y, secant(u, y, ub, fb, owned, fb_owned)

@@ -157,7 +157,7 @@ def _small_site(checked: Callable, act: Activation, func: Callable, args: tuple,
         torch._C._set_grad_enabled(True)
     if done:
         return secant_product(u, y, slope)
-    return averaged_activation_output(act, lambda *_: y, (u,), {}, u, ub, {}, False, False, fb, fb_owned)
+    return averaged_activation_output(act, lambda _u: y, u, ub, {}, False, False, fb, fb_owned)  # (y computed once)
 
 
 class _Mode(TorchFunctionMode):
@@ -444,8 +444,9 @@ class SiteSession:
         checked = act.checked_secant
         if checked is not None and not given and not inplace and _small_dense(u, rec.u, fb):
             return _small_site(checked, act, func, args, kwargs, u, rec.u, fb, fb_owned)
+        call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
         owned = rec.version is None or _sole_owner(rec.u)
-        return averaged_activation_output(act, func, args, kwargs, u, rec.u, given, inplace, owned, fb, fb_owned)
+        return averaged_activation_output(act, call, u, rec.u, act.settings(given), inplace, owned, fb, fb_owned)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
