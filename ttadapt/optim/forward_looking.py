@@ -13,7 +13,8 @@ Each step, on one batch:
 4. AG-1: θ ← θ − |θ′ − θ| ⊙ sign(G′) — the forecast's per-coordinate magnitude, the averaged
    gradient's direction;
    AG-2: a dry run of the base optimizer from the state *before* step 2 with G′ gives θ″ (then
-   discarded); θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁.
+   discarded; SOAP's preconditioner refresh, which θ″ does not depend on, is skipped there when
+   step 2 showed that: :mod:`ttadapt.optim.refresh`); θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁.
 
 Cost: 2·T_fwd + 2·T_bwd + 2·T_opt (the graph of step 1 is differentiated twice, see
 :class:`ttadapt.averaged.DeferredAverage`). ``linear=True`` uses the Linear variant in step 3;
@@ -35,6 +36,7 @@ from ..metrics import step_lengths
 from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
 from .closed_form import FusedForecast, SpareState, dry_direction, fused_forecast
+from .refresh import RefreshProbe, skipped_refresh
 from .snapshot import OptimizerSnapshot, SwappedState, swappable
 
 __all__ = ["AG1", "AG2"]
@@ -57,6 +59,8 @@ class _ForwardLooking(OptimizerWrapper):
         self._spare_snapshots: list[OptimizerSnapshot] = []
         # the moments the last fused forecast retired, written by the next (see closed_form)
         self._spare_state = SpareState()
+        # whether this step's AG-2 dry step may skip the preconditioner refresh (see refresh.py)
+        self._dry_skips_refresh = False
         self._spare_start: dict[str, Tensor] | None = None
         #: L1 length ‖θ′ − θ‖₁ of the last forecast step (AG-2's committed step has this length)
         self.last_forecast_l1: float | None = None
@@ -113,11 +117,17 @@ class _ForwardLooking(OptimizerWrapper):
         # dry step and for undoing it: fused for torch's Adam/AdamW/RMSprop on the CPU, else a
         # snapshot of the state and the real step
         before: OptimizerSnapshot | FusedForecast | None = fused_forecast(self.optimizer, params, grads, self._spare_state)
+        self._dry_skips_refresh = False
         if before is None:
             before = OptimizerSnapshot(self.optimizer, reuse=spares.pop() if spares else None)
             self._spare_snapshots.append(before)
             self._set_grads(params, grads)
-            self.optimizer.step()
+            if self._full_vector:  # the real step shows whether AG-2's dry step may skip SOAP's refresh
+                with RefreshProbe(self.optimizer) as probe:
+                    self.optimizer.step()
+                self._dry_skips_refresh = probe.safe
+            else:
+                self.optimizer.step()
         del grads
         for p in params.values():
             p.grad = None
@@ -214,7 +224,8 @@ class _ForwardLooking(OptimizerWrapper):
             before.restore()
         torch._foreach_copy_(list(params.values()), [theta[n] for n in params])  # (one call: many small tensors)
         self._set_grads(params, averaged)
-        self.optimizer.step()  # dry run from the state before the forecast, with G′
+        with skipped_refresh(self.optimizer, self._dry_skips_refresh):  # (θ″ does not depend on it: refresh.py)
+            self.optimizer.step()  # dry run from the state before the forecast, with G′
         if isinstance(committed, SwappedState):
             committed.put_back()
         else:
