@@ -5,7 +5,11 @@ layer) during a forward pass. Sites are seen by a ``TorchFunctionMode`` — whic
 functional and in-place calls alike (``nn.ReLU``, ``F.relu``, ``x.relu_()``) — and, for
 activations registered by module class, by patching those modules' ``forward`` for the duration
 of a pass. A module called three times (torchvision's Bottleneck reuses ``self.relu``) gives
-three sites.
+three sites. A model built only of ``nn.Sequential`` containers, plain leaves (Linear, Conv,
+Flatten, normalisation, dropout, average pooling), standard activation modules and
+``nn.MaxPool2d``, with no hooks, runs its record, apply and graph passes without the mode: its
+activation and pooling modules are patched to handle their one call directly (the mode's
+dispatch costs every call of the model several µs; :meth:`SiteSession._direct_modules`).
 
 :class:`SiteSession` runs in one of three phases:
 
@@ -54,6 +58,26 @@ class SiteMismatchError(RuntimeError):
 
 
 _F32 = torch.float32
+
+# Module classes whose forward is one registered activation call, as torch's source writes it:
+# class -> (module, input) -> (func, args, kwargs). In a model built of these, containers and
+# _PLAIN_LEAVES only, a pass needs no function mode (see SiteSession._direct_modules).
+_DIRECT_ACTIVATIONS: dict[type, Callable[[nn.Module, Tensor], tuple[Callable, tuple, dict]]] = {
+    nn.Tanh: lambda m, x: (torch.tanh, (x,), {}),
+    nn.Sigmoid: lambda m, x: (torch.sigmoid, (x,), {}),
+    nn.ELU: lambda m, x: (F.elu, (x, m.alpha, m.inplace), {}),
+    nn.ReLU: lambda m, x: (F.relu, (x,), {"inplace": m.inplace}),
+    nn.LeakyReLU: lambda m, x: (F.leaky_relu, (x, m.negative_slope, m.inplace), {}),
+    nn.GELU: lambda m, x: (F.gelu, (x,), {"approximate": m.approximate}),
+    nn.SiLU: lambda m, x: (F.silu, (x,), {"inplace": m.inplace}),
+}
+# Leaf module classes whose forward makes no site and calls no other module (the Linear variant
+# averages Linear and Conv: then the mode is used).
+_PLAIN_LEAVES = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.BatchNorm1d,
+    nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+})
+_CONTAINER_FORWARDS = frozenset({nn.Sequential.forward})
 _AFFINE: dict[Any, str] = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 
 
@@ -186,6 +210,14 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _global_hooks() -> bool:
+    """Whether global module hooks are registered (they may call anything: the mode must see it)."""
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or getattr(_module, "_global_forward_hooks_always_called", None))
+
+
 def _hashable(func: Any) -> bool:
     try:
         hash(func)
@@ -229,8 +261,10 @@ class SiteSession:
             self.slots = []
         self.cursor = 0
         self.model_calls = 0
-        patched = self._patch_modules(layout or ModelLayout(model))
-        patched.append(self._patch_root(model))
+        layout = layout or ModelLayout(model)
+        direct = self._direct_modules(layout)
+        patched = self._patch_modules(layout) if direct is None else direct
+        patched.append(self._patch_root(model, mode=direct is None))
         hooks = self._track(model) if self.track_modules else []
         try:
             yield self
@@ -287,7 +321,53 @@ class SiteSession:
         self.slots.append(slot)
         return slot
 
-    def _patch_root(self, model: nn.Module) -> tuple:
+    def _direct_modules(self, layout: ModelLayout) -> list | None:
+        """For a model built only of Sequential containers, :data:`_PLAIN_LEAVES`, activation
+        modules of :data:`_DIRECT_ACTIVATIONS` and ``nn.MaxPool2d`` (Model B), without hooks: patch
+        the activation and pooling modules to handle their call directly and return the patches
+        — the pass then runs without the function mode, whose dispatch costs every call of the
+        model several µs. None where anything else is in the model (the mode sees every call)."""
+        if self.phase == "inspect" or self.linear or self.track_modules or _global_hooks():
+            return None
+        plan = []
+        for path, module in layout.modules:
+            cls = type(module)
+            if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+                return None
+            if cls.forward in _CONTAINER_FORWARDS or cls in _PLAIN_LEAVES:
+                continue
+            call = next((c for k, c in _DIRECT_ACTIVATIONS.items() if cls.forward is k.forward), None)
+            if call is not None:
+                plan.append((module, self._direct_site(module, call)))
+            elif cls.forward is nn.MaxPool2d.forward:
+                plan.append((module, self._direct_pool(module)))
+            else:
+                return None
+        for module, forward in plan:
+            module.forward = forward
+        return [(module, False, None) for module, _ in plan]
+
+    def _direct_site(self, module: nn.Module, call: Callable) -> Callable:
+        def site_forward(input: Tensor) -> Tensor:
+            func, args, kwargs = call(module, input)
+            hit = lookup_call(func)
+            if hit is None or self.opaque:
+                return func(*args, **kwargs)
+            return self._on_activation(func, hit[0], hit[1], args, kwargs)
+
+        return site_forward
+
+    def _direct_pool(self, module: nn.Module) -> Callable:
+        forward = module.forward
+
+        def pool_forward(input: Tensor) -> Tensor:
+            out = max_pool2d_call((input, module.kernel_size, module.stride, module.padding, module.dilation),
+                                  {"ceil_mode": module.ceil_mode, "return_indices": module.return_indices})
+            return forward(input) if out is None else out
+
+        return pool_forward
+
+    def _patch_root(self, model: nn.Module, mode: bool = True) -> tuple:
         """Intercept only while the model itself runs: the loss outside it keeps its own backward."""
         had = "forward" in model.__dict__
         old = model.__dict__.get("forward")
@@ -295,7 +375,7 @@ class SiteSession:
 
         def intercepted(*args: Any, **kwargs: Any):
             self.model_calls += 1
-            if self.opaque:
+            if self.opaque or not mode:
                 return forward(*args, **kwargs)
             with _Mode(self):
                 return forward(*args, **kwargs)

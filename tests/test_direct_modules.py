@@ -1,0 +1,114 @@
+"""Models built of Sequential containers and standard modules run ttadapt's passes without the
+function mode (sites.SiteSession._direct_modules): the same results bit for bit as with the
+mode, and the mode wherever something else is in the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ttadapt
+import ttadapt.sites as sites
+
+
+def standard_model() -> nn.Module:
+    """Every activation class of sites._DIRECT_ACTIVATIONS, in place and not, with max pooling,
+    BatchNorm and dropout."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ELU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Dropout(0.2),
+        nn.Sequential(nn.Linear(6 * 2 * 2, 12), nn.Tanh(), nn.Linear(12, 12), nn.Sigmoid()),
+        nn.Linear(12, 12), nn.GELU(approximate="tanh"), nn.Linear(12, 12), nn.LeakyReLU(0.2), nn.Linear(12, 12),
+        nn.SiLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 3),
+    )
+
+
+class Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = standard_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x))  # a functional call: only the mode sees it
+
+
+def _mode_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sites.SiteSession, "_direct_modules", lambda self, layout: None)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    used: list[bool] = []
+    real = sites.SiteSession._direct_modules
+
+    def spy(self, layout):
+        out = real(self, layout)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sites.SiteSession, "_direct_modules", spy)
+    return used
+
+
+@pytest.mark.parametrize("what", ["averaged_grad", "AG1", "AG2", "AG3"])
+def test_same_bits_with_and_without_the_mode(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = torch.randn(16, 1, 10, 10), torch.randint(0, 3, (16,))
+
+    def run(direct: bool) -> list[torch.Tensor]:
+        if not direct:
+            _mode_off(monkeypatch)
+        torch.manual_seed(2)
+        model = standard_model().train()
+        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+        if what == "averaged_grad":
+            other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+            out = list(ttadapt.averaged_grad(model, closure, other).values())
+        else:
+            opt = torch.optim.Adam(model.parameters(), 1e-2)
+            wrapper = ttadapt.AG3(model, opt, d=1) if what == "AG3" else getattr(ttadapt, what)(model, opt)
+            for _ in range(3):
+                wrapper.step(closure)
+            out = []
+        return out + list(model.state_dict().values())
+
+    used = _spy(monkeypatch)
+    direct = run(True)
+    assert used and all(used)
+    monkeypatch.undo()
+    with_mode = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(direct, with_mode, strict=True))
+    assert not any("forward" in vars(m) for m in standard_model().modules())
+
+
+@pytest.mark.parametrize("case", ["custom", "hook", "subclass", "linear", "inspect", "other_leaf"])
+def test_the_mode_where_the_model_has_anything_else(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    used = _spy(monkeypatch)
+    x = torch.randn(4, 1, 10, 10)
+    model = standard_model()
+    linear = False
+    if case == "custom":
+        model = Custom()
+    elif case == "hook":
+        model[1].register_forward_hook(lambda m, a, out: torch.tanh(out))
+    elif case == "subclass":
+        class Tanh2(nn.Tanh):
+            def forward(self, input: torch.Tensor) -> torch.Tensor:
+                return F.relu(input)
+
+        model[8][1] = Tanh2()
+    elif case == "linear":
+        linear = True
+    elif case == "other_leaf":
+        model[8].append(nn.Hardswish())  # an activation module outside the direct table
+    if case == "inspect":  # inspect lists every pointwise call: always through the mode
+        report = ttadapt.inspect(model, x)
+        assert used and not any(used)
+        assert sum(c.averaged for c in report.calls) == 9
+        return
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    ttadapt.averaged_grad(model, lambda: model(x).sum(), other, linear=linear)
+    assert used and not any(used)
+    if case == "custom":  # the functional ReLU outside the body is a site: the mode sees it
+        calls = ttadapt.inspect(model, x).calls
+        assert any(c.call == "relu" and c.averaged and c.module == "" for c in calls)
