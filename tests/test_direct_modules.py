@@ -81,7 +81,7 @@ def test_same_bits_with_and_without_the_mode(what: str, monkeypatch: pytest.Monk
     assert not any("forward" in vars(m) for m in standard_model().modules())
 
 
-@pytest.mark.parametrize("case", ["custom", "hook", "subclass", "linear", "inspect", "other_leaf"])
+@pytest.mark.parametrize("case", ["custom", "hook", "subclass", "linear", "inspect", "other_leaf", "module_site"])
 def test_the_mode_where_the_model_has_anything_else(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     used = _spy(monkeypatch)
     x = torch.randn(4, 1, 10, 10)
@@ -101,6 +101,9 @@ def test_the_mode_where_the_model_has_anything_else(case: str, monkeypatch: pyte
         linear = True
     elif case == "other_leaf":
         model[8].append(nn.Hardswish())  # an activation module outside the direct table
+    elif case == "module_site":  # a standard class registered as a whole-module site
+        monkeypatch.setattr(ttadapt.activations, "_MODULE_ACTIVATIONS", dict(ttadapt.activations._MODULE_ACTIVATIONS))
+        ttadapt.register_module_activation("sigmoid_module", nn.Sigmoid)  # (into the copy: undone with it)
     if case == "inspect":  # inspect lists every pointwise call: always through the mode
         report = ttadapt.inspect(model, x)
         assert used and not any(used)

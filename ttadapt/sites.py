@@ -332,7 +332,8 @@ class SiteSession:
         plan = []
         for path, module in layout.modules:
             cls = type(module)
-            if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__ \
+                    or lookup_module(module) is not None:  # (a class registered as a whole-module site)
                 return None
             if cls.forward in _CONTAINER_FORWARDS or cls in _PLAIN_LEAVES:
                 continue
