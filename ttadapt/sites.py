@@ -78,6 +78,7 @@ _PLAIN_LEAVES = frozenset({
     nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
 })
 _CONTAINER_FORWARDS = frozenset({nn.Sequential.forward})
+_DIRECT_BY_FORWARD = {cls.forward: call for cls, call in _DIRECT_ACTIVATIONS.items()}  # (subclasses keep forward)
 _AFFINE: dict[Any, str] = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 
 
@@ -337,7 +338,7 @@ class SiteSession:
                 return None
             if cls.forward in _CONTAINER_FORWARDS or cls in _PLAIN_LEAVES:
                 continue
-            call = next((c for k, c in _DIRECT_ACTIVATIONS.items() if cls.forward is k.forward), None)
+            call = _DIRECT_BY_FORWARD.get(cls.forward)
             if call is not None:
                 plan.append((module, self._direct_site(module, call)))
             elif cls.forward is nn.MaxPool2d.forward:
@@ -349,9 +350,10 @@ class SiteSession:
         return [(module, False, None) for module, _ in plan]
 
     def _direct_site(self, module: nn.Module, call: Callable) -> Callable:
+        hit = lookup_call(call(module, None)[0])  # (the function is the class's: looked up once per pass)
+
         def site_forward(input: Tensor) -> Tensor:
             func, args, kwargs = call(module, input)
-            hit = lookup_call(func)
             if hit is None or self.opaque:
                 return func(*args, **kwargs)
             return self._on_activation(func, hit[0], hit[1], args, kwargs)
