@@ -115,3 +115,31 @@ def test_the_mode_where_the_model_has_anything_else(case: str, monkeypatch: pyte
     if case == "custom":  # the functional ReLU outside the body is a site: the mode sees it
         calls = ttadapt.inspect(model, x).calls
         assert any(c.call == "relu" and c.averaged and c.module == "" for c in calls)
+
+
+def test_the_plan_follows_the_registry_and_hooks_within_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct plan is worked out once per layout (both passes of a step share one), but a
+    class registered as a whole-module site, or unregistered, or a hook added in between, is
+    seen by the next pass of the same layout; patched forwards never outlive a pass."""
+    from ttadapt.sites import SiteSession, _direct_plan
+    from ttadapt.states import ModelLayout
+
+    model = standard_model()
+    layout = ModelLayout(model)
+    session = SiteSession()
+    assert _direct_plan(layout) is not None and _direct_plan(layout) is layout.memo["direct plan"]
+    assert session._direct_modules(layout) is not None
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+    monkeypatch.setattr(ttadapt.activations, "_MODULE_ACTIVATIONS", dict(ttadapt.activations._MODULE_ACTIVATIONS))
+    ttadapt.register_module_activation("sigmoid_module", nn.Sigmoid)
+    assert _direct_plan(layout) is None and session._direct_modules(layout) is None
+    ttadapt.unregister_activation(nn.Sigmoid)
+    assert _direct_plan(layout) is not None
+    handle = model[1].register_forward_pre_hook(lambda m, a: None)
+    assert session._direct_modules(layout) is None
+    handle.remove()
+    x = torch.randn(2, 1, 10, 10)
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    ttadapt.averaged_grad(model, lambda: model(x).sum(), other)
+    assert not any("forward" in vars(m) for m in model.modules())

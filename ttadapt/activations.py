@@ -185,6 +185,7 @@ def _func_name(func: Callable) -> str:
 _ACTIVATIONS: dict[str, Activation] = {}
 _CALLS: dict[Any, tuple[Activation, CallForm]] = {}
 _MODULE_ACTIVATIONS: dict[type, ModuleActivation] = {}
+_GENERATION = 0  # bumped by every change to _CALLS or _MODULE_ACTIVATIONS (see registry_version)
 _TENSOR_METHODS: set = set()
 
 
@@ -233,9 +234,11 @@ def register_activation(
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
+    global _GENERATION
     _ACTIVATIONS[name] = act
     for form in forms:
         _CALLS[form.func] = (act, form)
+    _GENERATION += 1
     return act
 
 
@@ -248,8 +251,10 @@ def register_module_activation(
     """Register a module class whose every call is one activation site (see module docstring)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_module_activation needs an nn.Module subclass, got {cls!r}")
+    global _GENERATION
     entry = ModuleActivation(name, cls, deriv, kinks or (lambda module: ()))
     _MODULE_ACTIVATIONS[cls] = entry
+    _GENERATION += 1
     return entry
 
 
@@ -276,15 +281,18 @@ def _clamp_checked_secant(lo: float, hi: float) -> Callable[[Tensor, Tensor, Ten
 def unregister_activation(name_or_cls: str | type) -> None:
     """Remove an activation added by :func:`register_activation` (by name) or
     :func:`register_module_activation` (by class)."""
+    global _GENERATION
     if isinstance(name_or_cls, type):
         if _MODULE_ACTIVATIONS.pop(name_or_cls, None) is None:
             raise KeyError(f"{name_or_cls.__qualname__} is not a registered activation module")
+        _GENERATION += 1
         return
     act = _ACTIVATIONS.pop(name_or_cls, None)
     if act is None:
         raise KeyError(f"no activation named {name_or_cls!r}")
     for form in act.forms:
         _CALLS.pop(form.func, None)
+    _GENERATION += 1
 
 
 def registered_activations() -> dict[str, Activation]:
@@ -305,6 +313,15 @@ def lookup_call(func: Any) -> tuple[Activation, CallForm] | None:
         return _CALLS.get(func)
     except TypeError:  # unhashable callable
         return None
+
+
+def registry_version() -> tuple[int, int, int]:
+    """Changes whenever the registries of calls and module classes do: what a result worked out
+    from them may be cached under (the tables' identities too, for code that swaps a table). Registers the
+    transformers classes first once transformers is imported, as :func:`lookup_module` does."""
+    if not _TRANSFORMERS_DONE and "transformers" in sys.modules:
+        _ensure_transformers(import_it=False)
+    return id(_CALLS), id(_MODULE_ACTIVATIONS), _GENERATION
 
 
 def lookup_module(module: nn.Module) -> ModuleActivation | None:

@@ -39,10 +39,12 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 from torch.overrides import TorchFunctionMode
 
 from . import kernels, secant
-from .activations import UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module
+from .activations import (UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module,
+                          registry_version)
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
@@ -213,10 +215,8 @@ class _Mode(TorchFunctionMode):
 
 def _global_hooks() -> bool:
     """Whether global module hooks are registered (they may call anything: the mode must see it)."""
-    from torch.nn.modules import module as _module
-
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
-                or getattr(_module, "_global_forward_hooks_always_called", None))
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+                or getattr(_nn_module, "_global_forward_hooks_always_called", None))
 
 
 def _hashable(func: Any) -> bool:
@@ -225,6 +225,36 @@ def _hashable(func: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _direct_plan(layout: ModelLayout) -> list[tuple[nn.Module, Callable | None, Any]] | None:
+    """The activation modules (with their call and its registered activation) and
+    ``nn.MaxPool2d`` modules (call None) of a
+    model that :meth:`SiteSession._direct_modules` may run without the function mode, or None
+    where a module of another kind (or one registered as a whole-module site) is in it. By class
+    only: worked out once per layout (both passes of a step share one) and registry."""
+    key = registry_version()
+    memo = layout.memo
+    if memo.get("direct plan key") == key:
+        return memo["direct plan"]  # type: ignore[return-value]
+    plan: list[tuple[nn.Module, Callable | None, Any]] | None = []
+    for path, module in layout.modules:
+        cls = type(module)
+        if lookup_module(module) is not None:  # (a class registered as a whole-module site)
+            plan = None
+            break
+        if cls.forward in _CONTAINER_FORWARDS or cls in _PLAIN_LEAVES:
+            continue
+        call = _DIRECT_BY_FORWARD.get(cls.forward)
+        if call is not None:
+            plan.append((module, call, lookup_call(call(module, None)[0])))
+        elif cls.forward is nn.MaxPool2d.forward:
+            plan.append((module, None, None))
+        else:
+            plan = None
+            break
+    memo["direct plan key"], memo["direct plan"] = key, plan
+    return plan
 
 
 class SiteSession:
@@ -281,9 +311,9 @@ class SiteSession:
                 h.remove()
             for module, had, old in reversed(patched):
                 if had:
-                    module.forward = old
+                    module.__dict__["forward"] = old
                 else:
-                    del module.forward
+                    module.__dict__.pop("forward", None)
             self._stack.clear()
             self._by_storage.clear()
             self._unkeyed.clear()
@@ -330,28 +360,20 @@ class SiteSession:
         model several µs. None where anything else is in the model (the mode sees every call)."""
         if self.phase == "inspect" or self.linear or self.track_modules or _global_hooks():
             return None
-        plan = []
-        for path, module in layout.modules:
-            cls = type(module)
-            if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__ \
-                    or lookup_module(module) is not None:  # (a class registered as a whole-module site)
+        plan = _direct_plan(layout)
+        if plan is None:
+            return None
+        for path, module in layout.modules:  # (hooks and instance forwards may come and go between passes)
+            d = module.__dict__
+            if d["_forward_hooks"] or d["_forward_pre_hooks"] or "forward" in d:
                 return None
-            if cls.forward in _CONTAINER_FORWARDS or cls in _PLAIN_LEAVES:
-                continue
-            call = _DIRECT_BY_FORWARD.get(cls.forward)
-            if call is not None:
-                plan.append((module, self._direct_site(module, call)))
-            elif cls.forward is nn.MaxPool2d.forward:
-                plan.append((module, self._direct_pool(module)))
-            else:
-                return None
-        for module, forward in plan:
-            module.forward = forward
-        return [(module, False, None) for module, _ in plan]
+        for module, call, hit in plan:
+            # (the instance dict directly: what nn.Module.__setattr__ does for a plain attribute,
+            # without its checks, which cost µs per module and pass)
+            module.__dict__["forward"] = self._direct_pool(module) if call is None else self._direct_site(module, call, hit)
+        return [(module, False, None) for module, _, _ in plan]
 
-    def _direct_site(self, module: nn.Module, call: Callable) -> Callable:
-        hit = lookup_call(call(module, None)[0])  # (the function is the class's: looked up once per pass)
-
+    def _direct_site(self, module: nn.Module, call: Callable, hit: Any) -> Callable:
         def site_forward(input: Tensor) -> Tensor:
             func, args, kwargs = call(module, input)
             if hit is None or self.opaque:

@@ -33,6 +33,7 @@ class ModelLayout:
         self.buffers: dict[str, Tensor] = {}
         self.buffer_slots: list[tuple[nn.Module, str, str]] = []
         self.modules: list[tuple[str, nn.Module]] = []
+        self.memo: dict[str, object] = {}  # what engine parts derive from this walk (see sites._direct_plan)
         seen_params: dict[int, str] = {}
         seen_buffers: dict[int, str] = {}
         seen_modules: set[int] = set()
@@ -105,9 +106,12 @@ def resolve_state(model: nn.Module | ModelLayout, state: Mapping[str, Tensor] | 
             if value.is_floating_point() != p.is_floating_point() or value.is_complex() != p.is_complex():
                 raise ValueError(f"`{what}[{key!r}]` has dtype {value.dtype}, the parameter has {p.dtype}")
             value = value.to(device=p.device, dtype=p.dtype)
-        given[name] = value.detach()
-    full = {name: given[name] if name in given else p.detach() for name, p in params.items()}
-    return full
+        # (a plain tensor outside any graph is used as it is: detach() would only make another
+        # tensor object on the same memory, a µs per parameter and step)
+        given[name] = value if type(value) is Tensor and not value.requires_grad else value.detach()
+    if len(given) == len(params) and list(given) == list(params):
+        return given
+    return {name: given[name] if name in given else p.detach() for name, p in params.items()}
 
 
 @contextlib.contextmanager
