@@ -742,11 +742,13 @@ def test_ag2_swapping_state_equals_copying_it(opt_name, monkeypatch):
     """AG-2's dry step from the state before the forecast: swapping the snapshot's state objects
     in (torch.optim / pytorch-optimizer) gives, bit for bit, the trajectory and optimizer state
     of restoring it by copies (an optimizer class ttadapt does not know). Both run the real
-    dry step (Adam's closed forms, tests/test_closed_form.py, are switched off)."""
+    dry step (Adam's and SOAP's closed forms, tests/test_closed_form.py and
+    tests/test_soap_step.py, are switched off)."""
     import ttadapt.optim.forward_looking as forward_looking
     from ttadapt.optim.snapshot import swappable
 
     monkeypatch.setattr(forward_looking, "dry_direction", lambda *args: None)
+    monkeypatch.setattr(forward_looking, "soap_dry_step", lambda *args: None)
     monkeypatch.setattr(forward_looking, "fused_forecast", lambda *args: None)
 
     data = batches("relu_bn_cnn", 6)

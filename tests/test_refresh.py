@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttadapt
+import ttadapt.optim.forward_looking as forward_looking
 import ttadapt.optim.refresh as refresh
 
 
@@ -36,7 +37,9 @@ def _tensors(x):
 
 
 def _run(make_opt, steps: int, monkeypatch: pytest.MonkeyPatch, skip: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """Parameters and optimizer-state tensors after ``steps`` AG-2 steps, and how many refreshes ran."""
+    """Parameters and optimizer-state tensors after ``steps`` AG-2 steps, and how many refreshes
+    ran, with AG-2's real dry step (SOAP's closed form of it, tests/test_soap_step.py, off)."""
+    monkeypatch.setattr(forward_looking, "soap_dry_step", lambda *args: None)
     if not skip:
         monkeypatch.setattr(refresh, "_REFRESH_METHODS", {})
     model = _model()

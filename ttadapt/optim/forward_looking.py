@@ -13,8 +13,11 @@ Each step, on one batch:
 4. AG-1: θ ← θ − |θ′ − θ| ⊙ sign(G′) — the forecast's per-coordinate magnitude, the averaged
    gradient's direction;
    AG-2: a dry run of the base optimizer from the state *before* step 2 with G′ gives θ″ (then
-   discarded; SOAP's preconditioner refresh, which θ″ does not depend on, is skipped there when
-   step 2 showed that: :mod:`ttadapt.optim.refresh`); θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁.
+   discarded): for torch's Adam/AdamW/RMSprop and pytorch-optimizer's SOAP computed from that
+   state without running ``step()`` (:mod:`ttadapt.optim.closed_form`,
+   :mod:`ttadapt.optim.soap_step`); otherwise the real ``step()``, in which SOAP's
+   preconditioner refresh, which θ″ does not depend on, is skipped when step 2 showed that
+   (:mod:`ttadapt.optim.refresh`); θ ← θ + (θ″ − θ)·‖θ′ − θ‖₁/‖θ″ − θ‖₁.
 
 Cost: 2·T_fwd + 2·T_bwd + 2·T_opt (the graph of step 1 is differentiated twice, see
 :class:`ttadapt.averaged.DeferredAverage`). ``linear=True`` uses the Linear variant in step 3;
@@ -37,6 +40,7 @@ from ..states import ModelLayout, evaluated_at, fork_rng
 from .base import Closure, OptimizerWrapper, all_finite
 from .closed_form import FusedForecast, SpareState, dry_direction, fused_forecast
 from .refresh import RefreshProbe, skipped_refresh
+from .soap_step import soap_dry_step
 from .snapshot import OptimizerSnapshot, SwappedState, swappable
 
 __all__ = ["AG1", "AG2"]
@@ -201,10 +205,11 @@ class _ForwardLooking(OptimizerWrapper):
         False (nothing committed, ``before`` unspent) where G′ is not finite.
 
         For torch's Adam, AdamW and RMSprop on the CPU, θ″ − θ and both L1 lengths come from
-        one fused pass that only reads the saved state (:mod:`ttadapt.optim.closed_form`);
-        otherwise the base optimizer's real ``step()`` runs from the state before the forecast
-        and is undone, and the L1 lengths and the rescaled step are one fused pass per tensor
-        each where :mod:`ttadapt.kernels` applies."""
+        one fused pass that only reads the saved state (:mod:`ttadapt.optim.closed_form`); for
+        pytorch-optimizer's SOAP, θ″ comes from batched tensor operations that only read the
+        snapshot (:mod:`ttadapt.optim.soap_step`); otherwise the base optimizer's real
+        ``step()`` runs from the state before the forecast and is undone. The L1 lengths and the
+        rescaled step are one fused pass per tensor each where :mod:`ttadapt.kernels` applies."""
         lengths = dry_direction(self.optimizer, before, params, theta, averaged)  # p ← θ″ − θ, fused
         if lengths is not None:
             if not (math.isfinite(lengths[0]) and math.isfinite(lengths[1])):
@@ -214,6 +219,19 @@ class _ForwardLooking(OptimizerWrapper):
         if not all_finite(*(averaged[n] for n in params)):
             return False
         forecast_l1, _ = _l1_lengths(params, theta)  # p is overwritten next
+        new = soap_dry_step(self.optimizer, before, params, theta, averaged)  # SOAP's, batched: soap_step.py
+        if new is not None:
+            torch._foreach_copy_(list(params.values()), list(new.values()))
+        else:
+            self._real_dry_step(params, theta, averaged, before, spares)
+        length, differenced = _l1_lengths(params, theta)  # ‖θ″ − θ‖₁
+        self._ag2_commit(params, theta, forecast_l1, length, differenced)
+        return True
+
+    def _real_dry_step(self, params: dict[str, Tensor], theta: dict[str, Tensor], averaged: dict[str, Tensor],
+                       before: OptimizerSnapshot | FusedForecast, spares: list[OptimizerSnapshot]) -> None:
+        """p ← θ″ by the base optimizer's real ``step()`` from the state before the forecast,
+        the committed state put back afterwards."""
         if isinstance(before, OptimizerSnapshot) and swappable(self.optimizer):
             # run the dry step on the snapshot's own tensors (spent afterwards) while the
             # committed state objects wait aside: no state copied at all
@@ -230,9 +248,6 @@ class _ForwardLooking(OptimizerWrapper):
             committed.put_back()
         else:
             committed.restore()
-        length, differenced = _l1_lengths(params, theta)  # ‖θ″ − θ‖₁
-        self._ag2_commit(params, theta, forecast_l1, length, differenced)
-        return True
 
     def _ag2_commit(self, params: dict[str, Tensor], theta: dict[str, Tensor], forecast_l1: float, length: float,
                     differenced: set[str]) -> None:
