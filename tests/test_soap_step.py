@@ -17,6 +17,9 @@ import ttadapt.optim.forward_looking as forward_looking
 import ttadapt.optim.soap_step as soap_step
 from ttadapt.optim.snapshot import OptimizerSnapshot
 
+from test_optim import state_equal  # (the other tests' helpers, imported as oracles.py is)
+from test_refresh import _tensors
+
 pytest.importorskip("pytorch_optimizer")
 
 
@@ -78,16 +81,6 @@ def test_closed_form_is_soaps_step(config: str) -> None:
     assert soap_step.agrees(new, ours, theta)
     if _batched_products_round_alike() and config != "normalized":
         assert all(torch.equal(new[n], p.detach()) for n, p in ours.items())
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
 
 
 def test_a_wrong_formula_is_caught() -> None:
@@ -173,7 +166,7 @@ def test_ag2_with_soap_follows_the_real_dry_step(monkeypatch: pytest.MonkeyPatch
     (l1, p1, s1), (l2, p2, s2) = runs
     assert l1 == l2
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
-    assert _state_equal(s1, s2)
+    assert state_equal(s1, s2)
 
 
 def test_a_non_finite_averaged_gradient_leaves_everything(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,17 +194,7 @@ def test_a_non_finite_averaged_gradient_leaves_everything(monkeypatch: pytest.Mo
         wrapper.step(lambda: F.cross_entropy(model(x), y))
     assert wrapper.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    assert _state_equal(opt.state_dict(), state)
-
-
-def _state_equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
-    return a == b
+    assert state_equal(opt.state_dict(), state)
 
 
 def test_a_library_whose_step_differs_keeps_the_real_dry_step(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,6 +224,7 @@ def register_activation(
     and so is ``g ⊙`` secant, its default ``grad_secant``); ``secant`` / ``vjp`` /
     ``grad_secant``: see :class:`Activation`.
     """
+    global _GENERATION
     forms = tuple(forms)
     if grad_secant is None and clamp is not None:
         grad_secant = _clamp_grad_secant(clamp)
@@ -234,7 +235,6 @@ def register_activation(
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
-    global _GENERATION
     _ACTIVATIONS[name] = act
     for form in forms:
         _CALLS[form.func] = (act, form)
@@ -249,9 +249,9 @@ def register_module_activation(
     kinks: Callable[[nn.Module], tuple[float, ...]] | None = None,
 ) -> ModuleActivation:
     """Register a module class whose every call is one activation site (see module docstring)."""
+    global _GENERATION
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_module_activation needs an nn.Module subclass, got {cls!r}")
-    global _GENERATION
     entry = ModuleActivation(name, cls, deriv, kinks or (lambda module: ()))
     _MODULE_ACTIVATIONS[cls] = entry
     _GENERATION += 1
@@ -317,8 +317,9 @@ def lookup_call(func: Any) -> tuple[Activation, CallForm] | None:
 
 def registry_version() -> tuple[int, int, int]:
     """Changes whenever the registries of calls and module classes do: what a result worked out
-    from them may be cached under (the tables' identities too, for code that swaps a table). Registers the
-    transformers classes first once transformers is imported, as :func:`lookup_module` does."""
+    from them may be cached under (the tables' identities too, for code that swaps a table).
+    Registers the transformers classes first once transformers is imported, as
+    :func:`lookup_module` does."""
     if not _TRANSFORMERS_DONE and "transformers" in sys.modules:
         _ensure_transformers(import_it=False)
     return id(_CALLS), id(_MODULE_ACTIVATIONS), _GENERATION

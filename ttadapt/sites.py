@@ -229,10 +229,10 @@ def _hashable(func: Any) -> bool:
 
 def _direct_plan(layout: ModelLayout) -> list[tuple[nn.Module, Callable | None, Any]] | None:
     """The activation modules (with their call and its registered activation) and
-    ``nn.MaxPool2d`` modules (call None) of a
-    model that :meth:`SiteSession._direct_modules` may run without the function mode, or None
-    where a module of another kind (or one registered as a whole-module site) is in it. By class
-    only: worked out once per layout (both passes of a step share one) and registry."""
+    ``nn.MaxPool2d`` modules (call None) of a model that :meth:`SiteSession._direct_modules` may
+    run without the function mode, or None where a module of another kind (or one registered as
+    a whole-module site) is in it. By class only: worked out once per layout (both passes of a
+    step share one) and registry version; hooks are the caller's to check on every pass."""
     key = registry_version()
     memo = layout.memo
     if memo.get("direct plan key") == key:
@@ -365,7 +365,7 @@ class SiteSession:
             return None
         for path, module in layout.modules:  # (hooks and instance forwards may come and go between passes)
             d = module.__dict__
-            if d["_forward_hooks"] or d["_forward_pre_hooks"] or "forward" in d:
+            if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or "forward" in d:
                 return None
         for module, call, hit in plan:
             # (the instance dict directly: what nn.Module.__setattr__ does for a plain attribute,

@@ -54,7 +54,7 @@ __all__ = ["soap_dry_step", "agrees"]
 
 _OPTIONS = {"lr", "betas", "shampoo_beta", "weight_decay", "precondition_frequency", "max_precondition_dim", "merge_dims",
             "precondition_1d", "correct_bias", "normalize_gradient", "eps"}
-_GROUP_KEYS = _OPTIONS | {"params", "step"}
+_GROUP_KEYS = _OPTIONS | {"step"}  # a snapshot's group: the settings and the step count, not the parameters
 _CHECKED: dict[tuple, bool] = {}  # (class, settings that select a code path) -> whether the formula held
 
 
@@ -80,7 +80,7 @@ def soap_dry_step(optimizer: Any, before: Any, params: dict[str, Tensor], theta:
     names = {id(p): n for n, p in params.items()}
     out: dict[str, Tensor] = {}
     for group, settings in zip(optimizer.param_groups, saved_groups):
-        if not set(settings) <= _GROUP_KEYS or settings.get("merge_dims") or not isinstance(settings.get("step"), int):
+        if set(settings) != _GROUP_KEYS or settings["merge_dims"] or not isinstance(settings["step"], int):
             return None
         k = settings["step"]  # the dry step is the group's step k + 1; SOAP's formulas use k
         if k < 1 or (check and not _formula_holds(type(optimizer), settings)):  # (step 1 only builds the preconditioner)
@@ -105,6 +105,8 @@ def soap_dry_step(optimizer: Any, before: Any, params: dict[str, Tensor], theta:
             state = saved_state.get(p)
             q = state.get("Q") if state else None
             if not (isinstance(q, list) and isinstance(state.get("exp_avg"), Tensor) and isinstance(state.get("exp_avg_sq"), Tensor)):
+                return None
+            if not (grad.dtype is theta[name].dtype is state["exp_avg"].dtype):  # (the library's type promotions: not ours)
                 return None
             if grad.dim() == 2 and len(q) == 2 and all(isinstance(m, Tensor) for m in q):
                 batches.setdefault(("matrix", grad.shape, grad.dtype, grad.device), []).append((name, grad, state))
