@@ -83,6 +83,32 @@ def test_closed_form_is_soaps_step(config: str) -> None:
         assert all(torch.equal(new[n], p.detach()) for n, p in ours.items())
 
 
+def test_groups_with_their_own_settings_and_odd_shapes() -> None:
+    """Two parameter groups (learning rate and weight decay of their own), a 0-d parameter, a
+    3-D one and a matrix over ``max_precond_dim``: θ″ as the library's step (bit for bit where
+    batched products round alike)."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"scalar": (), "cube": (3, 4, 2), "big": (20, 30), "m1": (5, 5), "v": (5,), "m2": (5, 5), "m3": (5, 5)}
+    params = {n: nn.Parameter(torch.randn(s, generator=gen)) for n, s in shapes.items()}
+    first = ["scalar", "cube", "big", "m1", "v"]
+    opt = ttadapt.SOAP([{"params": [params[n] for n in first], "lr": 1e-2, "weight_decay": 0.1},
+                        {"params": [params[n] for n in shapes if n not in first], "lr": 3e-3, "weight_decay": 0.0}],
+                       max_precond_dim=16)
+    for _ in range(11):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    new = soap_step.soap_dry_step(opt, OptimizerSnapshot(opt), params, theta, grads)
+    for n, p in params.items():
+        p.grad = grads[n]
+    opt.step()
+    assert new is not None and soap_step.agrees(new, params, theta)
+    if _batched_products_round_alike():
+        assert all(torch.equal(new[n], p.detach()) for n, p in params.items())
+
+
 def test_a_wrong_formula_is_caught() -> None:
     """``agrees`` is the check the closed form must pass: θ″ off by 1 % of the step in one
     tensor fails it."""
