@@ -52,6 +52,26 @@ def _batched_products_round_alike() -> bool:
     return torch.equal(per, torch.bmm(torch.bmm(x.mT, qs).mT, qs))
 
 
+def _warm(opt, params: dict[str, nn.Parameter], gen: torch.Generator, steps: int) -> None:
+    """``steps`` real steps of ``opt`` with random gradients (every eigendirection reached)."""
+    for _ in range(steps):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def _dry_then_real(opt, params: dict[str, nn.Parameter], gen: torch.Generator) -> tuple[dict, dict]:
+    """θ″ by ``soap_dry_step`` from a snapshot with random gradients, then the library's real
+    step with the same gradients (the parameters then hold its θ″); returns (θ″ ours, θ)."""
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    new = soap_step.soap_dry_step(opt, OptimizerSnapshot(opt), params, theta, grads)
+    for n, p in params.items():
+        p.grad = grads[n]
+    opt.step()
+    return new, theta
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_closed_form_is_soaps_step(config: str) -> None:
     """θ″ from the snapshot against the library's real step from the same state, twelve steps
@@ -62,10 +82,7 @@ def test_closed_form_is_soaps_step(config: str) -> None:
     gen = torch.Generator().manual_seed(3)
     params = _params(gen)
     opt = ttadapt.SOAP(list(params.values()), lr=3e-3, **CONFIGS[config])
-    for _ in range(12):
-        for p in params.values():
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
+    _warm(opt, params, gen, 12)
     grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items() if n != "no_grad"}
     theta = {n: p.detach().clone() for n, p in params.items()}
     before = OptimizerSnapshot(opt)
@@ -94,16 +111,8 @@ def test_groups_with_their_own_settings_and_odd_shapes() -> None:
     opt = ttadapt.SOAP([{"params": [params[n] for n in first], "lr": 1e-2, "weight_decay": 0.1},
                         {"params": [params[n] for n in shapes if n not in first], "lr": 3e-3, "weight_decay": 0.0}],
                        max_precond_dim=16)
-    for _ in range(11):
-        for p in params.values():
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
-    theta = {n: p.detach().clone() for n, p in params.items()}
-    new = soap_step.soap_dry_step(opt, OptimizerSnapshot(opt), params, theta, grads)
-    for n, p in params.items():
-        p.grad = grads[n]
-    opt.step()
+    _warm(opt, params, gen, 11)
+    new, theta = _dry_then_real(opt, params, gen)
     assert new is not None and soap_step.agrees(new, params, theta)
     if _batched_products_round_alike():
         assert all(torch.equal(new[n], p.detach()) for n, p in params.items())
@@ -115,16 +124,8 @@ def test_a_wrong_formula_is_caught() -> None:
     gen = torch.Generator().manual_seed(4)
     params = _params(gen)
     opt = ttadapt.SOAP(list(params.values()), lr=3e-3)
-    for _ in range(3):
-        for p in params.values():
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    theta = {n: p.detach().clone() for n, p in params.items()}
-    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
-    new = soap_step.soap_dry_step(opt, OptimizerSnapshot(opt), params, theta, grads)
-    for n, p in params.items():
-        p.grad = grads[n]
-    opt.step()
+    _warm(opt, params, gen, 3)
+    new, theta = _dry_then_real(opt, params, gen)
     assert soap_step.agrees(new, params, theta)
     new["d"] = theta["d"] + (new["d"] - theta["d"]) * 1.01
     assert not soap_step.agrees(new, params, theta)
