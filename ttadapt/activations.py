@@ -128,6 +128,11 @@ class Activation:
     # may be None): the small sites of a pass at the graph state, where the general route's
     # checks and layers cost more than the arithmetic
     checked_secant: Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], None] | None = None
+    # record_forward(u, **settings) -> f(u) or None: a faster f for the no-graph pass at the
+    # other state (new memory, within a few ulps of ``fn``; that pass's outputs feed only the
+    # other state's own pre-activations, never the model's output or a graph), None where it
+    # does not apply; the call itself runs then
+    record_forward: Callable[..., Tensor | None] | None = None
 
     def exact(self, settings: dict[str, Any]) -> tuple[float, float] | bool:
         """How the secant of one call may be formed exactly: the clamp bounds ``(lo, hi)`` of a
@@ -205,6 +210,7 @@ def register_activation(
     grad_secant: Callable[..., Tensor | None] | None = None,
     secant_forms_fb: Callable[[Tensor], bool] | None = None,
     checked_secant: Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], None] | None = None,
+    record_forward: Callable[..., Tensor | None] | None = None,
 ) -> Activation:
     """Register an elementwise activation and the callables that compute it.
 
@@ -222,7 +228,8 @@ def register_activation(
     ``clamp``: it is ``min(max(u, lo), hi)`` with ``(lo, hi) = clamp(**settings)`` (implies
     ``exact_secant``; on the CPU its secant is then one fused pass, see :mod:`ttadapt.kernels`,
     and so is ``g ⊙`` secant, its default ``grad_secant``); ``secant`` / ``vjp`` /
-    ``grad_secant``: see :class:`Activation`.
+    ``grad_secant`` / ``secant_forms_fb`` / ``checked_secant`` / ``record_forward``: see
+    :class:`Activation`.
     """
     global _GENERATION
     forms = tuple(forms)
@@ -231,7 +238,8 @@ def register_activation(
     if checked_secant is None and clamp is not None and not (defaults or any(f.settings for f in forms)):
         checked_secant = _clamp_checked_secant(*clamp())
     act = Activation(name, fn, deriv, forms, dict(defaults or {}), kinks or (lambda **_: ()), parametric,
-                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant, secant_forms_fb, checked_secant)
+                     exact_secant or clamp is not None, secant, vjp, clamp, grad_secant, secant_forms_fb, checked_secant,
+                     record_forward)
     for form in forms:
         if form.func in _CALLS and _CALLS[form.func][0].name != name:
             raise ValueError(f"{_func_name(form.func)} is already registered as {_CALLS[form.func][0].name!r}")
@@ -521,6 +529,7 @@ register_activation(
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, False, u),
     grad_secant=lambda g, ua, fa, ub, fb, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0, out=out, grad=g),
     secant_forms_fb=kernels.fits,
+    record_forward=lambda u, alpha=1.0: kernels.exp_linear(u, alpha, 1.0, 1.0),
 )
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
@@ -535,6 +544,7 @@ register_activation(
     vjp=lambda g, u, y: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, u),
     grad_secant=lambda g, ua, fa, ub, fb, out: kernels.exp_linear_secant(ua, ub, _SELU_ALPHA, _SELU_SCALE, 1.0, out=out, grad=g),
     secant_forms_fb=kernels.fits,
+    record_forward=lambda u: kernels.exp_linear(u, _SELU_ALPHA, _SELU_SCALE, 1.0),
 )
 register_activation(
     "celu",
@@ -548,6 +558,7 @@ register_activation(
     vjp=lambda g, u, y, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, u),
     grad_secant=lambda g, ua, fa, ub, fb, out, alpha=1.0: kernels.exp_linear_secant(ua, ub, alpha, 1.0, 1.0 / alpha, out=out, grad=g),
     secant_forms_fb=kernels.fits,
+    record_forward=lambda u, alpha=1.0: kernels.exp_linear(u, alpha, 1.0, 1.0 / alpha),
 )
 register_activation(
     "gelu",

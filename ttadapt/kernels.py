@@ -10,6 +10,8 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   where the inputs tie;
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
   (:func:`ttadapt.activations._exp_linear_secant`), or ``g ⊙`` it;
+- :func:`exp_linear`: ELU / SELU / CELU themselves, for the pass at the other state (within an
+  ulp of a correctly rounded expm1; ATen's is Sleef's, several times slower on AVX2);
 - :func:`ag1_update` (:func:`ag1_update_many`: many tensors in one call):
   ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff`, :func:`ag2_rescale` and :func:`ag2_commit_many`: AG-2's step lengths and its
@@ -51,7 +53,7 @@ from torch import Tensor
 
 from .rare import _flat
 
-__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
+__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "exp_linear", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
            "adam_direction_many", "rmsprop_direction_many", "ag2_commit_many",
            "adam_forecast", "rmsprop_forecast"]
 
@@ -159,6 +161,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.ag1_update_many_f32.restype = ctypes.c_double
         lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I, _P, _N]
         lib.exp_linear_secant_f32.restype = ctypes.c_int64
+        lib.exp_linear_f32.argtypes = [_P, _P, _N, _F, _F, _F, _I]
+        lib.exp_linear_f32.restype = None
         lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
         lib.l1_diff_f32.restype = ctypes.c_double
         lib.l1_diff_many_f32.argtypes = [_N, _P, _P, _P, _I]
@@ -340,6 +344,24 @@ def exp_linear_secant(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa:
     ATen's) — or None where the kernel does not apply (also for κ ≤ 0 or non-finite settings)."""
     done = _exp_linear(ua, ub, alpha, scale, kappa, out, grad)
     return None if done is None else done[0]
+
+
+def exp_linear(u: Tensor, alpha: float, scale: float, kappa: float) -> Tensor | None:
+    """ELU / SELU / CELU of ``u`` (``scale·u`` where ``u ≥ 0``, else ``α·scale·expm1(κu)``,
+    as ``aten.elu`` forms it) in new memory, within a few float32 ulps of ATen's and several
+    times faster on the CPU — for the pass at the other state, whose outputs feed only that
+    state's own pre-activations — or None where the kernel does not apply (also for
+    non-finite settings or κ ≤ 0)."""
+    lib = _library()
+    if lib is None or not (kappa > 0 and math.isfinite(kappa) and math.isfinite(alpha) and math.isfinite(scale)):
+        return None
+    if not _dense(u):
+        return None
+    out = torch.empty_like(u)
+    # (ATen rounds α·scale in float32 too)
+    neg = ctypes.c_float(ctypes.c_float(alpha).value * ctypes.c_float(scale).value).value
+    lib.exp_linear_f32(u.data_ptr(), out.data_ptr(), u.numel(), neg, float(scale), float(kappa), torch.get_num_threads())
+    return out
 
 
 _MAX_TIES = 64
@@ -608,6 +630,10 @@ def _self_test() -> str | None:
         want = _exp_linear_secant_torch(ua, ub.clone(), True, None, False, alpha, scale, kappa)
         if not torch.allclose(got, want, rtol=2e-6, atol=1e-7, equal_nan=True):
             return "exp-linear secant"
+        got = exp_linear(ua, alpha, scale, kappa)
+        want = torch.ops.aten.elu(ua, alpha, scale, kappa)
+        if got is None or not torch.allclose(got, want, rtol=1e-6, atol=1e-30, equal_nan=True):
+            return "exp-linear forward"
     theta, p, grad = ua.nan_to_num(0.0), ub.nan_to_num(0.0, 0.0), torch.randn(1000, generator=g).relu_()
     want_p = theta - (p - theta).abs() * grad.sign()
     want_l1 = float((p - theta).abs().double().sum())

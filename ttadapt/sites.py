@@ -19,7 +19,10 @@ dispatch costs every call of the model several µs; :meth:`SiteSession._direct_m
   output in place later, the version counter shows it and f is recomputed) — for clamp-like
   activations not when ``"graph"`` slots are waiting (the deferred schedule, where they would
   raise the peak memory for one cheap pass), and not where the activation's secant does
-  without it (``Activation.secant_forms_fb``: the fused kernels of tanh and the ELU family);
+  without it (``Activation.secant_forms_fb``: the fused kernels of tanh and the ELU family).
+  An activation with a ``record_forward`` (the ELU family: a vectorised CPU kernel, several
+  times faster than ATen's, within a few ulps of it) computes its output there with that: this
+  pass's outputs feed nothing but the other state's own pre-activations;
 * ``"apply"`` — the pass at the graph state: each site is paired, in call order, with the
   recorded one (same name, shape, dtype — else :class:`SiteMismatchError`) and given the
   averaged backward of :mod:`ttadapt.secant` (a native product on small sites, an autograd
@@ -122,6 +125,9 @@ def _storage_key(t: Tensor) -> int:
 
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 # Reusing a kept tensor's memory saves an allocation; below this size that is not worth a check.
+# Sites at least this large take their activation's record_forward in the pass at `other`, if it
+# has one (below, the kernel call's fixed cost is more than the call it replaces saves)
+RECORD_FORWARD_MIN = 4096
 _OWN_MIN_BYTES = 1 << 16
 
 
@@ -501,7 +507,12 @@ class SiteSession:
                 self._before_inplace(u)
             weight = given.get("weight") if act.parametric else None
             self._keep(name, u, copy=inplace, weight=None if weight is None else weight.detach())
-            out = func(*args, **kwargs)
+            out = None
+            if act.record_forward is not None and not inplace and u.numel() >= RECORD_FORWARD_MIN and not (
+                    u.requires_grad and torch.is_grad_enabled()):
+                out = act.record_forward(u, **given) if given else act.record_forward(u)
+            if out is None:
+                out = func(*args, **kwargs)
             # f(ub): the secant need not recompute it. For clamp-like activations that is one cheap
             # pass, not worth holding their outputs while a "graph" pass's graph is alive (the
             # deferred schedule: slots waiting), where they would raise the peak memory; a secant
