@@ -273,6 +273,26 @@ def test_exp_linear_forward_kernel_against_float64(n, alpha, scale, kappa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+def test_tanh_forward_kernel_against_float64(n):
+    """The tanh forward kernel (the pass at `other`): within two float32 ulps of float64's tanh
+    rounded once, odd, ±1 at ±∞ and beyond 9, NaN kept."""
+    g = torch.Generator().manual_seed(n)
+    u = torch.randn(n, generator=g) * 10.0 ** torch.randint(-8, 2, (n,), generator=g).float()
+    edges = torch.tensor([0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1e-45, 0.5499, 0.55, 0.5501, 8.99, 9.01, -30.0])
+    u[: min(n, len(edges))] = edges[: min(n, len(edges))]
+    got = kernels.tanh(u)
+    assert got is not None
+    want = torch.tanh(u.double()).float()
+    assert torch.equal(got.isnan(), u.isnan())
+    ok = ~u.isnan()
+    assert float(_ulps(got[ok].abs(), want[ok].abs()).max()) <= 2.0
+    assert torch.equal(torch.signbit(got[ok]), torch.signbit(want[ok]))
+    assert torch.equal(kernels.tanh(-u[ok]), -got[ok]), "odd"
+    assert kernels.tanh(u.double()) is None
+
+
+@needs_kernels
 def test_exp_linear_forward_kernel_keeps_a_channels_last_layout():
     u = torch.randn(4, 6, 9, 9).to(memory_format=torch.channels_last)
     got = kernels.exp_linear(u, 1.0, 1.0, 1.0)

@@ -1,4 +1,4 @@
-"""The pass at `other` computes the ELU family's outputs with the vectorised CPU kernel
+"""The pass at `other` computes the ELU family's and tanh's outputs with vectorised CPU kernels
 (``Activation.record_forward``): it is taken where it applies, it changes the averaged
 gradient only at float32 rounding (checked against the same computation in float64 and against
 ATen's forward in that pass), and the model's own output at the current state is ATen's, bit
@@ -33,7 +33,10 @@ ACTIVATIONS = {
     "ELU alpha 0.7": lambda: Functional(lambda x: F.elu(x, 0.7)),
     "SELU": lambda: Functional(torch.selu),
     "CELU": lambda: nn.CELU(1.3),
+    "Tanh module": lambda: nn.Tanh(),
+    "torch.tanh": lambda: Functional(torch.tanh),
 }
+KERNEL = {"Tanh module": "tanh", "torch.tanh": "tanh"}  # the kernel of each (else exp_linear)
 
 
 def _model(act) -> nn.Sequential:
@@ -41,16 +44,17 @@ def _model(act) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, 6, 3), act(), nn.Conv2d(6, 4, 3), act(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _spy(monkeypatch: pytest.MonkeyPatch, kernel: str = "exp_linear") -> list[int]:
+    assert kernels.available()  # (loaded first: the self-test calls the kernels too)
     calls: list[int] = []
-    real = kernels.exp_linear
+    real = getattr(kernels, kernel)
 
     def spy(u, *args):
         out = real(u, *args)
         calls.append(u.numel() if out is not None else -1)
         return out
 
-    monkeypatch.setattr(kernels, "exp_linear", spy)
+    monkeypatch.setattr(kernels, kernel, spy)
     return calls
 
 
@@ -62,7 +66,7 @@ def test_kernel_in_the_pass_at_other_changes_only_rounding(name: str, monkeypatc
     torch.manual_seed(1)
     other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
     closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
-    calls = _spy(monkeypatch)
+    calls = _spy(monkeypatch, KERNEL.get(name, "exp_linear"))
 
     loss = ttadapt.averaged_backward(model, closure, other)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -333,6 +333,18 @@ static inline float exp_linear_slope(float a, float b, float alpha, float scale,
     return fill && q != q ? derivative : q;
 }
 
+/* tanh, for the pass at the other state only (as exp_linear_f32): tanh_f elementwise. */
+void tanh_f32(const float* x, float* out, int64_t n, int threads) {
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++)
+            out[i] = tanh_f(x[i]);
+    }
+}
+
 /* expm1(y) for y <= 0 (−1 at −inf; NaN is the caller's), vectorisable: with y = n·ln 2 + r
  * (exp_0_18's reduction, |r| ≤ 0.35), e^y − 1 = 2^n·expm1(r) + (2^n − 1), expm1(r) by its
  * Taylor series through r^8 (the rest is below 3e-9 of it) and the sum rounded once (fmaf):

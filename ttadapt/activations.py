@@ -665,6 +665,7 @@ register_activation(
     grad_secant=lambda g, ua, fa, ub, fb, out: None if fa is None else kernels.tanh_secant(ua, fa, ub, fb, out=out, grad=g),
     secant_forms_fb=kernels.fits,
     checked_secant=kernels.tanh_secant_checked,
+    record_forward=lambda u: kernels.tanh(u),
 )
 register_activation(
     "softplus",

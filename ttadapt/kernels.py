@@ -10,8 +10,9 @@ AG-1 update chain three to six of them on tensors that do not fit in cache. The 
   where the inputs tie;
 - :func:`exp_linear_secant`: the closed form of ELU, SELU and CELU
   (:func:`ttadapt.activations._exp_linear_secant`), or ``g ⊙`` it;
-- :func:`exp_linear`: ELU / SELU / CELU themselves, for the pass at the other state (within an
-  ulp of a correctly rounded expm1; ATen's is Sleef's, several times slower on AVX2);
+- :func:`exp_linear` and :func:`tanh`: ELU / SELU / CELU and tanh themselves, for the pass at
+  the other state (within one and two ulps of the correctly rounded value; 2.5 and 3 times as
+  fast as ATen's on AVX2);
 - :func:`ag1_update` (:func:`ag1_update_many`: many tensors in one call):
   ``θ ← θ − |θ′ − θ|·sign(G′)`` and ``Σ|θ′ − θ|`` (NaN for a non-finite G′);
 - :func:`l1_diff`, :func:`ag2_rescale` and :func:`ag2_commit_many`: AG-2's step lengths and its
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from .rare import _flat
 
-__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "exp_linear", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
+__all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "exp_linear", "tanh", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
            "adam_direction_many", "rmsprop_direction_many", "ag2_commit_many",
            "adam_forecast", "rmsprop_forecast"]
 
@@ -163,6 +164,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.exp_linear_secant_f32.restype = ctypes.c_int64
         lib.exp_linear_f32.argtypes = [_P, _P, _N, _F, _F, _F, _I]
         lib.exp_linear_f32.restype = None
+        lib.tanh_f32.argtypes = [_P, _P, _N, _I]
+        lib.tanh_f32.restype = None
         lib.l1_diff_f32.argtypes = [_P, _P, _N, _I]
         lib.l1_diff_f32.restype = ctypes.c_double
         lib.l1_diff_many_f32.argtypes = [_N, _P, _P, _P, _I]
@@ -361,6 +364,18 @@ def exp_linear(u: Tensor, alpha: float, scale: float, kappa: float) -> Tensor | 
     # (ATen rounds α·scale in float32 too)
     neg = ctypes.c_float(ctypes.c_float(alpha).value * ctypes.c_float(scale).value).value
     lib.exp_linear_f32(u.data_ptr(), out.data_ptr(), u.numel(), neg, float(scale), float(kappa), torch.get_num_threads())
+    return out
+
+
+def tanh(u: Tensor) -> Tensor | None:
+    """``torch.tanh(u)`` in new memory, within a few float32 ulps of it and several times faster
+    on the CPU — for the pass at the other state, as :func:`exp_linear` — or None where the
+    kernel does not apply."""
+    lib = _library()
+    if lib is None or not _dense(u):
+        return None
+    out = torch.empty_like(u)
+    lib.tanh_f32(u.data_ptr(), out.data_ptr(), u.numel(), torch.get_num_threads())
     return out
 
 
@@ -634,6 +649,9 @@ def _self_test() -> str | None:
         want = torch.ops.aten.elu(ua, alpha, scale, kappa)
         if got is None or not torch.allclose(got, want, rtol=1e-6, atol=1e-30, equal_nan=True):
             return "exp-linear forward"
+    got = tanh(ua)
+    if got is None or not torch.allclose(got, ua.tanh(), rtol=1e-6, atol=1e-30, equal_nan=True):
+        return "tanh forward"
     theta, p, grad = ua.nan_to_num(0.0), ub.nan_to_num(0.0, 0.0), torch.randn(1000, generator=g).relu_()
     want_p = theta - (p - theta).abs() * grad.sign()
     want_l1 = float((p - theta).abs().double().sum())
