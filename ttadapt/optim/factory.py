@@ -32,12 +32,17 @@ def SOAP(
     ``shampoo_beta < 0`` means "use β2", as in the reference. ``merge_dims`` stays ``False`` by
     default: pytorch-optimizer's merged-dims path fails on biases. Note that SOAP's first step
     only initialises its preconditioner and leaves the parameters unchanged.
+
+    The optimizer is the library's class with its step batched over like-shaped parameters, bit
+    for bit the library's (checked at run time; :mod:`ttadapt.optim.soap_batched`).
     """
     try:
-        from pytorch_optimizer import SOAP as _SOAP
+        import pytorch_optimizer  # noqa: F401
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise ImportError("SOAP needs the 'pytorch-optimizer' package: pip install 'pytorch-optimizer>=3.1'") from exc
-    return _SOAP(
+    from .soap_batched import batched_soap_class
+
+    return batched_soap_class()(
         params,
         lr=lr,
         betas=tuple(betas),

@@ -28,7 +28,10 @@ __all__ = ["RefreshProbe", "skipped_refresh"]
 
 # (module, class name) -> the method that refreshes one parameter's preconditioner state, called
 # as method(grad, state, ...) after that parameter's update
-_REFRESH_METHODS: dict[tuple[str, str], str] = {("pytorch_optimizer.optimizer.soap", "SOAP"): "update_pre_conditioner"}
+# (ttadapt's batched SOAP: its batched parameters' factors and eigenbases are refreshed after
+# their update as well, without this method; the method serves the rest, through the library's loop)
+_REFRESH_METHODS: dict[tuple[str, str], str] = {("pytorch_optimizer.optimizer.soap", "SOAP"): "update_pre_conditioner",
+                                                ("ttadapt.optim.soap_batched", "BatchedSOAP"): "update_pre_conditioner"}
 
 
 def _targets(optimizer: Any) -> list[tuple[Any, str]]:

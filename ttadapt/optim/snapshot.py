@@ -215,9 +215,10 @@ def _collect_tensors(x: Any, found: list[Tensor]) -> None:
 
 def swappable(optimizer: Any) -> bool:
     """Whether :meth:`OptimizerSnapshot.swap_in` is safe: every (nested) optimizer is one of
-    ``torch.optim``'s or ``pytorch_optimizer``'s, which look their state up in ``state[p]`` on
-    every ``step()`` instead of holding on to the tensors."""
-    return all(type(opt).__module__.startswith(("torch.optim.", "pytorch_optimizer.")) for opt in _optimizers(optimizer))
+    ``torch.optim``'s or ``pytorch_optimizer``'s (ttadapt's batched SOAP among them), which look
+    their state up in ``state[p]`` on every ``step()`` instead of holding on to the tensors."""
+    return all(type(opt).__module__.startswith(("torch.optim.", "pytorch_optimizer.", "ttadapt.optim.soap_batched"))
+               for opt in _optimizers(optimizer))
 
 
 class SwappedState:

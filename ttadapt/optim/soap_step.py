@@ -59,8 +59,10 @@ _CHECKED: dict[tuple, bool] = {}  # (class, settings that select a code path) ->
 
 
 def _is_soap(optimizer: Any) -> bool:
+    """The library's SOAP, or ttadapt's batched one (the library's state and arithmetic)."""
     kind = type(optimizer)
-    return kind.__module__ == "pytorch_optimizer.optimizer.soap" and kind.__name__ == "SOAP"
+    return (kind.__module__, kind.__name__) in (("pytorch_optimizer.optimizer.soap", "SOAP"),
+                                               ("ttadapt.optim.soap_batched", "BatchedSOAP"))
 
 
 def soap_dry_step(optimizer: Any, before: Any, params: dict[str, Tensor], theta: dict[str, Tensor],

@@ -1,0 +1,161 @@
+"""ttadapt's batched SOAP (ttadapt.optim.soap_batched) against pytorch-optimizer's own class: the
+same parameters and every state tensor (moments, Kronecker factors, eigenbases) bit for bit over
+steps that cross several refreshes, for each code path; the batches really taken; what it does
+not batch left to the library; a step that would differ caught by the run-time check."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ttadapt
+from ttadapt.optim import soap_batched
+
+pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+
+
+def _net() -> nn.Module:
+    """Like Model B: a convolution, a wide layer, a stack of like-shaped layers, an odd one out."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 10), nn.Tanh()]
+    for _ in range(4):
+        layers += [nn.Linear(10, 10), nn.Tanh()]
+    layers += [nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 3)]
+    return nn.Sequential(*layers)
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+OPTIONS = {
+    "defaults": {},
+    "no weight decay": {"weight_decay": 0.0},
+    "no bias correction": {"correct_bias": False},
+    "normalize_grads": {"normalize_grads": True},
+    "precondition_1d": {"precondition_1d": True},
+}
+
+
+def _library(params, lr=1e-2, weight_decay=0.01, correct_bias=True, normalize_grads=False, precondition_1d=False):
+    return pytorch_optimizer.SOAP(params, lr=lr, betas=(0.95, 0.95), weight_decay=weight_decay, precondition_frequency=4,
+                                  merge_dims=False, correct_bias=correct_bias, normalize_gradient=normalize_grads,
+                                  precondition_1d=precondition_1d)
+
+
+def _pair(options: dict):
+    a = _net()
+    b = copy.deepcopy(a)
+    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4, **options)
+    return a, ours, b, _library(b.parameters(), **options)
+
+
+def _run(model, opt, data, drop: int | None = None) -> None:
+    for step, (x, y) in enumerate(data):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if drop is not None and step == drop:
+            model[7].weight.grad = None  # one of the like-shaped layers sits a step out
+        opt.step()
+
+
+def _same(a, ours, b, lib) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)) and all(
+        soap_batched._state_equal(ours.state[p], lib.state[q]) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _count(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"matrix": 0, "vector": 0}
+    for kind, name in (("matrix", "_matrices"), ("vector", "_vectors")):
+        real = getattr(soap_batched, name)
+
+        def counted(optimizer, group, rows, _real=real, _kind=kind):
+            calls[_kind] += len(rows)
+            return _real(optimizer, group, rows)
+
+        monkeypatch.setattr(soap_batched, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_bit_for_bit_the_library_across_refreshes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, ours, b, lib = _pair(OPTIONS[name])
+    assert type(ours).__name__ == "BatchedSOAP" and isinstance(ours, pytorch_optimizer.SOAP)
+    assert soap_batched._applies(ours)  # (its one-time check, which steps scratch optimizers, done before counting)
+    calls = _count(monkeypatch)
+    data = _batches(14)
+    _run(a, ours, data, drop=6)
+    _run(b, lib, data, drop=6)
+    assert _same(a, ours, b, lib)
+    products = soap_batched._products_agree((10, 10), 4, torch.float32, torch.device("cpu"))
+    # the four 10 × 10 layers batched on every step after the first (one of them sat a step out);
+    # the biases too, but not with normalize_grads (a mean per vector) or precondition_1d (projected)
+    assert calls["matrix"] == (12 * 4 + 3 if products else 0)
+    assert calls["vector"] == (0 if name in ("normalize_grads", "precondition_1d") else 13 * 8)
+
+
+def test_closure_groups_and_a_state_dict_round_trip() -> None:
+    a = _net()
+    b = copy.deepcopy(a)
+    split = lambda m: [{"params": list(m[:4].parameters())}, {"params": list(m[4:].parameters()), "lr": 3e-3}]  # noqa: E731
+    ours = ttadapt.SOAP(split(a), lr=1e-2, precondition_frequency=4)
+    lib = _library(split(b))
+    data = _batches(12)
+    for step, (x, y) in enumerate(data):
+        for model, opt in ((a, ours), (b, lib)):
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
+            assert loss is not None
+        if step == 6:  # into a fresh batched optimizer from the library's checkpoint
+            state = copy.deepcopy(lib.state_dict())
+            ours = ttadapt.SOAP(split(a), lr=1e-2, precondition_frequency=4)
+            ours.load_state_dict(state)
+            a.load_state_dict(b.state_dict())
+    assert _same(a, ours, b, lib)
+
+
+def test_what_it_cannot_batch_is_the_librarys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Products that would round otherwise batched: those layers go through the library's loop."""
+    monkeypatch.setattr(soap_batched, "_products_agree", lambda *args: False)
+    a, ours, b, lib = _pair({})
+    assert soap_batched._applies(ours)
+    calls = _count(monkeypatch)
+    data = _batches(6)
+    _run(a, ours, data)
+    _run(b, lib, data)
+    assert _same(a, ours, b, lib) and calls["matrix"] == 0 and calls["vector"] > 0
+
+
+def test_a_step_that_differs_is_caught_once_and_the_library_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(soap_batched, "_HOLDS", {})
+    real = soap_batched._hyper
+
+    def off_by_a_bit(optimizer, group):  # a step size off by one part in a million
+        k, w1, w2, step_size, keep = real(optimizer, group)
+        return k, w1, w2, step_size * (1 + 1e-6), keep
+
+    monkeypatch.setattr(soap_batched, "_hyper", off_by_a_bit)
+    calls = _count(monkeypatch)
+    a, ours, b, lib = _pair({})
+    data = _batches(6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(a, ours, data)
+    assert sum("batched SOAP step differs" in str(w.message) for w in caught) == 1
+    _run(b, lib, data)
+    assert _same(a, ours, b, lib)
+    assert calls["matrix"] > 0  # (the check's scratch run, which found the difference), and no batch since
+    before = dict(calls)
+    _run(a, ours, data[:2])
+    assert calls == before

@@ -1,0 +1,299 @@
+"""pytorch-optimizer's SOAP with its step batched over like-shaped parameters: the optimizer
+``ttadapt.SOAP`` builds.
+
+The library's ``step()`` walks the parameters one by one, about twenty tensor operations each
+(the projections into the preconditioner's eigenbasis and back, Adam's moments, weight decay,
+the Kronecker factors' update). On a model of many small layers that Python loop is most of the
+step: Model B's 27 ten-by-ten layers make SOAP's step cost about as much as the forward and
+backward together. :class:`BatchedSOAP` is the library's class with one change: its ``step``
+does the same arithmetic, in the same order and operand layouts, on
+
+* 2-D parameters of one shape, dtype and device with both eigenbases (two or more): one stack,
+  the projections as batched matrix products in the order of the library's ``tensordot`` calls
+  (as :mod:`ttadapt.optim.soap_step`), the Kronecker factors' update ``G Gᵀ`` / ``Gᵀ G`` as
+  well, then everything copied back into each parameter's own tensors;
+* vectors SOAP leaves in their own basis (biases without ``precondition_1d``): one
+  concatenation (not with ``normalize_gradient``, whose mean is per vector).
+
+Every other parameter — and all of them where the batched step does not apply — is stepped by
+the library's own ``step()``, which sees the batched parameters' gradients hidden for the call;
+the eigenbases' refresh every ``precondition_frequency`` steps is the library's own method, per
+parameter. State, ``state_dict`` and checkpoints are the library's.
+
+**Bits.** The batched step is the library's bit for bit where batched products and elementwise
+operations round as the per-tensor ones (so on this project's machine). That is checked once per
+process and code path against the library's class on a scratch problem (ten steps across two
+refreshes, parameters, moments, factors and eigenbases compared bit for bit); where it does
+not hold, ``step`` is the library's own, with a warning. Measured on Model B (Adam-sized
+batches of 128): SOAP's step 12 → 3.5 ms (see docs/step_cost.md).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["batched_soap_class"]
+
+_CLASS: list[type] = []
+_HOLDS: dict[tuple, bool] = {}
+_PRODUCTS: dict[tuple, bool] = {}  # (shape, count, dtype, device) -> whether batched products round as the library's
+
+
+def batched_soap_class() -> type:
+    """The :class:`BatchedSOAP` class (built on first use: pytorch-optimizer is imported then)."""
+    if _CLASS:
+        return _CLASS[0]
+    from pytorch_optimizer import SOAP as _SOAP
+
+    library_step = _SOAP.step
+    if getattr(library_step, "hooked", False):  # (torch wraps a class's step with its hooks once)
+        library_step = library_step.__wrapped__
+
+    class BatchedSOAP(_SOAP):
+        """pytorch-optimizer's SOAP whose ``step`` batches like-shaped parameters (see
+        :mod:`ttadapt.optim.soap_batched`); otherwise the library's class."""
+
+        @torch.no_grad()
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            loss = None
+            if closure is not None:  # (first, as the library's step: the gradients are the closure's)
+                with torch.enable_grad():
+                    loss = closure()
+            plan = _plan(self) if _applies(self) else None
+            if not plan:
+                library_step(self, None)
+                return loss
+            hidden = [(p, p.grad) for rows in plan.values() for p, _ in rows]
+            for p, _ in hidden:
+                p.grad = None
+            try:
+                library_step(self, None)
+            finally:
+                for p, g in hidden:
+                    p.grad = g
+            for (index, kind, *_), rows in plan.items():
+                group = self.param_groups[index]
+                if group["step"] > 1:  # (the library's first step only builds the preconditioner)
+                    (_matrices if kind == "matrix" else _vectors)(self, group, rows)
+            return loss
+
+    BatchedSOAP.__module__ = __name__
+    _CLASS.append(BatchedSOAP)
+    return BatchedSOAP
+
+
+def _applies(optimizer: Any) -> bool:
+    """The batched step's preconditions: no maximize, no merged dimensions, and the formula
+    checked for each group's code path."""
+    if getattr(optimizer, "maximize", True):
+        return False
+    for group in optimizer.param_groups:
+        if group.get("merge_dims") or not _holds(type(optimizer), group):
+            return False
+    return True
+
+
+def _plan(optimizer: Any) -> dict[tuple, list[tuple[Tensor, dict]]]:
+    """``{(group index, kind, …): [(parameter, state)]}`` of the batches this step takes (two or
+    more members each): parameters with a gradient and a built state (eigenbases, factors)."""
+    batches: dict[tuple, list[tuple[Tensor, dict]]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None or grad.is_sparse or p.is_complex():
+                continue
+            state = optimizer.state.get(p)
+            if not state or not isinstance(state.get("exp_avg"), Tensor) or not isinstance(state.get("exp_avg_sq"), Tensor):
+                continue
+            q, gg = state.get("Q"), state.get("GG")
+            if not (isinstance(q, list) and isinstance(gg, list) and len(q) == len(gg) == p.dim()):
+                continue
+            if not (grad.dtype is p.dtype is state["exp_avg"].dtype is state["exp_avg_sq"].dtype) or grad.shape != p.shape:
+                continue
+            common = (grad.dtype, grad.device, state.get("shampoo_beta"), state.get("precondition_frequency"))
+            if p.dim() == 2 and all(isinstance(m, Tensor) and m.dtype is p.dtype for m in (*q, *gg)):
+                batches.setdefault((index, "matrix", tuple(p.shape), *common), []).append((p, state))
+            elif p.dim() == 1 and not isinstance(q[0], Tensor) and not isinstance(gg[0], Tensor) and not group["normalize_gradient"]:
+                batches.setdefault((index, "vector", *common), []).append((p, state))
+    return {key: rows for key, rows in batches.items()
+            if len(rows) > 1 and (key[1] == "vector" or _products_agree(key[2], len(rows), key[3], key[4]))}
+
+
+def _products_agree(shape: tuple[int, int], count: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether batched products of ``count`` matrices of ``shape`` give the library's
+    per-matrix ``tensordot`` results bit for bit (the projections with column-major eigenbases
+    and the Kronecker factors' ``G Gᵀ``, ``Gᵀ G``): BLAS picks its kernels by size, so on this
+    machine some small shapes round otherwise batched (6 × 5's ``G Gᵀ``). Checked once per
+    shape, count, dtype and device on random matrices; where not, those parameters are stepped
+    by the library's loop."""
+    key = (shape, count, dtype, device)
+    held = _PRODUCTS.get(key)
+    if held is None:
+        rng = torch.Generator().manual_seed(1)
+        r, c = shape
+        g = torch.randn(count, r, c, generator=rng, dtype=torch.float64).to(dtype=dtype, device=device)
+        q0s = [torch.linalg.qr(torch.randn(r, r, generator=rng, dtype=torch.float64).to(dtype))[0].to(device) for _ in range(count)]
+        q1s = [torch.linalg.qr(torch.randn(c, c, generator=rng, dtype=torch.float64).to(dtype))[0].to(device) for _ in range(count)]
+        q0, q1 = _stack_alike(q0s), _stack_alike(q1s)
+        batched = (torch.bmm(torch.bmm(g.mT, q0).mT, q1), torch.bmm(torch.bmm(g.mT, q0.mT).mT, q1.mT),
+                   torch.bmm(g, g.mT), torch.bmm(g.mT, g))
+        held = True
+        for i in range(count):
+            x, a, b = g[i], q0s[i], q1s[i]
+            single = (torch.tensordot(torch.tensordot(x, a, dims=[[0], [0]]), b, dims=[[0], [0]]),
+                      torch.tensordot(torch.tensordot(x, a, dims=[[0], [1]]), b, dims=[[0], [1]]),
+                      torch.tensordot(x, x, dims=[[1], [1]]), torch.tensordot(x, x, dims=[[0], [0]]))
+            held = held and all(torch.equal(u[i], w) for u, w in zip(batched, single))
+        _PRODUCTS[key] = held
+    return held
+
+
+def _hyper(optimizer: Any, group: dict) -> tuple[int, float, float, float, float]:
+    """``(k, 1 − β1, 1 − β2, step size, 1 − lr·weight decay)`` of the group's step, computed as
+    the library computes them."""
+    beta1, beta2 = group["betas"]
+    k = group["step"] - 1
+    step_size = group["lr"]
+    if group["correct_bias"]:
+        bias_correction1 = optimizer.debias(beta1, k)
+        bias_correction2_sq = math.sqrt(optimizer.debias(beta2, k))
+        step_size *= bias_correction2_sq / bias_correction1
+    return k, 1.0 - beta1, 1.0 - beta2, step_size, 1.0 - group["weight_decay"] * group["lr"]
+
+
+def _stack_alike(matrices: list[Tensor]) -> Tensor:
+    """The matrices stacked, each member laid out as they are where they share a layout (the
+    eigenbases from ``torch.linalg.qr``/``eigh`` are column-major)."""
+    if all(m.mT.is_contiguous() for m in matrices) and not all(m.is_contiguous() for m in matrices):
+        return torch.stack([m.mT for m in matrices]).mT
+    return torch.stack(matrices)
+
+
+def _matrices(optimizer: Any, group: dict, rows: list[tuple[Tensor, dict]]) -> None:
+    """One step of like-shaped matrices, as the library's loop body on each of them."""
+    k, w1, w2, step_size, keep = _hyper(optimizer, group)
+    params = [p for p, _ in rows]
+    states = [s for _, s in rows]
+    g = torch.stack([p.grad for p in params])
+    q0 = _stack_alike([s["Q"][0] for s in states])
+    q1 = _stack_alike([s["Q"][1] for s in states])
+    q0t, q1t = q0.mT, q1.mT
+
+    def project(x: Tensor) -> Tensor:  # tensordot over dim 0 with Q0, then with Q1: Q0ᵀ X Q1
+        return torch.bmm(torch.bmm(x.mT, q0).mT, q1)
+
+    def back(x: Tensor) -> Tensor:  # the same with Q0ᵀ, Q1ᵀ: Q0 X Q1ᵀ
+        return torch.bmm(torch.bmm(x.mT, q0t).mT, q1t)
+
+    m = torch.stack([s["exp_avg"] for s in states])
+    v = torch.stack([s["exp_avg_sq"] for s in states])
+    m.lerp_(g, w1)
+    v.lerp_(project(g).square(), w2)
+    n = back(project(m) / v.sqrt().add_(group["eps"]))
+    if group["normalize_gradient"]:
+        n.div_(n.square().mean(dim=(1, 2), keepdim=True).sqrt_().add_(group["eps"]))
+    t = torch.stack([p.detach() for p in params])
+    t.add_(n, alpha=-step_size)
+    if group["weight_decay"] != 0.0:
+        t.mul_(keep)
+    beta = 1.0 - states[0]["shampoo_beta"]
+    gg0 = torch.stack([s["GG"][0] for s in states])
+    gg1 = torch.stack([s["GG"][1] for s in states])
+    gg0.lerp_(torch.bmm(g, g.mT), beta)  # tensordot(G, G) over dim 1: G Gᵀ
+    gg1.lerp_(torch.bmm(g.mT, g), beta)  # over dim 0: Gᵀ G
+    torch._foreach_copy_([p.detach() for p in params], list(t.unbind(0)))
+    torch._foreach_copy_([s["exp_avg"] for s in states], list(m.unbind(0)))
+    torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(v.unbind(0)))
+    torch._foreach_copy_([s["GG"][0] for s in states], list(gg0.unbind(0)))
+    torch._foreach_copy_([s["GG"][1] for s in states], list(gg1.unbind(0)))
+    _refresh(optimizer, group, states, k)
+
+
+def _vectors(optimizer: Any, group: dict, rows: list[tuple[Tensor, dict]]) -> None:
+    """One step of vectors SOAP leaves in their own basis, concatenated."""
+    k, w1, w2, step_size, keep = _hyper(optimizer, group)
+    params = [p for p, _ in rows]
+    states = [s for _, s in rows]
+    sizes = [p.numel() for p in params]
+    g = torch.cat([p.grad for p in params])
+    m = torch.cat([s["exp_avg"] for s in states])
+    v = torch.cat([s["exp_avg_sq"] for s in states])
+    m.lerp_(g, w1)
+    v.lerp_(g.square(), w2)
+    n = m / v.sqrt().add_(group["eps"])
+    t = torch.cat([p.detach() for p in params])
+    t.add_(n, alpha=-step_size)
+    if group["weight_decay"] != 0.0:
+        t.mul_(keep)
+    torch._foreach_copy_([p.detach() for p in params], list(t.split(sizes)))
+    torch._foreach_copy_([s["exp_avg"] for s in states], list(m.split(sizes)))
+    torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(v.split(sizes)))
+    _refresh(optimizer, group, states, k)
+
+
+def _refresh(optimizer: Any, group: dict, states: list[dict], k: int) -> None:
+    """The eigenbases' refresh that ends the library's preconditioner update, per parameter."""
+    for state in states:
+        if k > 0 and k % state["precondition_frequency"] == 0:
+            state["Q"] = optimizer.get_orthogonal_matrix_qr(state, group["max_precondition_dim"], False)
+
+
+def _state_equal(a: Any, b: Any) -> bool:
+    """Whether two optimizer states (dicts of tensors, lists of them, numbers) are equal bit for bit."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _holds(kind: type, group: dict) -> bool:
+    """Whether the batched step is the library's bit for bit for this group's code path (bias
+    correction, normalisation, 1-D preconditioning, weight decay or not): checked once per
+    process on a scratch problem — three like-shaped matrices (one without a gradient on one
+    step), two of another shape, three vectors, a 4-D kernel, ten steps with a refresh every
+    four — against the library's class."""
+    key = (kind, bool(group["correct_bias"]), bool(group["normalize_gradient"]), bool(group["precondition_1d"]),
+           float(group["weight_decay"]) != 0.0)
+    held = _HOLDS.get(key)
+    if held is not None:
+        return held
+    _HOLDS[key] = True  # (the scratch run below steps this class: no recursion into the check)
+    library = kind.__mro__[1]
+    options = dict(lr=1e-2, betas=tuple(group["betas"]), shampoo_beta=group["shampoo_beta"], eps=group["eps"],
+                   weight_decay=group["weight_decay"], precondition_frequency=4, max_precondition_dim=10000, merge_dims=False,
+                   precondition_1d=group["precondition_1d"], correct_bias=group["correct_bias"],
+                   normalize_gradient=group["normalize_gradient"])
+    rng = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (6, 5), (6, 5), (3, 4), (3, 4), (5,), (7,), (5,), (4, 3, 2, 2)]
+    start = [torch.randn(shape, generator=rng) for shape in shapes]
+    held = False
+    try:
+        pairs = []
+        for cls in (library, kind):
+            params = [torch.nn.Parameter(t.clone()) for t in start]
+            pairs.append((params, cls(params, **options)))
+        for step in range(10):
+            grads = [torch.randn(shape, generator=rng) for shape in shapes]
+            for params, opt in pairs:
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    p.grad = None if (step == 5 and i == 0) else g.clone()
+                opt.step()
+        (pa, a), (pb, b) = pairs
+        held = all(torch.equal(x, y) for x, y in zip(pa, pb)) and all(
+            _state_equal(a.state[x], b.state[y]) for x, y in zip(pa, pb))
+    except Exception:  # noqa: BLE001 - a library that builds or steps otherwise: not this module's formula
+        held = False
+    if not held:
+        warnings.warn(f"ttadapt: the batched SOAP step differs from {library.__module__}.{library.__qualname__}'s "
+                      "here (another version of pytorch-optimizer, or products that round otherwise batched); "
+                      "SOAP steps one parameter at a time instead (slower)", RuntimeWarning, stacklevel=4)
+    _HOLDS[key] = held
+    return held
