@@ -70,6 +70,13 @@ def _same(a, ours, b, lib) -> bool:
         soap_batched._state_equal(ours.state[p], lib.state[q]) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def _checked(opt) -> None:
+    """The batched step's one-time check for the optimizer's groups (float32, CPU) done."""
+    assert soap_batched._applies(opt)
+    for group in opt.param_groups:
+        assert soap_batched._holds(type(opt), group, torch.float32, torch.device("cpu"))
+
+
 def _count(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = {"matrix": 0, "vector": 0}
     for kind, name in (("matrix", "_matrices"), ("vector", "_vectors")):
@@ -87,7 +94,7 @@ def _count(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def test_bit_for_bit_the_library_across_refreshes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     a, ours, b, lib = _pair(OPTIONS[name])
     assert type(ours).__name__ == "BatchedSOAP" and isinstance(ours, pytorch_optimizer.SOAP)
-    assert soap_batched._applies(ours)  # (its one-time check, which steps scratch optimizers, done before counting)
+    _checked(ours)  # (its one-time check, which steps scratch optimizers, done before counting)
     calls = _count(monkeypatch)
     data = _batches(14)
     _run(a, ours, data, drop=6)
@@ -129,7 +136,7 @@ def test_what_it_cannot_batch_is_the_librarys(monkeypatch: pytest.MonkeyPatch) -
     """Products that would round otherwise batched: those layers go through the library's loop."""
     monkeypatch.setattr(soap_batched, "_products_agree", lambda *args: False)
     a, ours, b, lib = _pair({})
-    assert soap_batched._applies(ours)
+    _checked(ours)
     calls = _count(monkeypatch)
     data = _batches(6)
     _run(a, ours, data)
@@ -159,3 +166,20 @@ def test_a_step_that_differs_is_caught_once_and_the_library_steps(monkeypatch: p
     before = dict(calls)
     _run(a, ours, data[:2])
     assert calls == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_step_as_the_library(dtype: torch.dtype) -> None:
+    """float64 batches as float32 does; in bfloat16 ATen's elementwise operations round a
+    tensor's tail otherwise batched, which the once-per-dtype check finds (a warning), and the
+    library's loop steps them: bit for bit the library's either way."""
+    a = _net().to(dtype)
+    b = copy.deepcopy(a)
+    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4)
+    lib = _library(b.parameters())
+    data = [(x.to(dtype), y) for x, y in _batches(9)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _run(a, ours, data)
+    _run(b, lib, data)
+    assert _same(a, ours, b, lib)

@@ -88,14 +88,8 @@ def batched_soap_class() -> type:
 
 
 def _applies(optimizer: Any) -> bool:
-    """The batched step's preconditions: no maximize, no merged dimensions, and the formula
-    checked for each group's code path."""
-    if getattr(optimizer, "maximize", True):
-        return False
-    for group in optimizer.param_groups:
-        if group.get("merge_dims") or not _holds(type(optimizer), group):
-            return False
-    return True
+    """The batched step's preconditions: no maximize, no merged dimensions."""
+    return not getattr(optimizer, "maximize", True) and not any(group.get("merge_dims") for group in optimizer.param_groups)
 
 
 def _plan(optimizer: Any) -> dict[tuple, list[tuple[Tensor, dict]]]:
@@ -120,8 +114,10 @@ def _plan(optimizer: Any) -> dict[tuple, list[tuple[Tensor, dict]]]:
                 batches.setdefault((index, "matrix", tuple(p.shape), *common), []).append((p, state))
             elif p.dim() == 1 and not isinstance(q[0], Tensor) and not isinstance(gg[0], Tensor) and not group["normalize_gradient"]:
                 batches.setdefault((index, "vector", *common), []).append((p, state))
+    kind = type(optimizer)
     return {key: rows for key, rows in batches.items()
-            if len(rows) > 1 and (key[1] == "vector" or _products_agree(key[2], len(rows), key[3], key[4]))}
+            if len(rows) > 1 and (key[1] == "vector" or _products_agree(key[2], len(rows), key[3], key[4]))
+            and _holds(kind, optimizer.param_groups[key[0]], rows[0][0].dtype, rows[0][0].device)}
 
 
 def _products_agree(shape: tuple[int, int], count: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -136,19 +132,25 @@ def _products_agree(shape: tuple[int, int], count: int, dtype: torch.dtype, devi
     if held is None:
         rng = torch.Generator().manual_seed(1)
         r, c = shape
-        g = torch.randn(count, r, c, generator=rng, dtype=torch.float64).to(dtype=dtype, device=device)
-        q0s = [torch.linalg.qr(torch.randn(r, r, generator=rng, dtype=torch.float64).to(dtype))[0].to(device) for _ in range(count)]
-        q1s = [torch.linalg.qr(torch.randn(c, c, generator=rng, dtype=torch.float64).to(dtype))[0].to(device) for _ in range(count)]
-        q0, q1 = _stack_alike(q0s), _stack_alike(q1s)
-        batched = (torch.bmm(torch.bmm(g.mT, q0).mT, q1), torch.bmm(torch.bmm(g.mT, q0.mT).mT, q1.mT),
-                   torch.bmm(g, g.mT), torch.bmm(g.mT, g))
-        held = True
-        for i in range(count):
-            x, a, b = g[i], q0s[i], q1s[i]
-            single = (torch.tensordot(torch.tensordot(x, a, dims=[[0], [0]]), b, dims=[[0], [0]]),
-                      torch.tensordot(torch.tensordot(x, a, dims=[[0], [1]]), b, dims=[[0], [1]]),
-                      torch.tensordot(x, x, dims=[[1], [1]]), torch.tensordot(x, x, dims=[[0], [0]]))
-            held = held and all(torch.equal(u[i], w) for u, w in zip(batched, single))
+
+        def basis(n: int) -> Tensor:  # column-major, as the library's eigenbases (eigh, then qr)
+            return torch.linalg.qr(torch.randn(n, n, generator=rng, dtype=torch.float64))[0].to(dtype=dtype, device=device)
+
+        try:
+            g = torch.randn(count, r, c, generator=rng, dtype=torch.float64).to(dtype=dtype, device=device)
+            q0s, q1s = [basis(r) for _ in range(count)], [basis(c) for _ in range(count)]
+            q0, q1 = _stack_alike(q0s), _stack_alike(q1s)
+            batched = (torch.bmm(torch.bmm(g.mT, q0).mT, q1), torch.bmm(torch.bmm(g.mT, q0.mT).mT, q1.mT),
+                       torch.bmm(g, g.mT), torch.bmm(g.mT, g))
+            held = True
+            for i in range(count):
+                x, a, b = g[i], q0s[i], q1s[i]
+                single = (torch.tensordot(torch.tensordot(x, a, dims=[[0], [0]]), b, dims=[[0], [0]]),
+                          torch.tensordot(torch.tensordot(x, a, dims=[[0], [1]]), b, dims=[[0], [1]]),
+                          torch.tensordot(x, x, dims=[[1], [1]]), torch.tensordot(x, x, dims=[[0], [0]]))
+                held = held and all(torch.equal(u[i], w) for u, w in zip(batched, single))
+        except RuntimeError:  # (a dtype or device without these products: the library's loop)
+            held = False
         _PRODUCTS[key] = held
     return held
 
@@ -254,14 +256,15 @@ def _state_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _holds(kind: type, group: dict) -> bool:
+def _holds(kind: type, group: dict, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the batched step is the library's bit for bit for this group's code path (bias
-    correction, normalisation, 1-D preconditioning, weight decay or not): checked once per
-    process on a scratch problem — three like-shaped matrices (one without a gradient on one
-    step), two of another shape, three vectors, a 4-D kernel, ten steps with a refresh every
-    four — against the library's class."""
+    correction, normalisation, 1-D preconditioning, weight decay or not) on this dtype and
+    device: checked once per process on a scratch problem — three like-shaped matrices (one
+    without a gradient on one step), two of another shape, three vectors, a 4-D kernel, ten
+    steps with a refresh every four — against the library's class. (In bfloat16 on this
+    machine it does not hold: ATen's elementwise operations round a tensor's tail otherwise.)"""
     key = (kind, bool(group["correct_bias"]), bool(group["normalize_gradient"]), bool(group["precondition_1d"]),
-           float(group["weight_decay"]) != 0.0)
+           float(group["weight_decay"]) != 0.0, dtype, device)
     held = _HOLDS.get(key)
     if held is not None:
         return held
@@ -273,7 +276,7 @@ def _holds(kind: type, group: dict) -> bool:
                    normalize_gradient=group["normalize_gradient"])
     rng = torch.Generator().manual_seed(0)
     shapes = [(6, 5), (6, 5), (6, 5), (3, 4), (3, 4), (5,), (7,), (5,), (4, 3, 2, 2)]
-    start = [torch.randn(shape, generator=rng) for shape in shapes]
+    start = [torch.randn(shape, generator=rng).to(dtype=dtype, device=device) for shape in shapes]
     held = False
     try:
         pairs = []
@@ -281,7 +284,7 @@ def _holds(kind: type, group: dict) -> bool:
             params = [torch.nn.Parameter(t.clone()) for t in start]
             pairs.append((params, cls(params, **options)))
         for step in range(10):
-            grads = [torch.randn(shape, generator=rng) for shape in shapes]
+            grads = [torch.randn(shape, generator=rng).to(dtype=dtype, device=device) for shape in shapes]
             for params, opt in pairs:
                 for i, (p, g) in enumerate(zip(params, grads)):
                     p.grad = None if (step == 5 and i == 0) else g.clone()
@@ -293,7 +296,7 @@ def _holds(kind: type, group: dict) -> bool:
         held = False
     if not held:
         warnings.warn(f"ttadapt: the batched SOAP step differs from {library.__module__}.{library.__qualname__}'s "
-                      "here (another version of pytorch-optimizer, or products that round otherwise batched); "
-                      "SOAP steps one parameter at a time instead (slower)", RuntimeWarning, stacklevel=4)
+                      f"for {dtype} on {device} here (another version of pytorch-optimizer, or operations that "
+                      "round otherwise batched); those parameters step one at a time (slower)", RuntimeWarning, stacklevel=5)
     _HOLDS[key] = held
     return held
