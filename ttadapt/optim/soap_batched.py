@@ -22,10 +22,11 @@ parameter. State, ``state_dict`` and checkpoints are the library's.
 
 **Bits.** The batched step is the library's bit for bit where batched products and elementwise
 operations round as the per-tensor ones (so on this project's machine). That is checked once per
-process and code path against the library's class on a scratch problem (ten steps across two
-refreshes, parameters, moments, factors and eigenbases compared bit for bit); where it does
-not hold, ``step`` is the library's own, with a warning. Measured on Model B (Adam-sized
-batches of 128): SOAP's step 12 → 3.5 ms (see docs/step_cost.md).
+process, code path, dtype and device against the library's class on a scratch problem (ten
+steps across two refreshes, parameters, moments, factors and eigenbases compared bit for bit),
+and the batched products once per shape and count; where either does not hold, those
+parameters go through the library's loop (with a warning for the former). Measured on Model B:
+SOAP's step 10.3–15.9 → 4.0–5.8 ms (docs/step_cost.md).
 """
 
 from __future__ import annotations
