@@ -183,3 +183,22 @@ def test_other_dtypes_step_as_the_library(dtype: torch.dtype) -> None:
         _run(a, ours, data)
     _run(b, lib, data)
     assert _same(a, ours, b, lib)
+
+
+def test_pickles_and_unpickles_in_a_fresh_process(tmp_path) -> None:
+    """The class is found by name (``torch.save`` of a whole optimizer, multiprocessing)."""
+    import pickle
+    import subprocess
+    import sys
+
+    model = _net()
+    opt = ttadapt.SOAP(model.parameters(), lr=1e-2)
+    _run(model, opt, _batches(2))
+    path = tmp_path / "opt.pkl"
+    path.write_bytes(pickle.dumps(opt))
+    again = pickle.loads(path.read_bytes())
+    assert type(again) is type(opt) and len(again.state) == len(opt.state)
+    code = f"import pickle; opt = pickle.load(open({str(path)!r}, 'rb')); print(type(opt).__name__, len(opt.state))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["BatchedSOAP", str(len(opt.state))]

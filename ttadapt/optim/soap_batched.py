@@ -84,8 +84,16 @@ def batched_soap_class() -> type:
             return loss
 
     BatchedSOAP.__module__ = __name__
+    BatchedSOAP.__qualname__ = "BatchedSOAP"
+    globals()["BatchedSOAP"] = BatchedSOAP  # (found by name: an optimizer pickles as the library's does)
     _CLASS.append(BatchedSOAP)
     return BatchedSOAP
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BatchedSOAP":  # (unpickling in a fresh process: build the class first)
+        return batched_soap_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _applies(optimizer: Any) -> bool:
