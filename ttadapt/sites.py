@@ -125,10 +125,10 @@ def _storage_key(t: Tensor) -> int:
 
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 # Reusing a kept tensor's memory saves an allocation; below this size that is not worth a check.
+_OWN_MIN_BYTES = 1 << 16
 # Sites at least this large take their activation's record_forward in the pass at `other`, if it
 # has one (below, the kernel call's fixed cost is more than the call it replaces saves)
 RECORD_FORWARD_MIN = 4096
-_OWN_MIN_BYTES = 1 << 16
 
 
 def _sole_owner(t: Tensor) -> bool:

@@ -38,6 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .soap_step import _stack_alike
+
 __all__ = ["batched_soap_class"]
 
 _CLASS: list[type] = []
@@ -175,14 +177,6 @@ def _hyper(optimizer: Any, group: dict) -> tuple[int, float, float, float, float
         bias_correction2_sq = math.sqrt(optimizer.debias(beta2, k))
         step_size *= bias_correction2_sq / bias_correction1
     return k, 1.0 - beta1, 1.0 - beta2, step_size, 1.0 - group["weight_decay"] * group["lr"]
-
-
-def _stack_alike(matrices: list[Tensor]) -> Tensor:
-    """The matrices stacked, each member laid out as they are where they share a layout (the
-    eigenbases from ``torch.linalg.qr``/``eigh`` are column-major)."""
-    if all(m.mT.is_contiguous() for m in matrices) and not all(m.is_contiguous() for m in matrices):
-        return torch.stack([m.mT for m in matrices]).mT
-    return torch.stack(matrices)
 
 
 def _matrices(optimizer: Any, group: dict, rows: list[tuple[Tensor, dict]]) -> None:
