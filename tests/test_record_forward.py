@@ -114,3 +114,16 @@ def test_in_place_calls_small_sites_and_graphs_keep_atens_forward(monkeypatch: p
     want = ttadapt.averaged_grad(model, closure, other, seed="other")
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=2e-5, atol=2e-5 * float(want[n].abs().max()))
+
+
+@needs_kernels
+def test_under_torch_func_transforms_atens_forward_runs() -> None:
+    """A vmapped tensor has no memory of its own for the kernels: they decline."""
+    seen: list = []
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        seen.extend([kernels.exp_linear(u, 1.0, 1.0, 1.0), kernels.tanh(u)])
+        return F.elu(u)
+
+    torch.vmap(f)(torch.randn(3, 8, 1000))
+    assert seen == [None, None]

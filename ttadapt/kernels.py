@@ -358,7 +358,7 @@ def exp_linear(u: Tensor, alpha: float, scale: float, kappa: float) -> Tensor | 
     lib = _library()
     if lib is None or not (kappa > 0 and math.isfinite(kappa) and math.isfinite(alpha) and math.isfinite(scale)):
         return None
-    if not _dense(u):
+    if not _dense(u) or torch._C._are_functorch_transforms_active():  # (a vmapped tensor has no memory of its own)
         return None
     out = torch.empty_like(u)
     # (ATen rounds α·scale in float32 too)
@@ -372,7 +372,7 @@ def tanh(u: Tensor) -> Tensor | None:
     on the CPU — for the pass at the other state, as :func:`exp_linear` — or None where the
     kernel does not apply."""
     lib = _library()
-    if lib is None or not _dense(u):
+    if lib is None or not _dense(u) or torch._C._are_functorch_transforms_active():
         return None
     out = torch.empty_like(u)
     lib.tanh_f32(u.data_ptr(), out.data_ptr(), u.numel(), torch.get_num_threads())
