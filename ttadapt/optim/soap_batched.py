@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .soap_step import _stack_alike
+from .soap_step import batched_projections
 
 __all__ = ["batched_soap_class"]
 
@@ -150,9 +150,8 @@ def _products_agree(shape: tuple[int, int], count: int, dtype: torch.dtype, devi
         try:
             g = torch.randn(count, r, c, generator=rng, dtype=torch.float64).to(dtype=dtype, device=device)
             q0s, q1s = [basis(r) for _ in range(count)], [basis(c) for _ in range(count)]
-            q0, q1 = _stack_alike(q0s), _stack_alike(q1s)
-            batched = (torch.bmm(torch.bmm(g.mT, q0).mT, q1), torch.bmm(torch.bmm(g.mT, q0.mT).mT, q1.mT),
-                       torch.bmm(g, g.mT), torch.bmm(g.mT, g))
+            project, back = batched_projections([{"Q": [a, b]} for a, b in zip(q0s, q1s)])  # (the step's own code)
+            batched = (project(g), back(g), *_factor_products(g))
             held = True
             for i in range(count):
                 x, a, b = g[i], q0s[i], q1s[i]
@@ -179,22 +178,19 @@ def _hyper(optimizer: Any, group: dict) -> tuple[int, float, float, float, float
     return k, 1.0 - beta1, 1.0 - beta2, step_size, 1.0 - group["weight_decay"] * group["lr"]
 
 
+def _factor_products(g: Tensor) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors' updates of a batch of gradients: the library's ``tensordot(G, G)``
+    over dimension 1 (G Gᵀ) and over dimension 0 (Gᵀ G), batched."""
+    return torch.bmm(g, g.mT), torch.bmm(g.mT, g)
+
+
 def _matrices(optimizer: Any, group: dict, rows: list[tuple[Tensor, dict]]) -> None:
     """One step of like-shaped matrices, as the library's loop body on each of them."""
     k, w1, w2, step_size, keep = _hyper(optimizer, group)
     params = [p for p, _ in rows]
     states = [s for _, s in rows]
     g = torch.stack([p.grad for p in params])
-    q0 = _stack_alike([s["Q"][0] for s in states])
-    q1 = _stack_alike([s["Q"][1] for s in states])
-    q0t, q1t = q0.mT, q1.mT
-
-    def project(x: Tensor) -> Tensor:  # tensordot over dim 0 with Q0, then with Q1: Q0ᵀ X Q1
-        return torch.bmm(torch.bmm(x.mT, q0).mT, q1)
-
-    def back(x: Tensor) -> Tensor:  # the same with Q0ᵀ, Q1ᵀ: Q0 X Q1ᵀ
-        return torch.bmm(torch.bmm(x.mT, q0t).mT, q1t)
-
+    project, back = batched_projections(states)
     m = torch.stack([s["exp_avg"] for s in states])
     v = torch.stack([s["exp_avg_sq"] for s in states])
     m.lerp_(g, w1)
@@ -209,8 +205,9 @@ def _matrices(optimizer: Any, group: dict, rows: list[tuple[Tensor, dict]]) -> N
     beta = 1.0 - states[0]["shampoo_beta"]
     gg0 = torch.stack([s["GG"][0] for s in states])
     gg1 = torch.stack([s["GG"][1] for s in states])
-    gg0.lerp_(torch.bmm(g, g.mT), beta)  # tensordot(G, G) over dim 1: G Gᵀ
-    gg1.lerp_(torch.bmm(g.mT, g), beta)  # over dim 0: Gᵀ G
+    outer0, outer1 = _factor_products(g)
+    gg0.lerp_(outer0, beta)
+    gg1.lerp_(outer1, beta)
     torch._foreach_copy_([p.detach() for p in params], list(t.unbind(0)))
     torch._foreach_copy_([s["exp_avg"] for s in states], list(m.unbind(0)))
     torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(v.unbind(0)))

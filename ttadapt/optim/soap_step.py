@@ -152,22 +152,28 @@ def _stack_alike(matrices: list[Tensor]) -> Tensor:
     return torch.stack(matrices)
 
 
-def _matrices(rows: list[tuple[str, Tensor, dict]], theta: dict[str, Tensor], hyper: tuple, out: dict[str, Tensor]) -> None:
-    """Matrices of one shape as one batch: their θ″ into ``out``."""
-    names = [name for name, _, _ in rows]
-    g = torch.stack([grad for _, grad, _ in rows])
-    q0 = _stack_alike([state["Q"][0] for _, _, state in rows])
-    q1 = _stack_alike([state["Q"][1] for _, _, state in rows])
+def batched_projections(states: list[dict]) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """SOAP's projection into the eigenbases and back for a batch of like-shaped matrices (their
+    states' ``Q``), as batched products in the order of the library's two ``tensordot`` calls
+    per projection: (Xᵀ Q0)ᵀ Q1 = Q0ᵀ X Q1 forward, (Xᵀ Q0ᵀ)ᵀ Q1ᵀ = Q0 X Q1ᵀ backward."""
+    q0 = _stack_alike([state["Q"][0] for state in states])
+    q1 = _stack_alike([state["Q"][1] for state in states])
     q0t, q1t = q0.mT, q1.mT
 
-    # as SOAP's two tensordot calls per projection multiply: (Xᵀ Q0)ᵀ Q1 = Q0ᵀ X Q1 forward,
-    # (Xᵀ Q0ᵀ)ᵀ Q1ᵀ = Q0 X Q1ᵀ backward
     def project(x: Tensor) -> Tensor:
         return torch.bmm(torch.bmm(x.mT, q0).mT, q1)
 
     def back(x: Tensor) -> Tensor:
         return torch.bmm(torch.bmm(x.mT, q0t).mT, q1t)
 
+    return project, back
+
+
+def _matrices(rows: list[tuple[str, Tensor, dict]], theta: dict[str, Tensor], hyper: tuple, out: dict[str, Tensor]) -> None:
+    """Matrices of one shape as one batch: their θ″ into ``out``."""
+    names = [name for name, _, _ in rows]
+    g = torch.stack([grad for _, grad, _ in rows])
+    project, back = batched_projections([state for _, _, state in rows])
     m = torch.stack([state["exp_avg"] for _, _, state in rows])
     v = torch.stack([state["exp_avg_sq"] for _, _, state in rows])
     t = torch.stack([theta[n] for n in names])
