@@ -7,9 +7,13 @@ plain step, measured in one run.
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
 alike (with glibc told to keep freed memory, see _alloc.py, so that no method pays for the page
-faults of the one before it); the reported figure is the median over the rounds, robust to the
-shared machine's hiccups. SOAP refreshes its preconditioner every 10 steps; with
-``--statistic mean`` and a multiple of 10 rounds that cost is spread over the steps instead. Memory: peak bytes of
+faults of the one before it). A method's figure is, by default (``--ratio paired``), the median
+over the rounds of its step's time divided by the plain step's time *in the same round* — the
+two are seconds apart, so the machine's drift over minutes (up to 8x here) cancels — with the
+interquartile range of those ratios in brackets; ``--ratio medians`` divides the methods' median
+times instead (the figure of earlier rounds). The plain step's own time is the median (or with
+``--statistic mean`` the mean) over the rounds. All steppers step once per round, so SOAP's
+preconditioner refreshes (every 10 steps) fall into the same rounds for all. Memory: peak bytes of
 tensors alive at once during one step (dispatch-level tracker, see _memory.py), optimizer state
 created before the call excluded. Targets (issue 3): AG-3 <= 1.35x, AG-1/AG-2 <= 2.1x, AG-3 <=
 0.7x SAM.
@@ -71,13 +75,29 @@ def make_step(method: str, model, optimizer_name: str, x, y, ag3_d: int = 45):
     return lambda: wrapper.step(closure)
 
 
+def time_ratio(times: dict[str, list[float]], method: str, over: str, summary: dict[str, float], how: str,
+               unit: str = "") -> str:
+    """``method``'s time over ``over``'s, as a table cell: with ``how="paired"`` the median of
+    the per-round ratios and, in brackets, their interquartile range; else the summaries' ratio."""
+    if how != "paired":
+        return f"{summary[method] / summary[over]:.2f}{unit}"
+    ratios = [a / b for a, b in zip(times[method], times[over])]
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.2f}{unit}"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.2f}{unit} [{q1:.2f}–{q3:.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b"])
     parser.add_argument("--optimizers", nargs="*", default=["rmsprop", "adam", "soap"])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 10 resnet18, 60 model_b)")
-    parser.add_argument("--statistic", choices=("median", "mean"), default="median")
+    parser.add_argument("--statistic", choices=("median", "mean"), default="median",
+                        help="summary of the plain step's times, and with --ratio medians of every method's")
+    parser.add_argument("--ratio", choices=("paired", "medians"), default="paired",
+                        help="paired: median of per-round ratios (drift cancels); medians: ratio of the summaries")
     parser.add_argument("--ag3-d", type=int, default=45, help="AG-3's anchor period (the paper: 45 Adam/RMSprop, 300 SOAP)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = parser.parse_args()
@@ -107,8 +127,8 @@ def main() -> None:
             mean = {m: summary(v) for m, v in times.items()}
             mem = {m: (float("nan") if args.no_memory else peak_tensor_bytes(step)) for m, step in steps.items()}
             mem_cell = (lambda m: "") if args.no_memory else (lambda m: f" / {mem[m] / mem['plain']:.2f}x")
-            cells = [f"{mean[m] / mean['plain']:.2f}x{mem_cell(m)}" for m in methods[1:]]
-            ag3_sam = f"{mean['AG3'] / mean['SAM']:.2f}" if "AG3" in mean and "SAM" in mean else "-"
+            cells = [f"{time_ratio(times, m, 'plain', mean, args.ratio, 'x')}{mem_cell(m)}" for m in methods[1:]]
+            ag3_sam = time_ratio(times, "AG3", "SAM", mean, args.ratio) if "AG3" in mean and "SAM" in mean else "-"
             plain_mem = "" if args.no_memory else f", {mem['plain'] / 2**20:.1f} MB"
             print(f"| {case} | {optimizer_name} | {mean['plain'] * 1e3:.0f} ms{plain_mem} | "
                   + " | ".join(cells) + f" | {ag3_sam} |", flush=True)
