@@ -8,7 +8,7 @@ archive`` into a temporary directory and imported under another name (the packag
 itself relatively), each version gets its own copy of the same seeded model, and their calls
 alternate (the order flipped every round); the medians are compared (and the means: they also
 see costs that come once in many calls, such as a full garbage collection). ``--what``: a wrapper
-(``AG1``, ``AG2``, ``AG3`` with ``d=1``, ``SAM``) stepping Adam, ``engine`` (``averaged_grad``
+(``AG1``, ``AG2``, ``AG3`` with ``d=--ag3-d``, default 1, ``SAM``) stepping Adam, ``engine`` (``averaged_grad``
 towards a nearby state) or ``plain`` (zero_grad, forward, backward, Adam step: the same code in
 both versions, so its ratio is the harness's own spread). ``--case``: a case of ``_models.py``
 or ``tail`` (Model B's 27 tanh layers alone). glibc is told to keep freed memory (see _alloc.py).
@@ -67,7 +67,7 @@ def tail_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return nn.Sequential(*layers).train(), torch.randn(128, 400), torch.randint(0, 10, (128,))
 
 
-def make_call(lib, model: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str, optimizer: str = "adam"):
+def make_call(lib, model: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str, optimizer: str = "adam", ag3_d: int = 1):
     def closure():
         return F.cross_entropy(model(x), y)
 
@@ -85,7 +85,7 @@ def make_call(lib, model: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str
         gen = torch.Generator().manual_seed(1)
         other = {n: p.detach() + 1e-3 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
         return lambda: lib.averaged_grad(model, closure, other)
-    wrapper = lib.AG3(model, opt, d=1) if what == "AG3" else getattr(lib, what)(model, opt)
+    wrapper = lib.AG3(model, opt, d=ag3_d) if what == "AG3" else getattr(lib, what)(model, opt)
     return lambda: wrapper.step(closure)
 
 
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--what", default="AG1", choices=["AG1", "AG2", "AG3", "SAM", "engine", "plain"])
     parser.add_argument("--rounds", type=int, default=80)
     parser.add_argument("--optimizer", default="adam", help="adam (torch.optim.Adam), or a name for ttadapt.create_optimizer")
+    parser.add_argument("--ag3-d", type=int, default=1, help="AG-3's anchor period (1: a new anchor every step)")
     args = parser.parse_args()
     keep_freed_memory()
     import ttadapt
@@ -103,8 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
         model, x, y = tail_case() if args.case == "tail" else benchmark_case(args.case)
-        calls = {"base": make_call(base, copy.deepcopy(model), x, y, args.what, args.optimizer),
-                 "working tree": make_call(ttadapt, copy.deepcopy(model), x, y, args.what, args.optimizer)}
+        calls = {"base": make_call(base, copy.deepcopy(model), x, y, args.what, args.optimizer, args.ag3_d),
+                 "working tree": make_call(ttadapt, copy.deepcopy(model), x, y, args.what, args.optimizer, args.ag3_d)}
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(args.rounds + 3):
             for k in (list(calls) if r % 2 else list(calls)[::-1]):
@@ -114,8 +115,10 @@ def main() -> None:
                     times[k].append(time.perf_counter() - start)
     b, w = (statistics.median(times[k]) * 1e3 for k in calls)
     bm, wm = (statistics.fmean(times[k]) * 1e3 for k in calls)
+    paired = statistics.median(wt / bt for wt, bt in zip(times["working tree"], times["base"]))
     print(f"{args.case} {args.what}: {args.base} {b:.2f} ms, working tree {w:.2f} ms, "
-          f"working tree / base {w / b:.3f} (medians of {args.rounds}); means {bm:.2f} and {wm:.2f} ms, {wm / bm:.3f}")
+          f"working tree / base {w / b:.3f} (medians of {args.rounds}); means {bm:.2f} and {wm:.2f} ms, {wm / bm:.3f}; "
+          f"median of the rounds' ratios {paired:.3f}")
 
 
 if __name__ == "__main__":
