@@ -443,6 +443,48 @@ def test_finite_check_of_many_tensors_matches_isfinite():
     assert kernels.all_finite_many([torch.randn(4, 4)[:, ::2]]) is None
 
 
+def _ordered_sums(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``tensordot(x, m, dims=[[0], [0]])`` summed in order, every product and sum rounded."""
+    a = x.reshape(x.shape[0], -1)
+    columns = []
+    for j in range(m.shape[1]):
+        c = a[0] * m[0, j]
+        for k in range(1, m.shape[0]):
+            c = c + a[k] * m[k, j]
+        columns.append(c)
+    return torch.stack(columns, dim=-1).view(*x.shape[1:], m.shape[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, p", [(1, 1), (3, 3), (2, 5), (8, 8), (5, 1)])
+@pytest.mark.parametrize("count", [7, 256 + 3, 40_001])
+def test_small_contraction_sums_in_order(n, p, count):
+    """SOAP's projection over a small leading dimension (optim.soap_batched._contract): each
+    element the products summed in order, every operation rounded — bit for bit the PyTorch
+    ops that do so (one block's tail, several blocks, threaded), non-finite values propagating."""
+    g = torch.Generator().manual_seed(n * 100 + p)
+    x = torch.randn(n, count, generator=g) * 10.0 ** torch.randint(-3, 4, (n, count), generator=g)
+    x[0, 1] = float("nan")
+    x[-1, 2] = float("inf")
+    m = torch.randn(n, p, generator=g)
+    got = kernels.small_contract(x, m)
+    assert got is not None and got.shape == (count, p) and got.is_contiguous()
+    want = _ordered_sums(x, m)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    shaped = torch.randn(n, 3, count, generator=g)  # trailing dimensions kept, as tensordot's result has them
+    assert torch.equal(kernels.small_contract(shaped, m.T.contiguous().T if p == n else m), _ordered_sums(shaped, m))
+
+
+@needs_kernels
+def test_small_contraction_declines_what_it_does_not_cover():
+    x, m = torch.randn(3, 50), torch.randn(3, 3)
+    assert kernels.small_contract(x.double(), m.double()) is None  # float64: tensordot
+    assert kernels.small_contract(x.T.contiguous().T, m) is None  # not contiguous
+    assert kernels.small_contract(x, torch.randn(2, 3)) is None  # m's rows are not x's leading dimension
+    assert kernels.small_contract(torch.randn(9, 50), torch.randn(9, 9)) is None  # wider than SMALL_CONTRACT_MAX
+    assert kernels.small_contract(torch.empty(3, 0), m) is None
+
+
 @needs_kernels
 def test_kernels_decline_what_they_do_not_cover():
     a = torch.randn(64, 64)

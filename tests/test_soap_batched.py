@@ -6,6 +6,7 @@ not batch left to the library; a step that would differ caught by the run-time c
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttadapt
+from ttadapt import kernels
 from ttadapt.optim import soap_batched
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
@@ -166,6 +168,64 @@ def test_a_step_that_differs_is_caught_once_and_the_library_steps(monkeypatch: p
     before = dict(calls)
     _run(a, ours, data[:2])
     assert calls == before
+
+
+def _conv_net() -> nn.Module:
+    """Convolutions whose 3 × 3 and 1 × 1 kernel dimensions SOAP contracts over 4,608 columns."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(48, 96, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 5))
+
+
+def _conv_run(model, opt, steps: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+@pytest.mark.parametrize("name", ["defaults", "normalize_grads"])
+def test_small_contractions_are_the_librarys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The projections over a convolution kernel's small dimensions go through the kernel, bit
+    for bit the library's tensordot over ten steps across two refreshes (parameters, moments,
+    factors, eigenbases)."""
+    used = []
+    real = kernels.small_contract
+    monkeypatch.setattr(kernels, "small_contract", lambda x, m: used.append(tuple(x.shape)) or real(x, m))
+    a = _conv_net()
+    b = copy.deepcopy(a)
+    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4, **OPTIONS[name])
+    lib = _library(b.parameters(), **OPTIONS[name])
+    _conv_run(a, ours, 10)
+    _conv_run(b, lib, 10)
+    assert _same(a, ours, b, lib)
+    assert {(3, 3, 48, 32), (3, 48, 32, 3), (1, 1, 96, 48), (1, 96, 48, 1)} <= set(used)  # (and the checks' own calls)
+    assert all(soap_batched._CONTRACTS[key] for key in soap_batched._CONTRACTS if key[1] == 4608)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+def test_a_small_contraction_that_differs_is_left_to_tensordot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BLAS that sums such products otherwise (here: a kernel off by an ulp): the check per
+    shape finds it, the library's tensordot runs, the steps are the library's."""
+    monkeypatch.setattr(soap_batched, "_CONTRACTS", {})
+    real = kernels.small_contract
+
+    def off_by_an_ulp(x, m):
+        out = real(x, m)
+        return None if out is None else torch.nextafter(out, torch.full_like(out, math.inf))
+
+    monkeypatch.setattr(kernels, "small_contract", off_by_an_ulp)
+    a = _conv_net()
+    b = copy.deepcopy(a)
+    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4)
+    lib = _library(b.parameters())
+    _conv_run(a, ours, 6)
+    _conv_run(b, lib, 6)
+    assert _same(a, ours, b, lib)
+    assert soap_batched._CONTRACTS and not any(soap_batched._CONTRACTS.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

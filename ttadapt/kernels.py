@@ -186,6 +186,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
             getattr(lib, name).restype = None
         lib.max_pool2x2_f32.argtypes = [_P, _P, _P, _N, _N, _N, _N, _N, _I]
         lib.max_pool2x2_f32.restype = None
+        lib.small_contract_f32.argtypes = [_P, _P, _P, _N, _N, _N, _I]
+        lib.small_contract_f32.restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
     return None, f"the fused CPU kernels did not compile with {cc!r} into {_cache_dir()}"
 
@@ -615,6 +617,29 @@ def max_pool2x2(x: Tensor, indices: bool = False) -> Tensor | tuple[Tensor, Tens
     return out if where is None else (out, where)
 
 
+#: the widest ``m`` :func:`small_contract` takes (``SMALL_CONTRACT_MAX`` in the C source)
+SMALL_CONTRACT_MAX = 8
+
+
+def small_contract(x: Tensor, m: Tensor) -> Tensor | None:
+    """``torch.tensordot(x, m, dims=[[0], [0]])`` for a contiguous float32 CPU ``x`` whose leading
+    dimension ``n`` is small and an ``n × p`` matrix ``m`` (``p ≤ SMALL_CONTRACT_MAX``), each element summed over ``n`` in
+    order with every product and sum rounded (see ``small_contract_f32``; new memory, laid out as
+    tensordot's result) — or None where the kernel does not apply. Whether that is tensordot's
+    result bit for bit depends on the BLAS: the caller checks (``optim.soap_batched``)."""
+    lib = _library()
+    if (lib is None or x.dtype is not _F32 or m.dtype is not _F32 or not x.is_cpu or not m.is_cpu or x.dim() < 1
+            or m.dim() != 2 or m.shape[0] != x.shape[0] or not 0 < m.shape[1] <= SMALL_CONTRACT_MAX or x.numel() == 0
+            or not x.is_contiguous()
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    n, p = m.shape
+    m = m.contiguous()
+    out = torch.empty(*x.shape[1:], p, dtype=x.dtype)
+    lib.small_contract_f32(x.data_ptr(), m.data_ptr(), out.data_ptr(), n, p, x.numel() // n, torch.get_num_threads())
+    return out
+
+
 def _self_test() -> str | None:
     """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
     branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
@@ -690,6 +715,11 @@ def _self_test() -> str | None:
     if got is None or not (torch.equal(got[0].nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
                            and torch.equal(got[1], want_at)):
         return "max pooling (indices)"
+    x, m = ua.nan_to_num(0.0).view(4, 250)[:3].contiguous(), torch.randn(3, 2, generator=g)
+    want = torch.stack([x[0] * m[0, j] + x[1] * m[1, j] + x[2] * m[2, j] for j in range(2)], dim=-1)
+    got = small_contract(x, m)
+    if got is None or not torch.equal(got, want):
+        return "small contraction"
     # the closed-form dry steps (optim.closed_form, which calls adam_direction_many / rmsprop_direction_many)
     # against the real optimizers' steps, from a warm state
     from .optim.closed_form import SpareState, dry_direction, fused_forecast
