@@ -766,8 +766,19 @@ void small_contract_f32(const float* x, const float* m, float* out, int64_t n, i
             }
         }
         float* o = out + start * p;
-        for (int64_t i = 0; i < len; i++)
-            for (int64_t j = 0; j < p; j++)
-                o[i * p + j] = acc[j][i];
+        if (p == 1) {
+            for (int64_t i = 0; i < len; i++)
+                o[i] = acc[0][i];
+        } else if (p == 3) { /* (a 3 × 3 kernel's: interleaved with a constant stride, vectorisable) */
+            for (int64_t i = 0; i < len; i++) {
+                o[3 * i] = acc[0][i];
+                o[3 * i + 1] = acc[1][i];
+                o[3 * i + 2] = acc[2][i];
+            }
+        } else {
+            for (int64_t i = 0; i < len; i++)
+                for (int64_t j = 0; j < p; j++)
+                    o[i * p + j] = acc[j][i];
+        }
     }
 }
