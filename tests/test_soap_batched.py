@@ -207,6 +207,25 @@ def test_small_contractions_are_the_librarys(name: str, monkeypatch: pytest.Monk
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+def test_a_projection_that_builds_a_graph_stays_tensordot() -> None:
+    """``project`` called on a tensor that requires a gradient (outside the optimizer's step,
+    which runs without one) keeps the library's differentiable tensordot."""
+    model = _conv_net()
+    opt = ttadapt.SOAP(model.parameters(), lr=1e-2, precondition_frequency=4)
+    _conv_run(model, opt, 2)
+    weight = model[2].weight  # 48 × 32 × 3 × 3
+    state = opt.state[weight]
+    x = torch.randn(weight.shape, requires_grad=True)
+    got = opt.project(x, state)
+    want = pytorch_optimizer.SOAP.project(opt, x.detach(), state)
+    assert got.requires_grad and torch.equal(got.detach(), want)
+    got.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():  # (as in the step: the kernel, the same floats)
+        assert torch.equal(opt.project(x, state), want)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
 def test_a_small_contraction_that_differs_is_left_to_tensordot(monkeypatch: pytest.MonkeyPatch) -> None:
     """A BLAS that sums such products otherwise (here: a kernel off by an ulp): the check per
     shape finds it, the library's tensordot runs, the steps are the library's."""

@@ -199,6 +199,7 @@ def _contract(x: Tensor, mat: Tensor, forward: bool) -> Tensor:
     n = mat.shape[0]
     if (n <= kernels.SMALL_CONTRACT_MAX and x.dtype is torch.float32 and mat.dtype is torch.float32 and x.is_cpu and mat.is_cpu
             and x.dim() > 1 and x.shape[0] == n and x.numel() >= n * _CONTRACT_MIN and x.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or mat.requires_grad))  # (no graph through the kernel)
             and _contract_agrees(n, x.numel() // n, forward, mat.stride())):
         out = kernels.small_contract(x, mat if forward else mat.t())
         if out is not None:
