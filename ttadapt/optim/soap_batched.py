@@ -24,10 +24,10 @@ One more method differs: ``project``, the projection into the eigenbases and bac
 library's step calls three times per parameter. Its contractions over a small dimension of a
 large tensor — a convolution kernel's 3 of a 3 × 3, a 1 × 1 kernel's 1 — go through
 :func:`ttadapt.kernels.small_contract` instead of ``tensordot``, whose operand there is a
-transposed view that BLAS handles slowly (9–12 ms against 1.8 for a 512 × 512 × 3 × 3
+transposed view that BLAS handles slowly (9–12 ms against 0.86 for a 512 × 512 × 3 × 3
 tensor); the sums are the same, in the same order, checked once per shape against tensordot
-(:func:`_contract_agrees`). SOAP's step on resnet18 takes 0.83 of the library's time with it,
-on resnet152 0.85 (forward and backward included; docs/step_cost.md).
+(:func:`_contract_agrees`). SOAP's step on resnet18 takes 0.84–0.92 of the library's time with
+it over three runs, on resnet152 0.85 (forward and backward included; docs/step_cost.md).
 
 **Bits.** The batched step is the library's bit for bit where batched products and elementwise
 operations round as the per-tensor ones (so on this project's machine). That is checked once per
@@ -194,7 +194,7 @@ def _contract(x: Tensor, mat: Tensor, forward: bool) -> Tensor:
     """The library's ``tensordot(x, mat, dims=[[0], [0 if forward else 1]])``. Over a small
     dimension of a large tensor (a convolution kernel's 3 or 1) that call is slow — its operand
     is a transposed view, and BLAS takes 9–12 ms for a 512 × 512 × 3 × 3 tensor — and
-    :func:`ttadapt.kernels.small_contract` forms the same sums in 1.8 ms (2 threads). Taken
+    :func:`ttadapt.kernels.small_contract` forms the same sums in 0.86 ms (2 threads). Taken
     where :func:`_contract_agrees` for the shape, direction and ``mat``'s layout."""
     n = mat.shape[0]
     if (n <= kernels.SMALL_CONTRACT_MAX and x.dtype is torch.float32 and mat.dtype is torch.float32 and x.is_cpu and mat.is_cpu
@@ -203,7 +203,7 @@ def _contract(x: Tensor, mat: Tensor, forward: bool) -> Tensor:
             and _contract_agrees(n, x.numel() // n, forward, mat.stride())):
         out = kernels.small_contract(x, mat if forward else mat.t())
         if out is not None:
-            return out.view(*x.shape[1:], n)
+            return out
     return torch.tensordot(x, mat, dims=[[0], [0 if forward else 1]])
 
 
