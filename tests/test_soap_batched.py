@@ -207,6 +207,24 @@ def test_small_contractions_are_the_librarys(name: str, monkeypatch: pytest.Monk
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+def test_tensors_above_the_checks_memory_cap_keep_tensordot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check per shape allocates three times the tensor: above ``_CONTRACT_MAX`` elements
+    (here lowered to between the two convolutions' sizes) tensordot runs, bit for bit as ever."""
+    monkeypatch.setattr(soap_batched, "_CONTRACT_MAX", 10_000)  # 1 × 1 conv: 4,608 elements; 3 × 3: 13,824
+    used = []
+    real = kernels.small_contract
+    monkeypatch.setattr(kernels, "small_contract", lambda x, m: used.append(tuple(x.shape)) or real(x, m))
+    a = _conv_net()
+    b = copy.deepcopy(a)
+    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4)
+    lib = _library(b.parameters())
+    _conv_run(a, ours, 5)
+    _conv_run(b, lib, 5)
+    assert _same(a, ours, b, lib)
+    assert (1, 1, 96, 48) in used and not any(shape[0] == 3 for shape in used)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
 def test_a_projection_that_builds_a_graph_stays_tensordot() -> None:
     """``project`` called on a tensor that requires a gradient (outside the optimizer's step,
     which runs without one) keeps the library's differentiable tensordot."""

@@ -26,7 +26,7 @@ large tensor — a convolution kernel's 3 of a 3 × 3, a 1 × 1 kernel's 1 — g
 :func:`ttadapt.kernels.small_contract` instead of ``tensordot``, whose operand there is a
 transposed view that BLAS handles slowly (9–12 ms against 0.86 for a 512 × 512 × 3 × 3
 tensor); the sums are the same, in the same order, checked once per shape against tensordot
-(:func:`_contract_agrees`). SOAP's step on resnet18 takes 0.84–0.92 of the library's time with
+(:func:`_contract_agrees`; tensors above 2²⁴ elements keep tensordot). SOAP's step on resnet18 takes 0.84–0.92 of the library's time with
 it over three runs, on resnet152 0.85 (forward and backward included; docs/step_cost.md).
 
 **Bits.** The batched step is the library's bit for bit where batched products and elementwise
@@ -198,7 +198,7 @@ def _contract(x: Tensor, mat: Tensor, forward: bool) -> Tensor:
     where :func:`_contract_agrees` for the shape, direction and ``mat``'s layout."""
     n = mat.shape[0]
     if (n <= kernels.SMALL_CONTRACT_MAX and x.dtype is torch.float32 and mat.dtype is torch.float32 and x.is_cpu and mat.is_cpu
-            and x.dim() > 1 and x.shape[0] == n and x.numel() >= n * _CONTRACT_MIN and x.is_contiguous()
+            and x.dim() > 1 and x.shape[0] == n and n * _CONTRACT_MIN <= x.numel() <= _CONTRACT_MAX and x.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or mat.requires_grad))  # (no graph through the kernel)
             and _contract_agrees(n, x.numel() // n, forward, mat.stride())):
         out = kernels.small_contract(x, mat if forward else mat.t())
@@ -209,6 +209,9 @@ def _contract(x: Tensor, mat: Tensor, forward: bool) -> Tensor:
 
 # below this many columns a contraction is cheap whichever way (and not worth a check per shape)
 _CONTRACT_MIN = 4096
+# above this many elements the check's random operand and two results (three times the tensor,
+# once per shape) would be a memory surprise: such tensors keep tensordot
+_CONTRACT_MAX = 1 << 24
 _CONTRACTS: dict[tuple, bool] = {}
 
 
