@@ -186,22 +186,34 @@ def _conv_run(model, opt, steps: int) -> None:
         opt.step()
 
 
+def _conv_runs_as_the_library(steps: int, **options) -> bool:
+    """``ttadapt.SOAP`` and the library's class, each stepping its copy of :func:`_conv_net`:
+    whether parameters and every state tensor end bit for bit equal."""
+    a = _conv_net()
+    b = copy.deepcopy(a)
+    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4, **options)
+    lib = _library(b.parameters(), **options)
+    _conv_run(a, ours, steps)
+    _conv_run(b, lib, steps)
+    return _same(a, ours, b, lib)
+
+
+def _spy_small_contract(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes ``kernels.small_contract`` is called with from now on."""
+    used: list[tuple[int, ...]] = []
+    real = kernels.small_contract
+    monkeypatch.setattr(kernels, "small_contract", lambda x, m: used.append(tuple(x.shape)) or real(x, m))
+    return used
+
+
 @pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
 @pytest.mark.parametrize("name", ["defaults", "normalize_grads"])
 def test_small_contractions_are_the_librarys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The projections over a convolution kernel's small dimensions go through the kernel, bit
     for bit the library's tensordot over ten steps across two refreshes (parameters, moments,
     factors, eigenbases)."""
-    used = []
-    real = kernels.small_contract
-    monkeypatch.setattr(kernels, "small_contract", lambda x, m: used.append(tuple(x.shape)) or real(x, m))
-    a = _conv_net()
-    b = copy.deepcopy(a)
-    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4, **OPTIONS[name])
-    lib = _library(b.parameters(), **OPTIONS[name])
-    _conv_run(a, ours, 10)
-    _conv_run(b, lib, 10)
-    assert _same(a, ours, b, lib)
+    used = _spy_small_contract(monkeypatch)
+    assert _conv_runs_as_the_library(10, **OPTIONS[name])
     assert {(3, 3, 48, 32), (3, 48, 32, 3), (1, 1, 96, 48), (1, 96, 48, 1)} <= set(used)  # (and the checks' own calls)
     assert all(soap_batched._CONTRACTS[key] for key in soap_batched._CONTRACTS if key[1] == 4608)
 
@@ -211,16 +223,8 @@ def test_tensors_above_the_checks_memory_cap_keep_tensordot(monkeypatch: pytest.
     """The check per shape allocates three times the tensor: above ``_CONTRACT_MAX`` elements
     (here lowered to between the two convolutions' sizes) tensordot runs, bit for bit as ever."""
     monkeypatch.setattr(soap_batched, "_CONTRACT_MAX", 10_000)  # 1 × 1 conv: 4,608 elements; 3 × 3: 13,824
-    used = []
-    real = kernels.small_contract
-    monkeypatch.setattr(kernels, "small_contract", lambda x, m: used.append(tuple(x.shape)) or real(x, m))
-    a = _conv_net()
-    b = copy.deepcopy(a)
-    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4)
-    lib = _library(b.parameters())
-    _conv_run(a, ours, 5)
-    _conv_run(b, lib, 5)
-    assert _same(a, ours, b, lib)
+    used = _spy_small_contract(monkeypatch)
+    assert _conv_runs_as_the_library(5)
     assert (1, 1, 96, 48) in used and not any(shape[0] == 3 for shape in used)
 
 
@@ -255,13 +259,7 @@ def test_a_small_contraction_that_differs_is_left_to_tensordot(monkeypatch: pyte
         return None if out is None else torch.nextafter(out, torch.full_like(out, math.inf))
 
     monkeypatch.setattr(kernels, "small_contract", off_by_an_ulp)
-    a = _conv_net()
-    b = copy.deepcopy(a)
-    ours = ttadapt.SOAP(a.parameters(), lr=1e-2, precondition_frequency=4)
-    lib = _library(b.parameters())
-    _conv_run(a, ours, 6)
-    _conv_run(b, lib, 6)
-    assert _same(a, ours, b, lib)
+    assert _conv_runs_as_the_library(6)
     assert soap_batched._CONTRACTS and not any(soap_batched._CONTRACTS.values())
 
 
