@@ -12,6 +12,9 @@ see costs that come once in many calls, such as a full garbage collection). ``--
 towards a nearby state) or ``plain`` (zero_grad, forward, backward, Adam step: the same code in
 both versions, so its ratio is the harness's own spread). ``--case``: a case of ``_models.py``
 or ``tail`` (Model B's 27 tanh layers alone). glibc is told to keep freed memory (see _alloc.py).
+Revisions from 2ba4d3f up to the one that added ``snapshot.BATCHED_SOAP_MODULE`` took their own
+``ttadapt.SOAP`` for a foreign optimizer when imported under another name (a slower AG-1/AG-2
+path): compare AG-1/AG-2 with ``--optimizer soap`` only against later revisions.
 """
 
 from __future__ import annotations

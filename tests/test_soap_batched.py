@@ -297,3 +297,26 @@ def test_pickles_and_unpickles_in_a_fresh_process(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["BatchedSOAP", str(len(opt.state))]
+
+
+def test_recognised_under_another_package_name(tmp_path) -> None:
+    """A copy of the package imported under another name (as benchmarks/ab_versions.py imports an
+    older revision) still knows its batched SOAP as SOAP: swappable state, the closed-form dry
+    step and the refresh skip apply to it."""
+    import importlib
+    import shutil
+    import sys
+    from pathlib import Path
+
+    shutil.copytree(Path(ttadapt.__file__).parent, tmp_path / "ttadapt_copy", ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        other = importlib.import_module("ttadapt_copy")
+        opt = other.create_optimizer("soap", _net().parameters(), 1e-3)
+        assert type(opt).__module__ == "ttadapt_copy.optim.soap_batched"
+        assert other.optim.snapshot.swappable(opt) and other.optim.soap_step._is_soap(opt)
+        assert other.optim.refresh._targets(opt)
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n == "ttadapt_copy" or n.startswith("ttadapt_copy.")]:
+            del sys.modules[name]

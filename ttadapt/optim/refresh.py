@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from torch import Tensor
 
-from .snapshot import _optimizers
+from .snapshot import BATCHED_SOAP_MODULE, _optimizers
 
 __all__ = ["RefreshProbe", "skipped_refresh"]
 
@@ -31,7 +31,7 @@ __all__ = ["RefreshProbe", "skipped_refresh"]
 # (ttadapt's batched SOAP: its batched parameters' factors and eigenbases are refreshed after
 # their update as well, without this method; the method serves the rest, through the library's loop)
 _REFRESH_METHODS: dict[tuple[str, str], str] = {("pytorch_optimizer.optimizer.soap", "SOAP"): "update_pre_conditioner",
-                                                ("ttadapt.optim.soap_batched", "BatchedSOAP"): "update_pre_conditioner"}
+                                                (BATCHED_SOAP_MODULE, "BatchedSOAP"): "update_pre_conditioner"}
 
 
 def _targets(optimizer: Any) -> list[tuple[Any, str]]:

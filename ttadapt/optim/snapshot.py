@@ -20,6 +20,9 @@ from torch import Tensor
 __all__ = ["OptimizerSnapshot", "SwappedState", "dry_run", "swappable"]
 
 _NESTED = ("optimizer", "base_optimizer", "inner_optimizer", "_optimizer")
+#: the module of ttadapt's batched SOAP, under whatever name this package was imported
+#: (``benchmarks/ab_versions.py`` imports an older copy of it beside the working tree's)
+BATCHED_SOAP_MODULE = __name__.rsplit(".", 1)[0] + ".soap_batched"
 _SKIP_ATTRS = {"param_groups", "state", "defaults", *_NESTED}
 
 
@@ -51,7 +54,7 @@ def _clone_into(x: Any, old: Any, copies: tuple[list[Tensor], list[Tensor]]) -> 
     if isinstance(x, Tensor):
         if isinstance(old, Tensor) and _same_layout(old, x):
             copies[0].append(old)
-            copies[1].append(x.detach())
+            copies[1].append(x)  # (read under no_grad in _copy_all: no detach needed)
             return old
         return x.detach().clone()
     if isinstance(x, dict):
@@ -217,7 +220,7 @@ def swappable(optimizer: Any) -> bool:
     """Whether :meth:`OptimizerSnapshot.swap_in` is safe: every (nested) optimizer is one of
     ``torch.optim``'s or ``pytorch_optimizer``'s (ttadapt's batched SOAP among them), which look
     their state up in ``state[p]`` on every ``step()`` instead of holding on to the tensors."""
-    return all(type(opt).__module__.startswith(("torch.optim.", "pytorch_optimizer.", "ttadapt.optim.soap_batched"))
+    return all(type(opt).__module__.startswith(("torch.optim.", "pytorch_optimizer.", BATCHED_SOAP_MODULE))
                for opt in _optimizers(optimizer))
 
 

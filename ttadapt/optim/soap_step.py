@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .closed_form import _hooked
-from .snapshot import OptimizerSnapshot
+from .snapshot import BATCHED_SOAP_MODULE, OptimizerSnapshot
 
 __all__ = ["soap_dry_step", "agrees"]
 
@@ -62,7 +62,7 @@ def _is_soap(optimizer: Any) -> bool:
     """The library's SOAP, or ttadapt's batched one (the library's state and arithmetic)."""
     kind = type(optimizer)
     return (kind.__module__, kind.__name__) in (("pytorch_optimizer.optimizer.soap", "SOAP"),
-                                               ("ttadapt.optim.soap_batched", "BatchedSOAP"))
+                                               (BATCHED_SOAP_MODULE, "BatchedSOAP"))
 
 
 def soap_dry_step(optimizer: Any, before: Any, params: dict[str, Tensor], theta: dict[str, Tensor],
