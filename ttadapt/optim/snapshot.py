@@ -20,10 +20,10 @@ from torch import Tensor
 __all__ = ["OptimizerSnapshot", "SwappedState", "dry_run", "swappable"]
 
 _NESTED = ("optimizer", "base_optimizer", "inner_optimizer", "_optimizer")
+_SKIP_ATTRS = {"param_groups", "state", "defaults", *_NESTED}
 #: the module of ttadapt's batched SOAP, under whatever name this package was imported
 #: (``benchmarks/ab_versions.py`` imports an older copy of it beside the working tree's)
 BATCHED_SOAP_MODULE = __name__.rsplit(".", 1)[0] + ".soap_batched"
-_SKIP_ATTRS = {"param_groups", "state", "defaults", *_NESTED}
 
 
 # Values that copy.deepcopy returns as they are: no copy needed, and the check is a set lookup
