@@ -185,12 +185,26 @@ def test_cli_resnet152_on_an_image_folder(tmp_path):
     assert len(out_csv.read_text().splitlines()) == 1 + 3 * 2
 
 
+def test_a_folder_gives_its_images_and_leaves_other_files(tmp_path):
+    root = _folder(tmp_path)
+    (root / "labels.txt").write_text("1\n2\n3\n")  # beside the images, as users keep them
+    (root / "README.md").write_text("three digits\n")
+    out = tmp_path / "pred.json"
+    result = runner.invoke(app, ["adapt", "--model", "model_b", "--batch", str(root), "--labels", str(root / "labels.txt"),
+                                 "--method", "none", "--output", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert [r["input"] for r in json.loads(out.read_text())] == ["im0.png", "im1.png", "im2.png"]
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     root = _folder(tmp_path)
     (tmp_path / "empty").mkdir()
     notimg = tmp_path / "notimg"
     notimg.mkdir()
     (notimg / "a.png").write_text("not an image")
+    textonly = tmp_path / "textonly"
+    textonly.mkdir()
+    (textonly / "labels.txt").write_text("1\n")
     two = tmp_path / "two.txt"
     two.write_text("1\n2\n")
     big = tmp_path / "big.txt"
@@ -207,6 +221,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         (["adapt", "--model", "resnet152", "--batch", str(tmp_path / "missing")], "does not exist"),
         (["adapt", "--model", "resnet152", "--batch", str(tmp_path / "empty")], "is empty"),
         (["adapt", "--model", "resnet152", "--batch", str(notimg)], "is not an image"),
+        (["adapt", "--model", "resnet152", "--batch", str(textonly)], "holds no images"),
         (["adapt", "--model", "resnet152", "--batch", str(gray)], "3-channel"),
         (["adapt", "--model", "resnet152", "--batch", str(root), "--labels", str(two)], "2 labels for a batch of 3"),
         (["adapt", "--model", "resnet152", "--batch", str(root), "--labels", str(big)], "class indices from 0 to 999"),

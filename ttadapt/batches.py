@@ -46,10 +46,15 @@ def _preprocess(kind: str):
 def _image_files(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_dir():
+        # a folder's images only: a labels file or a README often sits beside them
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
             raise BatchError(f"batch folder {spec!r} is empty")
-        return files
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise BatchError(f"batch folder {spec!r} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
+                             f"{len(files)} other file(s), e.g. {files[0].name}")
+        return images
     if path.is_file():
         return [path]
     if any(ch in spec for ch in "*?["):

@@ -211,9 +211,10 @@ def adapt(
 ) -> None:
     """Adapt a model to a batch at test time and show the predictions.
 
-    With no options, runs the embedded demo: the shipped model_b checkpoint on 128
-    brightness-shifted mnist5k test digits, comparing the source model, TENT-style gradient
-    steps and AG-1/AG-2 at the same steps and learning rate."""
+    With no options, runs the embedded demo: the shipped model_b checkpoint
+    on 128 brightness-shifted mnist5k test digits, comparing the source model,
+    TENT-style gradient steps and AG-1/AG-2 at the same steps and learning
+    rate."""
     from . import models as zoo
     from .adapt import LOSSES, METHODS
     from .batches import BatchError
@@ -316,9 +317,10 @@ def finetune(
 ) -> None:
     """Fine-tune a zoo model: plain, AG-1, AG-2, AG-3, AG-3-1 or SAM around SOAP/Adam/RMSprop/SGD.
 
-    Overrides follow the recipe as dotted keys: `optim.lr=1e-3 method.name=sam` or
-    `--epochs 3`. Run on several processes with `torchrun --nproc_per_node N -m ttadapt finetune ...`.
-    Writes config.yaml, log.txt, metrics.jsonl, checkpoint.pt and model.pt into `out`."""
+    Overrides follow the recipe as dotted keys: `optim.lr=1e-3 method.name=sam`
+    or `--epochs 3`. Run on several processes with
+    `torchrun --nproc_per_node N -m ttadapt finetune ...`. Writes config.yaml,
+    log.txt, metrics.jsonl, checkpoint.pt and model.pt into `out`."""
     from .config import ConfigError
     from .data import DataError
     from .finetune import finetune as run_finetune
