@@ -730,10 +730,10 @@ register_activation(
     vjp=lambda g, u, y, lambd=0.5: aten.softshrink_backward(g, u, lambd),
 )
 
-# Pointwise nonlinear calls that are *not* averaged. `inspect` lists them so that a user sees
-# what keeps its ordinary derivative: math inside normalisations and losses (exp, rsqrt, pow),
+# Nonlinear calls that are *not* averaged. `inspect` lists them so that a user sees what keeps
+# its ordinary derivative: math inside normalisations and losses (exp, rsqrt, pow),
 # discontinuous or random activations (threshold, hardshrink, rrelu) whose secant is not the
-# mean of the ordinary derivative.
+# mean of the ordinary derivative, recurrent layers' fused gates.
 UNAVERAGED_POINTWISE: dict[Any, str] = {}
 for _name in (
     "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "pow", "square", "abs",
@@ -748,6 +748,12 @@ for _name in (
                 UNAVERAGED_POINTWISE[_f] = _name
 for _f, _name in ((F.threshold, "threshold"), (F.hardshrink, "hardshrink"), (F.rrelu, "rrelu"), (F.glu, "glu")):
     UNAVERAGED_POINTWISE[_f] = _name
+# Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells) run their sigmoid / tanh / ReLU
+# gates inside one fused ATen call, which no site sees: their gates keep the ordinary derivative.
+for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"):
+    _f = getattr(torch, _name, None)
+    if _f is not None:
+        UNAVERAGED_POINTWISE[_f] = f"{_name} (fused gates)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ class InspectionReport:
 
     ``averaged`` holds the activation sites the engine replaces by secants (and, with
     ``linear=True``, the affine layers it averages); ``unaveraged`` the other nonlinear pointwise
-    calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code), which keep
-    their ordinary derivative. ``str(report)`` renders a table grouped by module path.
+    calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code) and the
+    recurrent layers' fused gate calls (``lstm``, ``gru``, ...), which keep their ordinary
+    derivative. ``str(report)`` renders a table grouped by module path.
     """
 
     model: str
