@@ -109,6 +109,21 @@ def test_inspect_reports_unaveraged_pointwise_calls():
     assert "2 NOT averaged" in text and "exp" in text
 
 
+def test_inspect_reports_roundings_binary_maps_and_special_functions():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.l(x)
+            return torch.round(h * 4) / 4 + torch.maximum(h, 0.1 * h) + torch.special.ndtr(h) + torch.special.expit(h)
+
+    report = ttadapt.inspect(Custom(), torch.randn(2, 3))
+    assert [c.call for c in report.unaveraged] == ["round", "maximum", "special.ndtr"]
+    assert [c.call for c in report.averaged] == ["sigmoid"]  # torch.special.expit is the sigmoid
+
+
 @pytest.mark.parametrize("layer, call", [
     (nn.LSTM(4, 6, batch_first=True), "lstm"), (nn.GRU(4, 6, batch_first=True), "gru"),
     (nn.RNN(4, 6, batch_first=True), "rnn_tanh"), (nn.RNN(4, 6, nonlinearity="relu", batch_first=True), "rnn_relu"),

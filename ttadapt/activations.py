@@ -740,6 +740,12 @@ for _name in (
     "reciprocal", "erf", "erfc", "erfinv", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh",
     "asinh", "acosh", "atanh", "clamp", "clip", "clamp_min", "clamp_max", "sign", "logit", "rrelu",
     "hardshrink", "threshold",
+    # aliases, binary nonlinear maps, and the piecewise-constant roundings (derivative 0, while a
+    # secant across a step is not)
+    "arcsin", "arccos", "arctan", "arcsinh", "arccosh", "arctanh", "sgn", "maximum", "minimum", "fmax",
+    "fmin", "atan2", "arctan2", "hypot", "logaddexp", "logaddexp2", "float_power", "xlogy", "lgamma",
+    "digamma", "polygamma", "mvlgamma", "i0", "sinc", "nan_to_num", "heaviside", "fmod", "remainder", "floor",
+    "ceil", "round", "trunc", "fix", "frac",
 ):
     for _owner in (torch, torch.Tensor):
         for _suffix in ("", "_"):
@@ -748,6 +754,10 @@ for _name in (
                 UNAVERAGED_POINTWISE[_f] = _name
 for _f, _name in ((F.threshold, "threshold"), (F.hardshrink, "hardshrink"), (F.rrelu, "rrelu"), (F.glu, "glu")):
     UNAVERAGED_POINTWISE[_f] = _name
+for _name in getattr(torch.special, "__all__", ()):  # torch.special's pointwise functions (expit is sigmoid)
+    _f = getattr(torch.special, _name, None)
+    if callable(_f) and _name not in ("softmax", "log_softmax", "logsumexp") and lookup_call(_f) is None:
+        UNAVERAGED_POINTWISE.setdefault(_f, f"special.{_name}")
 # Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells) run their sigmoid / tanh / ReLU
 # gates inside one fused ATen call, which no site sees: their gates keep the ordinary derivative.
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"):
