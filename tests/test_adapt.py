@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,48 @@ def test_norm_uses_test_batch_statistics_and_keeps_running_stats():
     with torch.no_grad():
         assert torch.allclose(out, reference(x), atol=1e-6)
     assert torch.equal(model[1].running_mean, running)
+
+
+def test_a_batch_of_one_uses_the_running_statistics():
+    """One sample has no batch statistics: BatchNorm normalises it with its running statistics
+    (as the source model does), for the updates and the prediction, then returns to test-batch
+    statistics; the report and one warning say so."""
+    model = bn_net()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 1, 28, 28) * 3 + 1
+    reference = copy.deepcopy(model).eval()  # the oracle: the model in eval mode, one SGD step on the entropy
+    norm_params = list(reference[1].parameters())
+    sgd = torch.optim.SGD(norm_params, lr=0.5)
+    ttadapt.adapt.entropy(reference(x)).mean().backward()
+    sgd.step()
+    with torch.no_grad():
+        want = reference(x)
+    running = model[1].running_mean.clone()
+    adapter = Adapter(model, method="grad", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5), steps=1, episodic=False)
+    with pytest.warns(RuntimeWarning, match="batch of one sample"):
+        out = adapter(x)
+    torch.testing.assert_close(out, want)
+    assert adapter.last_report.source_statistics and model[1].training  # back to test-batch statistics
+    assert torch.equal(model[1].running_mean, running)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per batch
+        adapter(x)
+    adapter(torch.rand(4, 1, 28, 28))
+    assert not adapter.last_report.source_statistics
+
+
+@pytest.mark.parametrize("method", ["norm", "grad", "ag2", "sam"])
+def test_a_batch_of_one_through_batchnorm1d(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    adapter = Adapter(model, method=method, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = adapter(torch.randn(1, 6))  # BatchNorm1d in train mode refuses one sample
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+    assert adapter.predict_only(torch.randn(1, 6)).shape == (1, 3)
 
 
 @pytest.mark.parametrize("method", ["grad", "ag1", "ag2"])

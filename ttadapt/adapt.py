@@ -8,7 +8,8 @@ few-shot adaptation with labels).
 
 The adapter configures the model in place, as TENT does: only the chosen parameters require a
 gradient, BatchNorm layers normalise with the test batch's statistics (their running statistics
-are left as they are), everything else runs in eval mode (no dropout). ``reset()`` puts the
+are left as they are; a batch of one sample uses them instead), everything else runs in eval
+mode (no dropout). ``reset()`` puts the
 parameters, buffers and optimizer back to how they were when the adapter was made, bit for bit.
 """
 
@@ -64,6 +65,7 @@ class AdaptationReport:
     steps: int
     rolled_back: bool = False
     reason: str = ""
+    source_statistics: bool = False  # a batch of one sample: BatchNorm used its running statistics
 
 
 class Adapter(nn.Module):
@@ -115,6 +117,7 @@ class Adapter(nn.Module):
         self.collapse_guard = collapse_guard
         self.last_report: AdaptationReport | None = None
         self.rolled_back = 0
+        self._warned_single = False
         self.adapted = self._select(params) if method not in ("none", "norm") else {}
         if not self.adapted and method not in ("none", "norm"):  # checked before the model is touched
             hint = " (the model has no normalisation layers: use params='all' or name patterns)" if params == "norm" else ""
@@ -205,6 +208,29 @@ class Adapter(nn.Module):
         if self.method == "none":
             self.last_report = AdaptationReport(None, None, 0)
             return self.predict_only(x)
+        with self._statistics_for(x) as source_statistics:
+            out = self._adapt(x, y)
+        if source_statistics:
+            self.last_report.source_statistics = True
+            if not self._warned_single:
+                self._warned_single = True
+                warnings.warn("ttadapt.Adapter: a batch of one sample; BatchNorm uses its running statistics for it "
+                              "(adapt on batches of several samples to use test-batch statistics)", RuntimeWarning,
+                              stacklevel=2)
+        return out
+
+    def _statistics_for(self, x: Any) -> "_EvalMode":
+        """A batch of one sample has no batch statistics to speak of (BatchNorm1d refuses it,
+        BatchNorm2d normalises it by itself, which is how TENT-style adaptation collapses on it):
+        inside this block its BatchNorm layers use their running statistics, as the source model
+        does. Other batches: a block that changes nothing."""
+        return _EvalMode(self._test_statistics_layers() if _batch_size(x) == 1 else [])
+
+    def _test_statistics_layers(self) -> list[nn.Module]:
+        """The BatchNorm layers that normalise with the test batch's statistics."""
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+    def _adapt(self, x: Any, y: Tensor | None) -> Tensor:
         if self.episodic:
             self.reset()
         if self.method == "norm" or self.steps == 0:
@@ -259,7 +285,7 @@ class Adapter(nn.Module):
     def predict_only(self, x: Any) -> Tensor:
         """Logits of the model as it is now, without adapting and without touching its buffers
         (BatchNorm's batch counter included)."""
-        with torch.no_grad(), evaluated_at(self.model, {}, copy_buffers=True):
+        with torch.no_grad(), self._statistics_for(x), evaluated_at(self.model, {}, copy_buffers=True):
             return logits_of(self.model(x))
 
     def _plain_step(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -275,6 +301,40 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, loss={self.loss!r}, steps={self.steps}, episodic={self.episodic}, adapted={len(self.adapted)} tensors"
+
+
+def _batch_size(x: Any) -> int | None:
+    """The leading dimension of the first tensor in ``x`` (a tensor, a mapping such as a
+    tokenizer's output, or a sequence)."""
+    if isinstance(x, Tensor):
+        return x.shape[0] if x.dim() else None
+    if hasattr(x, "keys") and hasattr(x, "values"):
+        items = list(x.values())
+    elif isinstance(x, (list, tuple)):
+        items = list(x)
+    else:
+        return None
+    for v in items:
+        if isinstance(v, Tensor) and v.dim():
+            return v.shape[0]
+    return None
+
+
+class _EvalMode:
+    """Put ``modules`` in eval mode inside the block (which gives whether there were any), back in
+    train mode after it."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def __enter__(self) -> bool:
+        for m in self.modules:
+            m.train(False)
+        return bool(self.modules)
+
+    def __exit__(self, *exc: Any) -> None:
+        for m in self.modules:
+            m.train(True)
 
 
 def _collapsed(logits: Tensor) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,10 +42,13 @@ def _adapt_steps(adapter: Adapter, x, y, steps: int, progress: Progress | None, 
     """Run ``steps`` single steps (the adapter is non-episodic); returns (seconds per step, first loss)."""
     task = progress.add_task(label, total=steps) if progress is not None else None
     start = time.perf_counter()
-    for _ in range(steps):
-        adapter(x, y)
-        if progress is not None:
-            progress.advance(task)
+    with warnings.catch_warnings():
+        # the adapter's warnings (a rolled-back batch, a batch of one) are shown in the table
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(steps):
+            adapter(x, y)
+            if progress is not None:
+                progress.advance(task)
     seconds = (time.perf_counter() - start) / max(steps, 1)
     return seconds, adapter.rolled_back
 
@@ -119,8 +123,11 @@ def run_custom(console: Console, *, model_name: str, weights: Optional[str], bat
         after = adapter.predict_only(b.x)
     categories = _categories(num_classes, info.input)
     k = max(1, min(top_k, num_classes))
-    table = Table(title=f"{model_name}: {len(b.names)} inputs, method {method}, {n} steps"
-                        + (f", {seconds * 1e3:.0f} ms/step" if n else "") + (f", {rolled} rolled back" if rolled else ""))
+    table = Table(title=f"{model_name}{' (random weights: no --weights given)' if weights is None else ''}: "
+                        f"{len(b.names)} inputs, method {method}, {n} steps"
+                        + (f", {seconds * 1e3:.0f} ms/step" if n else "") + (f", {rolled} rolled back" if rolled else "")
+                        + (", BatchNorm on its running statistics (one input)"
+                           if len(b.x) == 1 and adapter._test_statistics_layers() else ""))
     table.add_column("input")
     table.add_column(f"top-{k} after adaptation")
     if y is not None:
