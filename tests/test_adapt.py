@@ -239,6 +239,23 @@ def test_a_folder_gives_its_images_and_leaves_other_files(tmp_path):
     assert [r["input"] for r in json.loads(out.read_text())] == ["im0.png", "im1.png", "im2.png"]
 
 
+def test_a_tensor_batch_outside_the_models_preprocessing_is_warned_about(tmp_path):
+    from ttadapt.batches import input_range_note
+
+    g = torch.Generator().manual_seed(0)
+    unit = torch.rand(2, 3, 8, 8, generator=g)
+    normalised = (unit - 0.45) / 0.225
+    assert "[0, 1]" in input_range_note(unit, "imagenet")
+    assert "0-255" in input_range_note(unit * 255, "imagenet") and "0-255" in input_range_note(unit[:, :1] * 255, "mnist")
+    assert "not normalised" in input_range_note(normalised[:, :1], "mnist")
+    assert input_range_note(normalised, "imagenet") is None and input_range_note(unit[:, :1], "mnist") is None
+    path = tmp_path / "raw.pt"
+    torch.save(torch.rand(2, 1, 28, 28, generator=g) * 255, path)
+    result = runner.invoke(app, ["adapt", "--model", "model_b", "--batch", str(path), "--method", "none"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "warning: the batch's values reach" in result.output
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     root = _folder(tmp_path)
     (tmp_path / "empty").mkdir()

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .atomic import write_bytes_atomically as write_atomically
 
-__all__ = ["BatchError", "Batch", "read_batch", "read_labels", "write_atomically", "IMAGE_SUFFIXES"]
+__all__ = ["BatchError", "Batch", "read_batch", "read_labels", "input_range_note", "write_atomically", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -111,6 +111,24 @@ def _read_tensor_file(path: Path, kind: str) -> Batch:
     if labels is not None and not isinstance(labels, Tensor):
         raise BatchError(f"{path}: 'y' must be a tensor of class indices")
     return Batch(x, [f"{path.name}[{i}]" for i in range(len(x))], None if labels is None else labels.long())
+
+
+def input_range_note(x: Tensor, kind: str) -> str | None:
+    """A warning when a tensor batch's values do not look like the model's preprocessing: pixel
+    values 0–255, or [0, 1] images for an ImageNet model that expects mean/std-normalised input
+    (values about −2.1 to 2.6). ``None`` when they look right (or the kind has no convention)."""
+    if kind not in ("mnist", "imagenet") or not x.is_floating_point() or x.numel() == 0:
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    if hi > 10:
+        return f"the batch's values reach {hi:g}: pixel values 0-255? this model takes " + (
+            "[0, 1] images" if kind == "mnist" else "ImageNet mean/std-normalised images")
+    if kind == "imagenet" and lo >= 0 and hi <= 1:
+        return ("the batch's values lie in [0, 1]: this model takes ImageNet mean/std-normalised images "
+                "(subtract (0.485, 0.456, 0.406), divide by (0.229, 0.224, 0.225))")
+    if kind == "mnist" and lo < -0.5:
+        return f"the batch's values go down to {lo:g}: this model takes [0, 1] images, not normalised ones"
+    return None
 
 
 def read_labels(path: str, names: list[str], num_classes: int) -> Tensor:

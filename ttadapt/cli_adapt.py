@@ -95,11 +95,15 @@ def run_custom(console: Console, *, model_name: str, weights: Optional[str], bat
                top_k: int, download: bool) -> None:
     from . import models
     from .adapt import logits_of
-    from .batches import read_batch, read_labels, serialize_state, write_atomically
+    from .batches import input_range_note, read_batch, read_labels, serialize_state, write_atomically
 
     info = models.model_info(model_name)
     model = models.create(model_name, weights=weights, download=download)
     b = read_batch(batch, info.input)
+    if batch.endswith((".pt", ".pth")):  # image files get the model's own preprocessing
+        note = input_range_note(b.x, info.input)
+        if note:
+            Console(stderr=True).print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
     num_classes = models.num_classes_of(model_name, model)
     y = b.labels
     if labels is not None:
