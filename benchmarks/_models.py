@@ -43,6 +43,11 @@ def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
         model = create("resnet152")  # random weights: the step costs what it costs with ImageNet's
         x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
+    elif case in ("mobilenet_v3_small", "efficientnet_b0"):  # Hardswish / SiLU and sigmoid gates
+        import torchvision
+
+        model = getattr(torchvision.models, case)(weights=None, num_classes=10)
+        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
     elif case == "model_b":
         model = model_b()
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))

@@ -486,6 +486,77 @@ def test_small_contraction_declines_what_it_does_not_cover():
 
 
 @needs_kernels
+def _too_close(ua: torch.Tensor, ub: torch.Tensor, tol: float) -> torch.Tensor:
+    """The PyTorch fallback's division-by-zero test (ttadapt.secant.close_mask)."""
+    from ttadapt.secant import close_mask
+
+    return close_mask(ua, ub - ua)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+def test_quotient_secant_kernel_is_the_torch_quotient_and_finds_the_close_inputs(n):
+    ua, ub = _inputs(n)
+    fa, fb = torch.nn.functional.silu(ua), torch.nn.functional.silu(ub)
+    tol = torch.finfo(torch.float32).eps ** 0.5
+    near = _too_close(ua, ub, tol)
+    got = kernels._quotient_secant(ua, fa, ub, fb, tol, None, n)  # room for every position
+    assert got is not None and _same(got[0], (fb - fa) / (ub - ua))
+    assert torch.equal(got[1].sort().values, near.nonzero().squeeze(1))
+    slope, positions = kernels.quotient_secant(ua, fa, ub, fb, tol, out=fb.clone())
+    assert (positions is None) == (int(near.sum()) > kernels._MAX_CLOSE)
+    derivative = torch.ops.aten.silu_backward(torch.ones_like(ua), ua)
+    kernels.close_fill(ua, ub, derivative, tol, slope)
+    assert _same(slope, torch.where(near, derivative, (fb - fa) / (ub - ua)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("count", [0, 1, 256, 257, 40_000])
+def test_quotient_secant_kernel_reports_close_inputs_across_chunks_and_threads(count):
+    """Close inputs spread over many chunks (each reserves its slots at once): every position is
+    reported up to the cap, none beyond it, and the count decides."""
+    n = 300_001
+    g = torch.Generator().manual_seed(count)
+    ua = torch.randn(n, generator=g)
+    ub = ua + 0.5
+    where = torch.randperm(n, generator=g)[:count]
+    ub[where] = ua[where]
+    fa, fb = ua.sigmoid(), ub.sigmoid()
+    slope, positions = kernels.quotient_secant(ua, fa, ub, fb, 3e-4)
+    if count <= kernels._MAX_CLOSE:
+        assert torch.equal(positions.sort().values, where.sort().values)
+    else:
+        assert positions is None
+    assert torch.isnan(slope).sum() == count  # 0/0 there, until the caller fills the derivative
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["hardswish", "silu", "gelu", "mish", "softplus"])
+@pytest.mark.parametrize("spread", [1e-5, 0.3])  # mostly close (many positions), mostly apart
+def test_generic_secant_is_the_same_with_and_without_the_kernel(act, spread, monkeypatch):
+    """The engine's generic secant (activations without a closed form): the kernel changes its
+    speed, not its result, except that the derivative at the few close inputs is evaluated on
+    those elements alone (ATen's scalar path there: within float32 ulps)."""
+    from ttadapt import secant
+
+    fn = getattr(torch.nn.functional, act)
+    derivative = lambda u: torch.autograd.functional.vjp(fn, u, torch.ones_like(u))[1]  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    ua = torch.randn(70_001, generator=g) * 3
+    ub = ua + torch.randn(70_001, generator=g) * spread
+    ub[::97] = ua[::97]
+    near = _too_close(ua, ub, 3.4e-4)
+    fused = secant.secant_slope(fn, derivative, ua, fn(ua), ub.clone(), True, fn(ub), True)
+    monkeypatch.setitem(kernels._state, "lib", None)
+    plain = secant.secant_slope(fn, derivative, ua, fn(ua), ub.clone(), True, fn(ub), True)
+    assert torch.equal(fused[~near], plain[~near])
+    torch.testing.assert_close(fused[near], plain[near], rtol=4e-7, atol=1e-30)
+
+
 def test_kernels_decline_what_they_do_not_cover():
     a = torch.randn(64, 64)
     assert kernels.tanh_secant(a.double(), a.double(), a.double(), a.double()) is None  # float64: PyTorch ops
@@ -499,6 +570,8 @@ def test_kernels_decline_what_they_do_not_cover():
         got = secant(misfit)
         assert got is not None and got is not misfit and got.is_contiguous() and torch.equal(got, secant(None))
     assert kernels.clamp_secant(torch.empty(0), torch.empty(0), 0.0, 1.0) is None
+    assert kernels.quotient_secant(a.double(), a.double(), a.double(), a.double(), 1e-8) is None
+    assert kernels.quotient_secant(a, a, a.T, a, 3e-4) is None  # laid out differently
     p = a.clone()
     assert kernels.ag1_update(p, a.half(), a) is None and torch.equal(p, a)
     # channels-last (dense, permuted) tensors are walked in memory order

@@ -441,6 +441,62 @@ int64_t exp_linear_secant_f32(const float* ua, const float* ub, const float* gra
     return count;
 }
 
+/* The paper's division-by-zero rule: the inputs are too close for a secant where
+ * |ub − ua| − tol·|ua| ≤ tol, with the fused multiply-add of ATen's vectorised sub-with-alpha
+ * (the PyTorch fallback's test). */
+static inline int too_close(float a, float b, float tol) {
+    return fmaf(fabsf(a), -tol, fabsf(b - a)) <= tol;
+}
+
+/* The generic secant slope (fb − fa) / (ub − ua) of an activation without a closed form, from
+ * its outputs at both inputs, in one pass, rounded as PyTorch rounds it (two differences, one
+ * division). Returns how many elements are too close for it (too_close), and puts the
+ * positions of up to ``max_close`` of them into ``close`` (in no particular order) for the
+ * caller to replace by the derivative; with more, close_fill_f32 does. ``out`` may be ``fb``
+ * (each element is read before it is written), not ``ua`` or ``ub``. */
+int64_t quotient_secant_f32(const float* ua, const float* fa, const float* ub, const float* fb, float* out, int64_t n,
+                            float tol, int threads, int64_t* close, int64_t max_close) {
+    int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
+    int64_t count = 0, recorded = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : count)
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+        int64_t here = 0;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++) {
+            out[i] = (fb[i] - fa[i]) / (ub[i] - ua[i]);
+            here += too_close(ua[i], ub[i], tol);
+        }
+        if (here && here <= max_close) { /* (more: the total is over max_close, close_fill_f32 runs) */
+            int64_t slot;
+#pragma omp atomic capture
+            {
+                slot = recorded;
+                recorded += here;
+            }
+            for (int64_t i = start; i < stop && slot < max_close; i++) {
+                if (too_close(ua[i], ub[i], tol))
+                    close[slot++] = i;
+            }
+        }
+        count += here;
+    }
+    return count;
+}
+
+/* out ← deriv where ua and ub are too close for a secant (after quotient_secant_f32 found
+ * many such elements). */
+void close_fill_f32(const float* ua, const float* ub, const float* deriv, float* out, int64_t n, float tol,
+                    int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t start = 0; start < n; start += 4 * CHUNK) {
+        int64_t stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++)
+            out[i] = too_close(ua[i], ub[i], tol) ? deriv[i] : out[i];
+    }
+}
+
 /* AG-2's dry step of torch.optim.Adam / AdamW, computed from the state before the forecast,
  * which is only read: with d holding the forecast θ′ on entry, sums[0] += Σ|θ′ − θ|, then
  * d ← θ″ − θ and sums[1] += Σ|θ″ − θ|, θ″ being what Adam's single-tensor step computes from

@@ -162,6 +162,10 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.ag1_update_many_f32.restype = ctypes.c_double
         lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I, _P, _N]
         lib.exp_linear_secant_f32.restype = ctypes.c_int64
+        lib.quotient_secant_f32.argtypes = [_P, _P, _P, _P, _P, _N, _F, _I, _P, _N]
+        lib.quotient_secant_f32.restype = ctypes.c_int64
+        lib.close_fill_f32.argtypes = [_P, _P, _P, _P, _N, _F, _I]
+        lib.close_fill_f32.restype = None
         lib.exp_linear_f32.argtypes = [_P, _P, _N, _F, _F, _F, _I]
         lib.exp_linear_f32.restype = None
         lib.tanh_f32.argtypes = [_P, _P, _N, _I]
@@ -408,6 +412,42 @@ def _exp_linear(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float
     return result, (None if ties is None or count > _MAX_TIES else ties[:count])
 
 
+_MAX_CLOSE = 256
+
+
+def quotient_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, tol: float,
+                    out: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
+    """The generic secant slope ``(fb − fa) / (ub − ua)`` in one pass, rounded as the PyTorch
+    ops round it, into ``out`` (may be ``fb``; new memory if None or laid out otherwise), with
+    where the inputs are too close for it (``|ub − ua| − tol·|ua| ≤ tol``, the test of
+    :func:`ttadapt.secant.close_mask`): ``(slope, positions)``, the positions (int64, in memory
+    order, any order among themselves) of all of them when there are at most 256, else None
+    (then :func:`close_fill` puts the derivative there) — or None where the kernel does not
+    apply."""
+    return _quotient_secant(ua, fa, ub, fb, tol, out, _MAX_CLOSE)
+
+
+def _quotient_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, tol: float, out: Tensor | None,
+                     cap: int) -> tuple[Tensor, Tensor | None] | None:
+    lib = _library()
+    if lib is None or not _dense(ua, fa, ub, fb):
+        return None
+    result = _out(ua, out)
+    close = torch.empty(max(cap, 1), dtype=torch.int64)
+    count = lib.quotient_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), fb.data_ptr(), result.data_ptr(),
+                                    ua.numel(), float(tol), torch.get_num_threads(), close.data_ptr(), cap)
+    return result, (close[:count] if count <= cap else None)
+
+
+def close_fill(ua: Tensor, ub: Tensor, derivative: Tensor, tol: float, out: Tensor) -> None:
+    """``out ← derivative`` where ``ua`` and ``ub`` are too close for a secant (the test of
+    :func:`quotient_secant`, whose slope ``out`` holds; all four laid out alike)."""
+    lib = _library()
+    assert lib is not None and _dense(ua, ub, derivative, out)
+    lib.close_fill_f32(ua.data_ptr(), ub.data_ptr(), derivative.data_ptr(), out.data_ptr(), ua.numel(), float(tol),
+                       torch.get_num_threads())
+
+
 def ag1_update(p: Tensor, theta: Tensor, g: Tensor) -> float | None:
     """With ``p`` holding θ′: ``p ← θ − |θ′ − θ|·sign(g)`` in place, returning ``Σ|θ′ − θ|``
     (float64 sum; NaN where ``g`` holds a NaN or an infinity: the update's pass doubles as the
@@ -640,6 +680,11 @@ def small_contract(x: Tensor, m: Tensor) -> Tensor | None:
     return out
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal element by element, NaN where NaN."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def _self_test() -> str | None:
     """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
     branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
@@ -677,6 +722,19 @@ def _self_test() -> str | None:
     got = tanh(ua)
     if got is None or not torch.allclose(got, ua.tanh(), rtol=1e-6, atol=1e-30, equal_nan=True):
         return "tanh forward"
+    fa, fb = torch.nn.functional.silu(ua), torch.nn.functional.silu(ub)
+    tol = torch.finfo(torch.float32).eps ** 0.5
+    near = (ub - ua).abs().sub_(ua.abs(), alpha=tol) <= tol
+    quotient = (fb - fa) / (ub - ua)
+    for cap in (0, 1000):  # positions beyond the cap, then all of them
+        fused = _quotient_secant(ua, fa, ub, fb, tol, None, cap)
+        if fused is None or not _same(fused[0], quotient) or (fused[1] is not None) != (int(near.sum()) <= cap) or (
+                fused[1] is not None and not torch.equal(fused[1].sort().values, near.nonzero().squeeze(1))):
+            return "quotient secant"
+    slope, derivative = fused[0], torch.ops.aten.silu_backward(torch.ones_like(ua), ua)
+    close_fill(ua, ub, derivative, tol, slope)
+    if not _same(slope, torch.where(near, derivative, quotient)):
+        return "quotient secant (filled)"
     theta, p, grad = ua.nan_to_num(0.0), ub.nan_to_num(0.0, 0.0), torch.randn(1000, generator=g).relu_()
     want_p = theta - (p - theta).abs() * grad.sign()
     want_l1 = float((p - theta).abs().double().sum())

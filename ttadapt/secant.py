@@ -23,7 +23,7 @@ from torch.autograd import Function
 
 from . import kernels
 from .activations import Activation, _prelu_weight
-from .rare import _by_blocks, _fill_exact_ties, _fill_rare, _writable_out
+from .rare import _by_blocks, _fill_exact_ties, _fill_rare, _flat, _writable_out
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,11 +83,37 @@ def secant_slope(
         fa = fn(ua)
     if fb is None:
         fb, fb_owned = fn(ub), True
+    if cdtype == dtype:
+        fused = _fused_quotient_secant(derivative, ua, fa, ub, fb, fb_owned)
+        if fused is not None:
+            return fused
     diff = ub.sub_(ua) if owned else ub - ua
     slope = fb.sub_(fa) if fb_owned else fb - fa
     slope.div_(diff)
     gap, tol = _close_gap(ua, diff, overwrite=True)
     return _fill_rare(slope, gap, ua, derivative, "close", tol).to(dtype)
+
+
+def _fused_quotient_secant(derivative: Callable[[Tensor], Tensor], ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor,
+                           fb_owned: bool) -> Tensor | None:
+    """:func:`secant_slope`'s quotient and division-by-zero rule in one fused CPU pass (over
+    ``fb`` where it may be overwritten, else new memory: ``ub`` stays as it is, for the rule),
+    then the derivative where the rule applies; None where the kernel does not apply."""
+    tol = torch.finfo(ua.dtype).eps ** 0.5
+    fused = kernels.quotient_secant(ua, fa, ub, fb, tol, out=fb if fb_owned else None)
+    if fused is None:
+        return None
+    slope, close = fused
+    if close is None:  # many: the derivative everywhere, put in place by a second pass
+        deriv = derivative(ua).to(slope.dtype)
+        if kernels.fits(ua, ub, deriv, slope):
+            kernels.close_fill(ua, ub, deriv, tol, slope)
+        else:  # (a derivative laid out otherwise)
+            slope = torch.where(close_mask(ua, ub - ua), deriv, slope)
+    elif len(close):  # a few, found by the kernel
+        flat_slope, flat_ua = _flat(slope, slope), _flat(ua, ua)  # laid out alike: the kernel applied
+        flat_slope[close] = derivative(flat_ua[close]).to(slope.dtype)
+    return slope
 
 
 def _fused_clamp_secant(exact: tuple[float, float] | bool, ua: Tensor, ub: Tensor, owned: bool = False,
