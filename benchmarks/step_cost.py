@@ -3,6 +3,7 @@ plain step, measured in one run.
 
     python benchmarks/step_cost.py [--cases resnet18 model_b] [--optimizers rmsprop adam soap] [--rounds N]
     python benchmarks/step_cost.py --cases resnet152 --methods AG3 SAM --optimizers soap adam --ag3-d 300   # issue 7
+    python benchmarks/step_cost.py --cases mobilenet_v3_small efficientnet_b0 --optimizers adam   # other architectures
 
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
@@ -40,12 +41,15 @@ from _memory import peak_tensor_bytes  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 
 METHODS = ("plain", "AG1", "AG2", "AG1-Linear", "AG2-Linear", "AG3", "SAM")
+# resnet152: batch 4 at 64×64; mobilenet_v3_small, efficientnet_b0: other architectures (Hardswish,
+# SiLU and sigmoid gates), batch 16 at 64×64
+CASES = ("resnet18", "model_b", "resnet152", "mobilenet_v3_small", "efficientnet_b0")
 LR = {"rmsprop": 1e-4, "adam": 1e-4, "soap": 1e-4}
 
 
 def build_case(case: str):
-    if case not in ("resnet18", "model_b", "resnet152"):
-        raise SystemExit(f"unknown case {case!r}; choose resnet18, model_b or resnet152 (batch 4, 64×64)")
+    if case not in CASES:
+        raise SystemExit(f"unknown case {case!r}; choose {', '.join(CASES)}")
     return benchmark_case(case)
 
 
@@ -93,7 +97,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=["resnet18", "model_b"])
     parser.add_argument("--optimizers", nargs="*", default=["rmsprop", "adam", "soap"])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 10 resnet18, 60 model_b)")
+    parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default: 60 model_b, 5 resnet152, 10 the others)")
     parser.add_argument("--statistic", choices=("median", "mean"), default="median",
                         help="summary of the plain step's times, and with --ratio medians of every method's")
     parser.add_argument("--ratio", choices=("paired", "medians"), default="paired",
@@ -111,7 +115,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * (len(methods) - 1) + "---|")
     for case in args.cases:
         base_model, x, y = build_case(case)
-        rounds = args.rounds or {"resnet18": 10, "resnet152": 5}.get(case, 60)
+        rounds = args.rounds or {"model_b": 60, "resnet152": 5}.get(case, 10)
         for optimizer_name in args.optimizers:
             steps = {m: make_step(m, copy.deepcopy(base_model), optimizer_name, x, y, args.ag3_d) for m in methods}
             for step in steps.values():  # warm up; creates optimizer state
