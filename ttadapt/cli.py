@@ -345,10 +345,7 @@ def finetune(
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; continue from the last checkpoint with --resume", highlight=False)
         raise typer.Exit(code=130)
-    if rank == 0 and not quiet:
-        last = result.history[-1] if result.history else None
-        summary = f", last eval top-1 {last['top1']:.2%}" if last else ""
-        console.print(f"finished {result.steps} steps in {result.seconds:.0f} s{summary}; wrote {result.out}", highlight=False)
+    # (the run's last log line, echoed above, says what it did and where it wrote)
 
 
 def main() -> None:

@@ -394,7 +394,8 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
     if state["skipped"]:
         log.line(f"{state['skipped']} step(s) skipped: non-finite loss or gradient")
     seconds = time.perf_counter() - started
-    log.line(f"done: {state['step']} steps in {seconds:.0f} s; wrote {out}")
+    last = f", last eval top-1 {history[-1]['top1']:.2%}" if history else ""
+    log.line(f"done: {state['step']} steps in {seconds:.0f} s{last}; wrote {out}")
     if isinstance(wrapper, AG3):
         wrapper.close()
     return FinetuneResult(out, state["step"], history, state["skipped"], seconds)
