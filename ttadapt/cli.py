@@ -304,7 +304,7 @@ def bench(
         raise
     except (RecipeError, DataError, WeightsError, ValueError, OSError) as err:
         _fail(_first_line(err))
-    console.print(result["table"], highlight=False)
+    console.print(result["table"], highlight=False, soft_wrap=True)  # Markdown: lines kept whole
     console.print(f"wrote {target}/table.md, {target}/runs/*.json, {target}/curves_*.png", highlight=False)
 
 
