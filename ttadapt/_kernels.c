@@ -461,11 +461,15 @@ int64_t quotient_secant_f32(const float* ua, const float* fa, const float* ub, c
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : count)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
-        int64_t here = 0;
+        int64_t here = 0, len = stop - start;
+        uint64_t words[4 * CHUNK / 8]; /* the test per element, a byte each, read 8 at a time below */
+        unsigned char* near = (unsigned char*)words;
 #pragma GCC ivdep
         for (int64_t i = start; i < stop; i++) {
+            int t = too_close(ua[i], ub[i], tol);
             out[i] = (fb[i] - fa[i]) / (ub[i] - ua[i]);
-            here += too_close(ua[i], ub[i], tol);
+            near[i - start] = (unsigned char)t;
+            here += t;
         }
         if (here && here <= max_close) { /* (more: the total is over max_close, close_fill_f32 runs) */
             int64_t slot;
@@ -474,9 +478,15 @@ int64_t quotient_secant_f32(const float* ua, const float* fa, const float* ub, c
                 slot = recorded;
                 recorded += here;
             }
-            for (int64_t i = start; i < stop && slot < max_close; i++) {
-                if (too_close(ua[i], ub[i], tol))
-                    close[slot++] = i;
+            for (int64_t j = len; j % 8; j++)
+                near[j] = 0;
+            for (int64_t w = 0; w < (len + 7) / 8 && slot < max_close; w++) {
+                if (!words[w]) /* (the usual case: eight elements apart) */
+                    continue;
+                for (int64_t j = 8 * w; j < 8 * w + 8 && slot < max_close; j++) {
+                    if (near[j])
+                        close[slot++] = start + j;
+                }
             }
         }
         count += here;

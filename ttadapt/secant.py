@@ -110,9 +110,9 @@ def _fused_quotient_secant(derivative: Callable[[Tensor], Tensor], ua: Tensor, f
             kernels.close_fill(ua, ub, deriv, tol, slope)
         else:  # (a derivative laid out otherwise)
             slope = torch.where(close_mask(ua, ub - ua), deriv, slope)
-    elif len(close):  # a few, found by the kernel
-        flat_slope, flat_ua = _flat(slope, slope), _flat(ua, ua)  # laid out alike: the kernel applied
-        flat_slope[close] = derivative(flat_ua[close]).to(slope.dtype)
+    elif len(close):  # a few, found by the kernel (positions in memory order: ua and slope are laid out alike)
+        flat_slope, flat_ua = (slope.view(-1), ua.view(-1)) if ua.is_contiguous() else (_flat(slope, slope), _flat(ua, ua))
+        flat_slope.index_copy_(0, close, derivative(flat_ua.index_select(0, close)).to(slope.dtype))
     return slope
 
 
