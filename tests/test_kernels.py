@@ -540,7 +540,8 @@ def test_quotient_secant_kernel_reports_close_inputs_across_chunks_and_threads(c
 def test_generic_secant_is_the_same_with_and_without_the_kernel(act, spread, monkeypatch):
     """The engine's generic secant (activations without a closed form): the kernel changes its
     speed, not its result, except that the derivative at the few close inputs is evaluated on
-    those elements alone (ATen's scalar path there: within float32 ulps)."""
+    those elements alone (ATen's scalar path there, which differs from its vectorised one by up
+    to ~1e-7 absolute)."""
     from ttadapt import secant
 
     fn = getattr(torch.nn.functional, act)
@@ -549,12 +550,21 @@ def test_generic_secant_is_the_same_with_and_without_the_kernel(act, spread, mon
     ua = torch.randn(70_001, generator=g) * 3
     ub = ua + torch.randn(70_001, generator=g) * spread
     ub[::97] = ua[::97]
-    near = _too_close(ua, ub, 3.4e-4)
-    fused = secant.secant_slope(fn, derivative, ua, fn(ua), ub.clone(), True, fn(ub), True)
+    cases = [(ua, ub)]
+    if spread > 1e-3:  # and channels-last (positions in memory order), laid out alike or not
+        ua4 = ua[:70_000].view(25, 7, 20, 20).contiguous(memory_format=torch.channels_last)
+        ub4 = ub[:70_000].view(25, 7, 20, 20).contiguous(memory_format=torch.channels_last)
+        cases += [(ua4, ub4), (ua4, ub4.contiguous())]
+    results = []
+    for a, b in cases:
+        results.append(secant.secant_slope(fn, derivative, a, fn(a), b.clone(), True, fn(b), True))
     monkeypatch.setitem(kernels._state, "lib", None)
-    plain = secant.secant_slope(fn, derivative, ua, fn(ua), ub.clone(), True, fn(ub), True)
-    assert torch.equal(fused[~near], plain[~near])
-    torch.testing.assert_close(fused[near], plain[near], rtol=4e-7, atol=1e-30)
+    for (a, b), fused in zip(cases, results):
+        near = _too_close(a, b, 3.4e-4)
+        plain = secant.secant_slope(fn, derivative, a, fn(a), b.clone(), True, fn(b), True)
+        assert near.any() and torch.equal(fused[~near], plain[~near])
+        # (there ATen's scalar and vectorised derivatives differ: GELU's by up to ~1e-7 absolute)
+        torch.testing.assert_close(fused[near], plain[near], rtol=4e-7, atol=2e-7)
 
 
 def test_kernels_decline_what_they_do_not_cover():
