@@ -337,7 +337,7 @@ def finetune(
         _fail(_first_line(err))
     echo = None if quiet or rank != 0 else (lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
-        result = run_finetune(config, resume=resume, echo=echo, progress=False if quiet else console)
+        run_finetune(config, resume=resume, echo=echo, progress=False if quiet else console)  # its last log line sums up
     except (ConfigError, DataError, WeightsError) as err:
         _fail(_first_line(err))
     except (RuntimeError, OSError) as err:  # e.g. images the model cannot take, a full disk
@@ -345,7 +345,6 @@ def finetune(
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; continue from the last checkpoint with --resume", highlight=False)
         raise typer.Exit(code=130)
-    # (the run's last log line, echoed above, says what it did and where it wrote)
 
 
 def main() -> None:
