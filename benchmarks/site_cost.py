@@ -6,9 +6,10 @@ One site of the graph pass (the forward of ``SecantActivation``: the model's own
 secant slope towards the other state's input) next to the plain call of the same activation
 (an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU, LeakyReLU,
 tanh and sigmoid (their closed forms; ReLU, ELU and tanh as fused CPU kernels where
-:mod:`ttadapt.kernels` is in use, and again as PyTorch operations) and, for comparison, ELU,
-LeakyReLU and sigmoid through the generic quotient with its close-inputs rule, in three
-situations:
+:mod:`ttadapt.kernels` is in use, and again as PyTorch operations), for comparison ELU,
+LeakyReLU and sigmoid through the generic quotient with its close-inputs rule in PyTorch
+operations, and SiLU and Hardswish, which have no closed form (the generic quotient as a fused
+kernel, and in PyTorch operations), in three situations:
 
 * ``apart`` — every input moved (no ties, no close pairs);
 * ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
@@ -49,6 +50,10 @@ CASES = {
     "tanh, PyTorch ops": (torch.tanh, torch.tanh, False, False, False),
     "sigmoid": (torch.sigmoid, torch.sigmoid, False, False, True),
     "sigmoid, generic quotient": (torch.sigmoid, torch.sigmoid, False, True, False),
+    "silu (generic quotient)": (F.silu, F.silu, False, False, True),
+    "silu, PyTorch ops": (F.silu, F.silu, False, False, False),
+    "hardswish (generic quotient)": (F.hardswish, F.hardswish, False, False, True),
+    "hardswish, PyTorch ops": (F.hardswish, F.hardswish, False, False, False),
 }
 
 
