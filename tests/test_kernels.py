@@ -510,7 +510,7 @@ def test_quotient_secant_kernel_is_the_torch_quotient_and_finds_the_close_inputs
     slope, positions = kernels.quotient_secant(ua, fa, ub, fb, tol, out=fb.clone())
     assert (positions is None) == (int(near.sum()) > kernels._MAX_CLOSE)
     derivative = torch.ops.aten.silu_backward(torch.ones_like(ua), ua)
-    kernels.close_fill(ua, ub, derivative, tol, slope)
+    assert kernels.close_fill(ua, ub, derivative, tol, slope)
     assert _same(slope, torch.where(near, derivative, (fb - fa) / (ub - ua)))
 
 

@@ -439,13 +439,16 @@ def _quotient_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, tol: float,
     return result, (close[:count] if count <= cap else None)
 
 
-def close_fill(ua: Tensor, ub: Tensor, derivative: Tensor, tol: float, out: Tensor) -> None:
+def close_fill(ua: Tensor, ub: Tensor, derivative: Tensor, tol: float, out: Tensor) -> bool:
     """``out ← derivative`` where ``ua`` and ``ub`` are too close for a secant (the test of
-    :func:`quotient_secant`, whose slope ``out`` holds; all four laid out alike)."""
+    :func:`quotient_secant`, whose slope ``out`` holds); False, and nothing written, where the
+    kernel does not apply (the four not laid out alike)."""
     lib = _library()
-    assert lib is not None and _dense(ua, ub, derivative, out)
+    if lib is None or not _dense(ua, ub, derivative, out):
+        return False
     lib.close_fill_f32(ua.data_ptr(), ub.data_ptr(), derivative.data_ptr(), out.data_ptr(), ua.numel(), float(tol),
                        torch.get_num_threads())
+    return True
 
 
 def ag1_update(p: Tensor, theta: Tensor, g: Tensor) -> float | None:
@@ -732,8 +735,7 @@ def _self_test() -> str | None:
                 fused[1] is not None and not torch.equal(fused[1].sort().values, near.nonzero().squeeze(1))):
             return "quotient secant"
     slope, derivative = fused[0], torch.ops.aten.silu_backward(torch.ones_like(ua), ua)
-    close_fill(ua, ub, derivative, tol, slope)
-    if not _same(slope, torch.where(near, derivative, quotient)):
+    if not close_fill(ua, ub, derivative, tol, slope) or not _same(slope, torch.where(near, derivative, quotient)):
         return "quotient secant (filled)"
     theta, p, grad = ua.nan_to_num(0.0), ub.nan_to_num(0.0, 0.0), torch.randn(1000, generator=g).relu_()
     want_p = theta - (p - theta).abs() * grad.sign()

@@ -106,9 +106,7 @@ def _fused_quotient_secant(derivative: Callable[[Tensor], Tensor], ua: Tensor, f
     slope, close = fused
     if close is None:  # many: the derivative everywhere, put in place by a second pass
         deriv = derivative(ua).to(slope.dtype)
-        if kernels.fits(ua, ub, deriv, slope):
-            kernels.close_fill(ua, ub, deriv, tol, slope)
-        else:  # (a derivative laid out otherwise)
+        if not kernels.close_fill(ua, ub, deriv, tol, slope):  # (a derivative laid out otherwise)
             slope = torch.where(close_mask(ua, ub - ua), deriv, slope)
     elif len(close):  # a few, found by the kernel (positions in memory order: ua and slope are laid out alike)
         flat_slope, flat_ua = (slope.view(-1), ua.view(-1)) if ua.is_contiguous() else (_flat(slope, slope), _flat(ua, ua))
