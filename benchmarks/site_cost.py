@@ -5,7 +5,7 @@
 One site of the graph pass (the forward of ``SecantActivation``: the model's own call plus the
 secant slope towards the other state's input) next to the plain call of the same activation
 (an ordinary forward with a graph), for a ReLU called in place (resnet's), ELU, LeakyReLU,
-tanh and sigmoid (their closed forms; ReLU, ELU and tanh as fused CPU kernels where
+tanh and sigmoid (their closed forms; ReLU, ELU, tanh and sigmoid as fused CPU kernels where
 :mod:`ttadapt.kernels` is in use, and again as PyTorch operations), for comparison ELU,
 LeakyReLU and sigmoid through the generic quotient with its close-inputs rule in PyTorch
 operations, and SiLU and Hardswish, which have no closed form (the generic quotient as a fused
@@ -49,6 +49,7 @@ CASES = {
     "tanh": (torch.tanh, torch.tanh, False, False, True),
     "tanh, PyTorch ops": (torch.tanh, torch.tanh, False, False, False),
     "sigmoid": (torch.sigmoid, torch.sigmoid, False, False, True),
+    "sigmoid, PyTorch ops": (torch.sigmoid, torch.sigmoid, False, False, False),
     "sigmoid, generic quotient": (torch.sigmoid, torch.sigmoid, False, True, False),
     "silu (generic quotient)": (F.silu, F.silu, False, False, True),
     "silu, PyTorch ops": (F.silu, F.silu, False, False, False),

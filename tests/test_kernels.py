@@ -486,6 +486,29 @@ def test_small_contraction_declines_what_it_does_not_cover():
 
 
 @needs_kernels
+@needs_kernels
+@pytest.mark.parametrize("n", SIZES)
+def test_sigmoid_secant_kernel_matches_float64_and_the_torch_form(n):
+    """Within 1e-6 of float64's (σa·σ(−b) + σb·σ(−a))·tanh(d/2)/d where the inputs differ (in
+    saturation too, where the plain quotient loses everything); ATen's derivative bit for bit at
+    ties, and the PyTorch form's result wherever an input is not finite."""
+    from ttadapt.activations import _sigmoid_secant_torch
+
+    ua, ub = _inputs(n)
+    fa, fb = ua.sigmoid(), ub.sigmoid()
+    got = kernels.sigmoid_secant(ua, fa, ub, fb)
+    want = _sigmoid_secant_torch(ua, fa, ub.clone(), fb.clone())
+    a, b = ua.double(), ub.double()
+    exact = (torch.sigmoid(a) * torch.sigmoid(-b) + torch.sigmoid(b) * torch.sigmoid(-a)) * torch.tanh((b - a) / 2) / (b - a)
+    finite = torch.isfinite(ua) & torch.isfinite(ub)
+    apart = finite & (ua != ub)
+    assert float(((got.double() - exact).abs() / exact.abs())[apart].max()) < 1e-6
+    assert torch.equal(got[finite & (ua == ub)], want[finite & (ua == ub)])
+    assert _same(got[~finite], want[~finite])
+    out = fb.clone()
+    assert kernels.sigmoid_secant(ua, fa, ub, out, out=out) is out and _same(out, got)  # over fb
+
+
 def _too_close(ua: torch.Tensor, ub: torch.Tensor, tol: float) -> torch.Tensor:
     """The PyTorch fallback's division-by-zero test (ttadapt.secant.close_mask)."""
     from ttadapt.secant import close_mask
@@ -581,6 +604,7 @@ def test_kernels_decline_what_they_do_not_cover():
         assert got is not None and got is not misfit and got.is_contiguous() and torch.equal(got, secant(None))
     assert kernels.clamp_secant(torch.empty(0), torch.empty(0), 0.0, 1.0) is None
     assert kernels.quotient_secant(a.double(), a.double(), a.double(), a.double(), 1e-8) is None
+    assert kernels.sigmoid_secant(a.double(), a.double(), a.double(), a.double()) is None
     assert kernels.quotient_secant(a, a, a.T, a, 3e-4) is None  # laid out differently
     p = a.clone()
     assert kernels.ag1_update(p, a.half(), a) is None and torch.equal(p, a)
@@ -593,14 +617,16 @@ def test_kernels_decline_what_they_do_not_cover():
 
 
 @needs_kernels
-@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid", "silu"])
 def test_averaged_gradient_is_the_same_with_and_without_the_kernels(act, monkeypatch):
     """Model level: the kernels change the speed of averaged_grad, not its result (bit for bit
-    for ReLU's exact secant, to float32 ulps for tanh's closed form); both schedules."""
+    for ReLU's exact secant, to float32 ulps for the closed forms of tanh and sigmoid and for
+    SiLU's generic quotient); both schedules."""
     from ttadapt.averaged import DeferredAverage
 
     torch.manual_seed(5)
-    layer = torch.nn.Tanh() if act == "tanh" else torch.nn.ReLU(inplace=True)
+    layer = {"tanh": torch.nn.Tanh(), "relu": torch.nn.ReLU(inplace=True), "sigmoid": torch.nn.Sigmoid(),
+             "silu": torch.nn.SiLU()}[act]
     model = torch.nn.Sequential(torch.nn.Linear(20, 300), layer, torch.nn.Linear(300, 300), layer, torch.nn.Linear(300, 3))
     x, y = torch.randn(600, 20), torch.randint(0, 3, (600,))
     other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}

@@ -441,6 +441,33 @@ int64_t exp_linear_secant_f32(const float* ua, const float* ub, const float* gra
     return count;
 }
 
+/* σ(−u) for any u: e/(1 + e) for u ≥ 0, else 1/(1 + e), with e = e^{−|u|} — no cancellation
+ * (1 − σ(u) loses all precision once σ(u) rounds to 1). NaN inputs are the caller's. */
+static inline float sigmoid_neg(float u) {
+    float e = exp_nonpositive(-fabsf(u));
+    return u >= 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
+}
+
+/* The Sigmoid secant σ(b) − σ(a) = (σ(a)·σ(−b) + σ(b)·σ(−a))·tanh(d/2) over d = b − a, from
+ * fa = σ(ua) and fb = σ(ub) (ATen's): every term positive, no cancellation. Where d == 0 or the
+ * slope is NaN (a NaN input, or infinities that tie), ATen's derivative (1 − fa)·fa, as the
+ * PyTorch form's fill of its 0/0s gives. ``out`` may be ``fb`` or ``ub``. */
+void sigmoid_secant_f32(const float* ua, const float* fa, const float* ub, const float* fb, float* out, int64_t n,
+                        int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t start = 0; start < n; start += 4 * CHUNK) {
+        int64_t stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
+#pragma GCC ivdep
+        for (int64_t i = start; i < stop; i++) {
+            float a = ua[i], b = ub[i], sa = fa[i];
+            float d = b - a;
+            float x = sa * sigmoid_neg(b) + fb[i] * sigmoid_neg(a);
+            float q = x * (0.5f * tanh_ratio(0.5f * d));
+            out[i] = (d == 0.0f || q != q) ? (1.0f - sa) * sa : q;
+        }
+    }
+}
+
 /* The paper's division-by-zero rule: the inputs are too close for a secant where
  * |ub − ua| − tol·|ua| ≤ tol, with the fused multiply-add of ATen's vectorised sub-with-alpha
  * (the PyTorch fallback's test). */

@@ -591,11 +591,21 @@ def _sigmoid_secant(ua: Tensor, fa: Tensor | None, ub: Tensor, fb: Tensor | None
     """σ(b) − σ(a) = (σ(a)·σ(−b) + σ(b)·σ(−a))·tanh(d/2) with ``d = b − a`` (from σ = (1 +
     tanh(·/2))/2 and the tanh identity): every term positive and computed directly, so no
     cancellation — the plain quotient loses eps/|d|, and in saturation 1 − σ(u) loses all
-    precision. Only ``d = 0`` is 0/0: the derivative is taken there. A block at a time."""
+    precision. Only ``d = 0`` is 0/0: the derivative is taken there. A block at a time, or one
+    fused pass where :func:`ttadapt.kernels.sigmoid_secant` applies."""
     if fa is None:
         fa = torch.sigmoid(ua)
     if fb is None:
         fb, fb_owned = torch.sigmoid(ub), True
+    fused = kernels.sigmoid_secant(ua, fa, ub, fb, out=_writable_out(ub, owned, fb, fb_owned))
+    if fused is not None:
+        return fused
+    return _sigmoid_secant_torch(ua, fa, ub, fb, owned, fb_owned)
+
+
+def _sigmoid_secant_torch(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, owned: bool = False,
+                          fb_owned: bool = False) -> Tensor:
+    """:func:`_sigmoid_secant` in PyTorch ops (any device and dtype)."""
 
     def step(out: Tensor, ua: Tensor, ub: Tensor, fa: Tensor, fb: Tensor) -> None:
         x = torch.sigmoid(ub.neg()).mul_(fa).addcmul_(fb, torch.sigmoid(ua.neg()))  # σa·σ(−b) + σb·σ(−a)

@@ -162,6 +162,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
         lib.ag1_update_many_f32.restype = ctypes.c_double
         lib.exp_linear_secant_f32.argtypes = [_P, _P, _P, _P, _N, _F, _F, _F, _I, _P, _N]
         lib.exp_linear_secant_f32.restype = ctypes.c_int64
+        lib.sigmoid_secant_f32.argtypes = [_P, _P, _P, _P, _P, _N, _I]
+        lib.sigmoid_secant_f32.restype = None
         lib.quotient_secant_f32.argtypes = [_P, _P, _P, _P, _P, _N, _F, _I, _P, _N]
         lib.quotient_secant_f32.restype = ctypes.c_int64
         lib.close_fill_f32.argtypes = [_P, _P, _P, _P, _N, _F, _I]
@@ -410,6 +412,20 @@ def _exp_linear(ua: Tensor, ub: Tensor, alpha: float, scale: float, kappa: float
                                       result.data_ptr(), ua.numel(), float(alpha), float(scale), float(kappa),
                                       torch.get_num_threads(), None if ties is None else ties.data_ptr(), _MAX_TIES)
     return result, (None if ties is None or count > _MAX_TIES else ties[:count])
+
+
+def sigmoid_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """The Sigmoid secant from ``ua``, ``fa = σ(ua)``, ``ub`` and ``fb = σ(ub)`` in one pass, by
+    the PyTorch closed form's formula (within a few float32 ulps of it), ATen's derivative where
+    the inputs tie (bit for bit) or the slope is NaN, into ``out`` (may be ``fb`` or ``ub``; new
+    memory if None or laid out otherwise), or None where the kernel does not apply."""
+    lib = _library()
+    if lib is None or not _dense(ua, fa, ub, fb):
+        return None
+    result = _out(ua, out)
+    lib.sigmoid_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), fb.data_ptr(), result.data_ptr(), ua.numel(),
+                           torch.get_num_threads())
+    return result
 
 
 _MAX_CLOSE = 256
@@ -692,7 +708,8 @@ def _self_test() -> str | None:
     """Compare each kernel with the PyTorch ops it replaces on a small input (one that takes every
     branch: ties, crossings, saturation, a NaN, block tails); the name of the first that
     disagrees, or None."""
-    from .activations import _exp_linear_secant, _exp_linear_secant_torch, _tanh_secant_torch  # (imported late: no cycle)
+    from .activations import (_exp_linear_secant, _exp_linear_secant_torch, _sigmoid_secant_torch,  # (imported late:
+                              _tanh_secant_torch)  # no cycle)
 
     g = torch.Generator().manual_seed(0)
     ua = torch.randn(1000, generator=g) * 3
@@ -725,6 +742,11 @@ def _self_test() -> str | None:
     got = tanh(ua)
     if got is None or not torch.allclose(got, ua.tanh(), rtol=1e-6, atol=1e-30, equal_nan=True):
         return "tanh forward"
+    fa, fb = ua.sigmoid(), ub.sigmoid()
+    got = sigmoid_secant(ua, fa, ub, fb)
+    want = _sigmoid_secant_torch(ua, fa, ub.clone(), fb.clone())
+    if got is None or not torch.allclose(got, want, rtol=2e-6, atol=1e-12, equal_nan=True) or not torch.equal(got[::7][1:], want[::7][1:]):
+        return "sigmoid secant"
     fa, fb = torch.nn.functional.silu(ua), torch.nn.functional.silu(ub)
     tol = torch.finfo(torch.float32).eps ** 0.5
     near = (ub - ua).abs().sub_(ua.abs(), alpha=tol) <= tol
