@@ -38,10 +38,10 @@ def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
         model = torchvision.models.resnet18(weights=None, num_classes=10)
         x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
-    elif case == "resnet152":
+    elif case in ("resnet152", "resnet152_sigmoid"):
         from ttadapt.models import create
 
-        model = create("resnet152")  # random weights: the step costs what it costs with ImageNet's
+        model = create(case)  # random weights: the step costs what it costs with ImageNet's
         x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
     elif case in ("mobilenet_v3_small", "efficientnet_b0"):  # Hardswish / SiLU and sigmoid gates
         import torchvision
