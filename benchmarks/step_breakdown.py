@@ -4,11 +4,14 @@
 
 Wraps the parts of a wrapper's step with wall-clock timers (the graph forward, the two
 backwards, the pass at the other state, the base optimizer's step, the state snapshot, the
-non-finite checks, the AG-1/AG-2 update, the fused forecast where it applies; AG-3: its two passes;
+non-finite checks, the AG-1/AG-2 update, the fused forecast where it applies; AG-3: its two passes
+and its backward; the plain step: its forward, backward and optimizer step; a no-graph forward,
+the pass the cost model adds;
 Python's cyclic garbage collector, per generation, wherever it runs) and prints each part's mean per step over ``--steps``
-steps after three warm-up steps, then the plain step (zero_grad, forward, backward, step) with
-its optimizer step. glibc is told to keep freed memory (see _alloc.py). Parts nest: "pass at
-other + averaged backward" contains "pass at other".
+steps after three warm-up steps, next to the plain step's (zero_grad, forward, backward, step),
+the three interleaved (one of each per round) so that the machine's drift hits all alike. glibc
+is told to keep freed memory (see _alloc.py). Parts nest: "pass at other + averaged backward"
+contains "pass at other".
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import gc
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,7 @@ def instrument(optimizer) -> None:
     forward_looking.fused_forecast = timed("fused forecast step (Adam/AdamW/RMSprop)", forward_looking.fused_forecast)
     forward_looking.all_finite = timed("non-finite checks", forward_looking.all_finite)
     ag3.all_finite = timed("non-finite checks", ag3.all_finite)
+    torch.Tensor.backward = timed("backward (loss.backward: AG-3's averaged one, the plain step's)", torch.Tensor.backward)
     W = forward_looking._ForwardLooking
     W._ag1_update = timed("AG-1 update", W._ag1_update)
     W._ag2_update = timed("AG-2 update (with its dry step)", W._ag2_update)
@@ -78,7 +83,7 @@ def time_collector(phase: str, info: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b"])
+    parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b", "mobilenet_v3_small", "efficientnet_b0"])
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--method", default="AG1", choices=["AG1", "AG2", "AG3"])
     parser.add_argument("--steps", type=int, default=8)
@@ -94,33 +99,52 @@ def main() -> None:
 
     wrapper = {"AG1": ttadapt.AG1, "AG2": ttadapt.AG2, "AG3": lambda m, o: ttadapt.AG3(m, o, d=45)}[args.method](model, optimizer)
 
+    timed_forward = timed("forward", closure)
+
     def plain():
         optimizer.zero_grad(set_to_none=True)
-        closure().backward()
+        timed_forward().backward()
         optimizer.step()
 
-    def run(step) -> tuple[float, dict[str, float]]:
-        for _ in range(3):
-            step()
-        TIMES.clear()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        total = (time.perf_counter() - start) / args.steps
-        return total, {k: v / args.steps for k, v in TIMES.items()}
+    def no_graph_forward():  # the cost model's extra pass: 2·T_fwd + T_bwd + T_opt
+        with torch.no_grad():
+            closure()
 
-    total, parts = run(lambda: wrapper.step(closure))
-    base, base_parts = run(plain)
+    def run(steps: dict[str, Callable[[], None]]) -> dict[str, tuple[float, dict[str, float]]]:
+        """Each step's mean time and parts, the steps interleaved (one of each per round) so that
+        the machine's drift hits all alike."""
+        for _ in range(3):
+            for step in steps.values():
+                step()
+        totals = {name: 0.0 for name in steps}
+        parts: dict[str, dict[str, float]] = {name: collections.defaultdict(float) for name in steps}
+        for _ in range(args.steps):
+            for name, step in steps.items():
+                TIMES.clear()
+                start = time.perf_counter()
+                step()
+                totals[name] += time.perf_counter() - start
+                for k, v in TIMES.items():
+                    parts[name][k] += v
+        return {name: (totals[name] / args.steps, {k: v / args.steps for k, v in parts[name].items()}) for name in steps}
+
+    results = run({"method": lambda: wrapper.step(closure), "plain": plain, "no-graph forward": no_graph_forward})
+    (total, parts), (base, base_parts), (nograd, _) = results["method"], results["plain"], results["no-graph forward"]
     print(f"# step_breakdown — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.case}, {args.optimizer}, freed memory kept: {cached}")
     print()
     print(f"{args.method} step {total * 1e3:.1f} ms; plain step {base * 1e3:.1f} ms "
           f"(its optimizer step {base_parts.get('base optimizer step', 0.0) * 1e3:.1f} ms); ratio {total / base:.2f}")
+    print(f"no-graph forward {nograd * 1e3:.1f} ms: the cost model's floor for AG-3, (plain + no-graph forward) / plain, "
+          f"is {(base + nograd) / base:.2f}")
     print()
-    print("| part | ms per step |")
-    print("|---|---|")
+    print(f"| part | {args.method}: ms per step | plain step: ms per step |")
+    print("|---|---|---|")
     for name, t in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {t * 1e3:.1f} |")
+        print(f"| {name} | {t * 1e3:.1f} | {base_parts[name] * 1e3:.1f} |" if name in base_parts else f"| {name} | {t * 1e3:.1f} | |")
+    for name, t in base_parts.items():
+        if name not in parts:
+            print(f"| {name} | | {t * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
