@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .rare import _by_blocks, _fill_exact_ties, _flat, _writable_out
+from .rare import _by_blocks, _fill_at, _fill_exact_ties, _writable_out
 
 __all__ = [
     "Activation",
@@ -474,10 +474,8 @@ def _exp_linear_secant(ua: Tensor, ub: Tensor, owned: bool, fb: Tensor | None, f
     if ties is None:  # many: the general search
         return _fill_exact_ties(slope, ua, derivative)
     if len(ties):  # a few, found by the kernel: ATen's derivative there
-        flat_slope, flat_ua = _flat(slope, slope), _flat(ua, ua)  # laid out alike: the kernel applied
-        at = flat_ua[ties]
         # (ATen's scalar path, which a few elements take, gives 1 at a NaN input; its vector path NaN)
-        flat_slope[ties] = torch.where(at.isnan(), at, derivative(at))
+        _fill_at(slope, ua, ties, lambda at: torch.where(at.isnan(), at, derivative(at)))
     return slope
 
 

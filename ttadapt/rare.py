@@ -98,6 +98,17 @@ def _fill_rare(slope: Tensor, key: Tensor, at: Tensor, derivative: Callable[[Ten
     return slope
 
 
+def _fill_at(slope: Tensor, at: Tensor, positions: Tensor, values: Callable[[Tensor], Tensor]) -> None:
+    """``slope`` ← ``values(at)`` at ``positions`` (int64, in memory order: a kernel reported them
+    for ``slope`` and ``at``, which it found laid out alike), ``values`` evaluated on those
+    elements alone."""
+    if at.is_contiguous():
+        flat_slope, flat_at = slope.view(-1), at.view(-1)
+    else:
+        flat_slope, flat_at = _flat(slope, slope), _flat(at, slope)
+    flat_slope.index_copy_(0, positions, values(flat_at.index_select(0, positions)).to(slope.dtype))
+
+
 def _writable_out(ub: Tensor, owned: bool, fb: Tensor | None, fb_owned: bool) -> Tensor | None:
     """Where a secant slope may be written instead of new memory: ``fb`` (the kept ``f(ub)``)
     or else ``ub`` when the engine alone holds them, or None."""

@@ -23,7 +23,7 @@ from torch.autograd import Function
 
 from . import kernels
 from .activations import Activation, _prelu_weight
-from .rare import _by_blocks, _fill_exact_ties, _fill_rare, _flat, _writable_out
+from .rare import _by_blocks, _fill_at, _fill_exact_ties, _fill_rare, _writable_out
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,6 +37,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _COMPUTE_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
+def _close_tol(dtype: torch.dtype) -> float:
+    """The division-by-zero rule's tolerance, ``sqrt(eps)`` (see :func:`_close_gap`)."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
 def _close_gap(ua: Tensor, diff: Tensor, overwrite: bool = False) -> tuple[Tensor, float]:
     """``(gap, tol)`` with ``gap = |ub − ua| − tol·|ua|``: the inputs are too close for a secant
     (the paper's division-by-zero rule) where ``gap ≤ tol``, i.e. ``|ub − ua| ≤ tol·(1 + |ua|)``,
@@ -46,7 +51,7 @@ def _close_gap(ua: Tensor, diff: Tensor, overwrite: bool = False) -> tuple[Tenso
     error of using the derivative instead, ~|f''|·|Δu|. ``overwrite`` lets ``gap`` reuse
     ``diff``'s memory (the caller no longer needs it).
     """
-    tol = torch.finfo(ua.dtype).eps ** 0.5
+    tol = _close_tol(ua.dtype)
     gap = diff.abs_() if overwrite else diff.abs()
     # in blocks, so that |ua| never needs a full-size temporary
     _by_blocks(lambda g, u: g.sub_(u.abs(), alpha=tol), gap, ua)
@@ -99,7 +104,7 @@ def _fused_quotient_secant(derivative: Callable[[Tensor], Tensor], ua: Tensor, f
     """:func:`secant_slope`'s quotient and division-by-zero rule in one fused CPU pass (over
     ``fb`` where it may be overwritten, else new memory: ``ub`` stays as it is, for the rule),
     then the derivative where the rule applies; None where the kernel does not apply."""
-    tol = torch.finfo(ua.dtype).eps ** 0.5
+    tol = _close_tol(ua.dtype)
     fused = kernels.quotient_secant(ua, fa, ub, fb, tol, out=fb if fb_owned else None)
     if fused is None:
         return None
@@ -108,9 +113,8 @@ def _fused_quotient_secant(derivative: Callable[[Tensor], Tensor], ua: Tensor, f
         deriv = derivative(ua).to(slope.dtype)
         if not kernels.close_fill(ua, ub, deriv, tol, slope):  # (a derivative laid out otherwise)
             slope = torch.where(close_mask(ua, ub - ua), deriv, slope)
-    elif len(close):  # a few, found by the kernel (positions in memory order: ua and slope are laid out alike)
-        flat_slope, flat_ua = (slope.view(-1), ua.view(-1)) if ua.is_contiguous() else (_flat(slope, slope), _flat(ua, ua))
-        flat_slope.index_copy_(0, close, derivative(flat_ua.index_select(0, close)).to(slope.dtype))
+    elif len(close):  # a few, found by the kernel
+        _fill_at(slope, ua, close, derivative)
     return slope
 
 
