@@ -219,6 +219,16 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _eager() -> contextlib.AbstractContextManager:
+    """A block in which ``torch.compile``'d code (the model, a submodule, the closure) runs
+    eagerly: a compiled graph would compute the activations out of the function mode's and the
+    patched forwards' sight (PyTorch 2.6 and later; before, compiled code runs as it is)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 def _global_hooks() -> bool:
     """Whether global module hooks are registered (they may call anything: the mode must see it)."""
     return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
@@ -304,7 +314,8 @@ class SiteSession:
         patched.append(self._patch_root(model, mode=direct is None))
         hooks = self._track(model) if self.track_modules else []
         try:
-            yield self
+            with _eager():
+                yield self
             if phase == "record":
                 self.recorded_bytes = self.stored_bytes
             if self.model_calls == 0:
