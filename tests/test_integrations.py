@@ -59,3 +59,7 @@ def test_trainer_subclass_rejects_bad_options(tmp_path):
         AveragedGradientTrainer(model=_tiny_bert(), args=args, ag_method="ag1")
     with pytest.raises(ValueError, match="ag_d"):
         AveragedGradientTrainer(model=_tiny_bert(), args=args, ag_d=0)
+    checkpointed = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                                  gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        AveragedGradientTrainer(model=_tiny_bert(), args=checkpointed)

@@ -55,11 +55,53 @@ from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, Defer
 from .secant import (AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables,
                      averaged_activation_output, bind_settings, secant_product, secant_slope)
 
-__all__ = ["SiteMismatchError", "SiteSession", "SiteCall"]
+__all__ = ["SiteMismatchError", "RecomputedActivationsError", "SiteSession", "SiteCall"]
 
 
 class SiteMismatchError(RuntimeError):
     """The two forward passes did not call the same activation sites in the same order."""
+
+
+class RecomputedActivationsError(RuntimeError):
+    """Activation checkpointing (``torch.utils.checkpoint``) around averaged activations: it
+    computes them again during the backward, out of the pass's reach, with ordinary derivatives."""
+
+
+_RECOMPUTED = (
+    "activation checkpointing (torch.utils.checkpoint) around averaged activations: it computes them "
+    "again during the backward, where ordinary derivatives would silently replace the secant slopes. "
+    "Turn it off for averaged-gradient steps (Hugging Face: model.gradient_checkpointing_disable(); "
+    "timm: model.set_grad_checkpointing(False))"
+)
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _under_checkpoint() -> bool:
+    """Whether a non-reentrant ``torch.utils.checkpoint`` region is running: its saved-tensor
+    hooks (which drop what the graph saves, to recompute it in the backward) are the innermost."""
+    if _top_hooks is None:
+        return False
+    try:
+        hooks = _top_hooks(False)
+    except TypeError:  # (older signature)
+        hooks = _top_hooks()
+    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook")
+
+
+def _recomputed_nodes(root: Tensor) -> bool:
+    """Whether the graph of ``root`` holds a reentrant checkpoint's node (which runs its forward
+    again in the backward)."""
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return False
 
 
 _F32 = torch.float32
@@ -308,6 +350,7 @@ class SiteSession:
             self.slots = []
         self.cursor = 0
         self.model_calls = 0
+        self.grad_off_sites = False  # (a site met with grad mode off: maybe a reentrant checkpoint)
         layout = layout or ModelLayout(model)
         direct = self._direct_modules(layout)
         patched = self._patch_modules(layout) if direct is None else direct
@@ -334,6 +377,20 @@ class SiteSession:
             self._stack.clear()
             self._by_storage.clear()
             self._unkeyed.clear()
+
+    def check_recompute(self, loss: Tensor) -> None:
+        """After a pass at the graph state: refuse a reentrant checkpoint around its sites (which
+        run with grad mode off in the forward, then again, unseen, in the backward)."""
+        if self.grad_off_sites and isinstance(loss, Tensor) and _recomputed_nodes(loss):
+            raise RecomputedActivationsError(_RECOMPUTED)
+
+    def _graph_site(self) -> None:
+        """A site of a pass at the graph state: refuse a non-reentrant checkpoint around it; note
+        one that runs with grad mode off (see :meth:`check_recompute`)."""
+        if _under_checkpoint():
+            raise RecomputedActivationsError(_RECOMPUTED)
+        if not torch.is_grad_enabled():
+            self.grad_off_sites = True
 
     def finish_apply(self) -> None:
         """Check that the pass at the graph state used every recorded site."""
@@ -532,6 +589,7 @@ class SiteSession:
                     act.secant_forms_fb is not None and act.secant_forms_fb(u)):
                 self._keep_output(u, out)
             return out
+        self._graph_site()
         if phase == "graph":
             slot = self._slot(name, u)
             settings = act.settings(given)
@@ -589,6 +647,7 @@ class SiteSession:
         if self.phase == "record":
             self._keep(name, u, copy=False, weight=weight.detach())
             return func(*args, **kwargs)
+        self._graph_site()
         slot = self._slot(name, u) if self.phase == "graph" else None
         rec = self._next(name, u) if slot is None else None
         if not (u.requires_grad or weight.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad)):
@@ -625,6 +684,7 @@ class SiteSession:
                     out = fwd(u)
                     self._keep_output(u, out)
                     return out
+                self._graph_site()
                 derivative = lambda x: entry.derivative(module, fwd, x)  # noqa: E731
                 trainable = [p for p in module.parameters() if p.requires_grad]
                 if phase == "graph":

@@ -70,12 +70,18 @@ class AG3(OptimizerWrapper):
         a = anchor_index(t, self.d)
         old_grads = {n: p.grad for n, p in params.items()}
         self.optimizer.zero_grad(set_to_none=True)
-        if a == t:
-            loss = call_closure(closure)
-        else:
-            anchor = self.anchors.get(a)
-            loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params}, seed="current", linear=self.linear,
-                                 layout=layout, other_closure=anchor_closure)
+        try:
+            if a == t:
+                loss = call_closure(closure)
+            else:
+                anchor = self.anchors.get(a)
+                loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params}, seed="current", linear=self.linear,
+                                     layout=layout, other_closure=anchor_closure)
+        except BaseException:  # (a pass that raised may have updated BatchNorm statistics)
+            for n, p in params.items():
+                p.grad = old_grads[n]
+            self._restore_buffers(layout, buffers)
+            raise
         if loss.requires_grad:
             loss.backward()
         loss = loss.detach()

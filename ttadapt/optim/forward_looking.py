@@ -97,8 +97,12 @@ class _ForwardLooking(OptimizerWrapper):
         buffers = self._save_buffers(layout)
         self.last_loss_after = None
         masks = fork_rng(layout) if self.record_loss_after else None  # the step's dropout masks, for the loss after it
-        run = DeferredAverage(self.model, closure, linear=self.linear, rescale=self._full_vector and self.linear, layout=layout,
-                              reuse=self._spare_start)
+        try:
+            run = DeferredAverage(self.model, closure, linear=self.linear, rescale=self._full_vector and self.linear,
+                                  layout=layout, reuse=self._spare_start)
+        except BaseException:
+            self._restore_buffers(layout, buffers)  # (a pass that raised may have updated BatchNorm statistics)
+            raise
         self._spare_start = run.start
         spares, self._spare_snapshots = self._spare_snapshots, []
         loss = run.loss
