@@ -168,7 +168,7 @@ def averaged_loss(
     with torch.enable_grad(), session.run(model, "apply", layout), root:
         loss = call_closure(closure)
     session.finish_apply()
-    session.check_recompute(loss)
+    session.check_graph(loss)
     return loss
 
 
@@ -292,7 +292,7 @@ class DeferredAverage:
         with torch.enable_grad(), evaluated_at(self.layout, self.start, copy_buffers=False), \
                 self.session.run(model, "graph", self.layout), _root_forward(model, capture):
             self._loss = call_closure(closure)
-        self.session.check_recompute(self._loss)
+        self.session.check_graph(self._loss)
         self.loss = self._loss.detach()
         self.other_loss: Tensor | None = None
 

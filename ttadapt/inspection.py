@@ -22,7 +22,9 @@ class InspectionReport:
     ``linear=True``, the affine layers it averages); ``unaveraged`` the other nonlinear pointwise
     calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code) and the
     recurrent layers' fused gate calls (``lstm``, ``gru``, ...), which keep their ordinary
-    derivative. ``str(report)`` renders a table grouped by module path.
+    derivative, and activations called with gradient recording off (``grad_off``): inside a
+    custom ``torch.autograd.Function``, whose own backward gives their gradient, or under
+    ``no_grad``, where none is taken. ``str(report)`` renders a table grouped by module path.
     """
 
     model: str
@@ -40,7 +42,7 @@ class InspectionReport:
         """(module path, call, number of calls, averaged) grouped in first-call order."""
         groups: dict[tuple[str, str, bool], int] = {}
         for c in self.calls:
-            key = (c.module or "(model)", c.call + ("_" if c.inplace else ""), c.averaged)
+            key = (c.module or "(model)", c.call + ("_" if c.inplace else "") + (" (grad off)" if c.grad_off else ""), c.averaged)
             groups[key] = groups.get(key, 0) + 1
         return [(m, call, n, avg) for (m, call, avg), n in groups.items()]
 
@@ -58,19 +60,24 @@ class InspectionReport:
             lines.append(f"  {'module':<{width}}  {'call':<{cwidth}}  calls  averaged")
             for module, call, n, avg in rows:
                 lines.append(f"  {module:<{width}}  {call:<{cwidth}}  {n:>5}  {'yes' if avg else 'NO'}")
+        if any(c.grad_off for c in self.calls):
+            lines.append("  (grad off: called with gradient recording off — inside a custom autograd.Function, whose "
+                         "own backward gives its gradient, or under no_grad)")
         return "\n".join(lines)
 
 
 def inspect(model: nn.Module, *example_inputs: Any, linear: bool = False, **example_kwargs: Any) -> InspectionReport:
     """Run one forward pass of ``model`` on the example inputs and report every pointwise call.
 
-    The pass runs without a graph, on private copies of the buffers and a rewound RNG: the model,
-    its BatchNorm statistics and the random state are left as they were.
+    The pass runs as in training, with gradient recording on (so that activations called with it
+    off — inside a custom ``autograd.Function`` — show; its graph is dropped at once), on private
+    copies of the buffers and a rewound RNG: the model, its BatchNorm statistics and the random
+    state are left as they were.
     """
     session = SiteSession(linear=linear, track_modules=True)
     rng = fork_rng(model)
     try:
-        with torch.no_grad(), evaluated_at(model, {}), session.run(model, "inspect"):
+        with torch.enable_grad(), evaluated_at(model, {}), session.run(model, "inspect"):
             model(*example_inputs, **example_kwargs)
     finally:
         rng.rewind()

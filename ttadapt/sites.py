@@ -36,6 +36,7 @@ dispatch costs every call of the model several µs; :meth:`SiteSession._direct_m
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -70,8 +71,8 @@ class RecomputedActivationsError(RuntimeError):
 _RECOMPUTED = (
     "activation checkpointing (torch.utils.checkpoint) around averaged activations: it computes them "
     "again during the backward, where ordinary derivatives would silently replace the secant slopes. "
-    "Turn it off for averaged-gradient steps (Hugging Face: model.gradient_checkpointing_disable(); "
-    "timm: model.set_grad_checkpointing(False))"
+    "Turn it off for averaged-gradient steps (Hugging Face: model.activation_checkpointing_disable(), "
+    "before transformers 5 gradient_checkpointing_disable(); timm: model.set_grad_checkpointing(False))"
 )
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -88,20 +89,25 @@ def _under_checkpoint() -> bool:
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook")
 
 
-def _recomputed_nodes(root: Tensor) -> bool:
-    """Whether the graph of ``root`` holds a reentrant checkpoint's node (which runs its forward
-    again in the backward)."""
+def _custom_functions(root: Tensor) -> list[type]:
+    """The ``torch.autograd.Function`` classes (not ttadapt's own) with a node in the graph of
+    ``root``: what runs its forward with gradient recording off and brings its own backward."""
     stack = [root.grad_fn] if root.grad_fn is not None else []
     seen: set[int] = set()
+    found: dict[type, None] = {}
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
+        cls = getattr(node, "_forward_cls", None)  # (custom Python functions' nodes only)
+        if cls is not None and not cls.__module__.startswith("ttadapt."):
+            found[cls] = None
         stack.extend(n for n, _ in node.next_functions if n is not None)
-    return False
+    return list(found)
+
+
+_WARNED_FUNCTIONS: set[str] = set()
 
 
 _F32 = torch.float32
@@ -159,6 +165,7 @@ class SiteCall:
     averaged: bool
     shape: tuple[int, ...]
     inplace: bool = False
+    grad_off: bool = False  # called with gradient recording off: inside a custom autograd.Function or no_grad
 
 
 def _storage_key(t: Tensor) -> int:
@@ -378,11 +385,25 @@ class SiteSession:
             self._by_storage.clear()
             self._unkeyed.clear()
 
-    def check_recompute(self, loss: Tensor) -> None:
-        """After a pass at the graph state: refuse a reentrant checkpoint around its sites (which
-        run with grad mode off in the forward, then again, unseen, in the backward)."""
-        if self.grad_off_sites and isinstance(loss, Tensor) and _recomputed_nodes(loss):
+    def check_graph(self, loss: Tensor) -> None:
+        """After a pass at the graph state in which sites ran with gradient recording off, look
+        at the graph for what did that: a reentrant checkpoint (its sites run again, unseen, in
+        the backward) is refused; another custom ``autograd.Function`` (its own backward gives
+        the gradient of the activations inside it, not averaged) is warned about once per class."""
+        if not self.grad_off_sites or not isinstance(loss, Tensor):
+            return
+        functions = _custom_functions(loss)
+        if any(cls.__name__ == "CheckpointFunction" and cls.__module__ == "torch.utils.checkpoint" for cls in functions):
             raise RecomputedActivationsError(_RECOMPUTED)
+        names = [f"{cls.__module__}.{cls.__qualname__}" for cls in functions]
+        new = [n for n in names if n not in _WARNED_FUNCTIONS]
+        if new:
+            _WARNED_FUNCTIONS.update(new)
+            warnings.warn(
+                f"ttadapt: activation calls ran inside the custom autograd.Function {', '.join(new)}; its own "
+                "backward, not the averaged one, gives their gradient. To average such an activation, register "
+                "the module that calls the Function with ttadapt.register_module_activation (see `ttadapt inspect`)",
+                RuntimeWarning, stacklevel=5)  # (the caller of averaged_grad or of a wrapper's step)
 
     def _graph_site(self) -> None:
         """A site of a pass at the graph state: refuse a non-reentrant checkpoint around it; note
@@ -568,7 +589,8 @@ class SiteSession:
         name = self._name(act.name)
         phase = self.phase
         if phase == "inspect":
-            self.calls.append(SiteCall(self._where(), act.name, True, tuple(u.shape), inplace))
+            on = torch.is_grad_enabled()
+            self.calls.append(SiteCall(self._where(), act.name, on, tuple(u.shape), inplace, grad_off=not on))
             return func(*args, **kwargs)
         if phase == "record":
             if inplace:
@@ -642,7 +664,8 @@ class SiteSession:
             return func(*args, **kwargs)
         name = self._name(kind)
         if self.phase == "inspect":
-            self.calls.append(SiteCall(self._where(), kind, True, tuple(u.shape)))
+            on = torch.is_grad_enabled()
+            self.calls.append(SiteCall(self._where(), kind, on, tuple(u.shape), grad_off=not on))
             return func(*args, **kwargs)
         if self.phase == "record":
             self._keep(name, u, copy=False, weight=weight.detach())
@@ -677,7 +700,8 @@ class SiteSession:
             self.opaque += 1
             try:
                 if phase == "inspect":
-                    self.calls.append(SiteCall(path, entry.name, True, tuple(u.shape)))
+                    on = torch.is_grad_enabled()
+                    self.calls.append(SiteCall(path, entry.name, on, tuple(u.shape), grad_off=not on))
                     return fwd(u)
                 if phase == "record":
                     self._keep(name, u, copy=False)
