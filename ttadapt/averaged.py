@@ -51,14 +51,14 @@ def _root_forward(model: nn.Module, wrap: Callable[[Callable], Callable]) -> Ite
     """Replace ``model.forward`` by ``wrap(model.forward)`` inside the block."""
     had = "forward" in model.__dict__
     old = model.__dict__.get("forward")
-    model.forward = wrap(model.forward)
+    model.__dict__["forward"] = wrap(model.forward)  # (not setattr: a ScriptModule's would rewrite its compiled forward)
     try:
         yield
     finally:
         if had:
-            model.forward = old
+            model.__dict__["forward"] = old
         else:
-            del model.forward
+            model.__dict__.pop("forward", None)
 
 
 def _float_tensor(x: Any) -> bool:

@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import kernels, secant
 from .activations import (UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module,
-                          registry_version)
+                          registered_activations, registry_version)
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
@@ -108,6 +108,42 @@ def _custom_functions(root: Tensor) -> list[type]:
 
 
 _WARNED_FUNCTIONS: set[str] = set()
+_WARNED_SCRIPTS: set[tuple[str, str]] = set()
+_ATEN_ALIASES = {"log_sigmoid": "logsigmoid", "_prelu_kernel": "prelu"}
+
+
+def _script_activations(layout: ModelLayout) -> list[tuple[str, list[str]]]:
+    """``(module path, [activation names])`` of each outermost TorchScript module of the model
+    (``torch.jit.script`` / ``trace``) whose code calls a registered activation: that code runs
+    outside Python, out of the passes' sight, so those calls keep their ordinary derivative.
+    Worked out once per layout and registry version."""
+    key = registry_version()
+    memo = layout.memo
+    if memo.get("script key") == key:
+        return memo["script activations"]  # type: ignore[return-value]
+    names = set(registered_activations())
+    found: list[tuple[str, list[str]]] = []
+    outer: list[str] = []
+    for path, module in layout.modules:
+        if not isinstance(module, torch.jit.ScriptModule) or any(path.startswith(f"{o}.") or o == "" for o in outer):
+            continue
+        outer.append(path)
+        try:
+            graph = module.inlined_graph
+        except Exception:  # (a module without a forward method)
+            continue
+        ops: dict[str, None] = {}
+        for node in graph.nodes():
+            kind = node.kind()
+            if kind.startswith("aten::"):
+                op = kind[6:]
+                op = _ATEN_ALIASES.get(op, op[:-1] if op.endswith("_") and not op.startswith("_") else op)
+                if op in names:
+                    ops[op] = None
+        if ops:
+            found.append((path, list(ops)))
+    memo["script key"], memo["script activations"] = key, found
+    return found
 
 
 _F32 = torch.float32
@@ -305,8 +341,8 @@ def _direct_plan(layout: ModelLayout) -> list[tuple[nn.Module, Callable | None, 
     plan: list[tuple[nn.Module, Callable | None, Any]] | None = []
     for path, module in layout.modules:
         cls = type(module)
-        if lookup_module(module) is not None:  # (a class registered as a whole-module site)
-            plan = None
+        if lookup_module(module) is not None or isinstance(module, torch.jit.ScriptModule):
+            plan = None  # (a class registered as a whole-module site; TorchScript, whose forward is no Python function)
             break
         if cls.forward in _CONTAINER_FORWARDS or cls in _PLAIN_LEAVES:
             continue
@@ -359,11 +395,14 @@ class SiteSession:
         self.model_calls = 0
         self.grad_off_sites = False  # (a site met with grad mode off: maybe a reentrant checkpoint)
         layout = layout or ModelLayout(model)
+        self._scripted(layout)
         direct = self._direct_modules(layout)
         patched = self._patch_modules(layout) if direct is None else direct
         patched.append(self._patch_root(model, mode=direct is None))
-        hooks = self._track(model) if self.track_modules else []
+        hooks: list = []
         try:
+            if self.track_modules:
+                self._track(model, hooks)
             with _eager():
                 yield self
             if phase == "record":
@@ -384,6 +423,22 @@ class SiteSession:
             self._stack.clear()
             self._by_storage.clear()
             self._unkeyed.clear()
+
+    def _scripted(self, layout: ModelLayout) -> None:
+        """TorchScript modules calling activations: listed by ``inspect`` as not averaged, warned
+        about once per module path and class by the averaged passes."""
+        for path, ops in _script_activations(layout):
+            if self.phase == "inspect":
+                self.calls.extend(SiteCall(path, f"{op} (TorchScript)", False, ()) for op in ops)
+                continue
+            key = (path, ",".join(ops))
+            if key not in _WARNED_SCRIPTS:
+                _WARNED_SCRIPTS.add(key)
+                warnings.warn(
+                    f"ttadapt: the TorchScript module {path or '(the model)'!r} calls {', '.join(ops)}; TorchScript code "
+                    "runs outside Python, so these calls keep their ordinary derivative. Pass the original nn.Module "
+                    "(torch.jit is deprecated in favour of torch.compile, whose code ttadapt runs eagerly)",
+                    RuntimeWarning, stacklevel=8)  # (the caller of averaged_grad or of AG3.step)
 
     def check_graph(self, loss: Tensor) -> None:
         """After a pass at the graph state in which sites ran with gradient recording off, look
@@ -500,11 +555,12 @@ class SiteSession:
             with _Mode(self):
                 return forward(*args, **kwargs)
 
-        model.forward = intercepted
+        model.__dict__["forward"] = intercepted  # (not setattr: a ScriptModule's would rewrite its compiled forward)
         return (model, had, old)
 
     # -- module bookkeeping -----------------------------------------------------------------
-    def _track(self, model: nn.Module) -> list:
+    def _track(self, model: nn.Module, hooks: list) -> None:
+        """Keep :attr:`_stack` (the module path of each call) with hooks, put into ``hooks``."""
         def enter(name: str) -> Callable:
             def pre_hook(module: nn.Module, args: Any) -> None:
                 self._stack.append(name)
@@ -515,11 +571,13 @@ class SiteSession:
             if self._stack:
                 self._stack.pop()
 
-        hooks = []
+        scripted: list[str] = []
         for name, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule) or any(name.startswith(f"{o}.") or o == "" for o in scripted):
+                scripted.append(name)  # (TorchScript takes no hooks; its code is out of sight anyway)
+                continue
             hooks.append(module.register_forward_pre_hook(enter(name)))
             hooks.append(module.register_forward_hook(leave, always_call=True))
-        return hooks
 
     def _where(self) -> str:
         return self._stack[-1] if self._stack else ""
@@ -532,7 +590,7 @@ class SiteSession:
                 continue
             had = "forward" in module.__dict__
             old = module.__dict__.get("forward")
-            module.forward = self._module_site(path, module, entry, module.forward)
+            module.__dict__["forward"] = self._module_site(path, module, entry, module.forward)
             patched.append((module, had, old))
         return patched
 
