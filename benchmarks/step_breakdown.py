@@ -6,10 +6,10 @@ Wraps the parts of a wrapper's step with wall-clock timers (the graph forward, t
 backwards, the pass at the other state, the base optimizer's step, the state snapshot, the
 non-finite checks, the AG-1/AG-2 update, the fused forecast where it applies; AG-3: its two passes
 and its backward; the plain step: its forward, backward and optimizer step; a no-graph forward,
-the pass the cost model adds;
+the pass the cost model adds, and that pass with the Conv2d weights in channels_last memory;
 Python's cyclic garbage collector, per generation, wherever it runs) and prints each part's mean per step over ``--steps``
 steps after three warm-up steps, next to the plain step's (zero_grad, forward, backward, step),
-the three interleaved (one of each per round) so that the machine's drift hits all alike. glibc
+the steps interleaved (one of each per round) so that the machine's drift hits all alike. glibc
 is told to keep freed memory (see _alloc.py). Parts nest: "pass at other + averaged backward"
 contains "pass at other".
 """
@@ -83,7 +83,7 @@ def time_collector(phase: str, info: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b", "mobilenet_v3_small", "efficientnet_b0"])
+    parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b", "mobilenet_v3_small", "efficientnet_b0", "resnet152"])
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--method", default="AG1", choices=["AG1", "AG2", "AG3"])
     parser.add_argument("--steps", type=int, default=8)
@@ -110,6 +110,23 @@ def main() -> None:
         with torch.no_grad():
             closure()
 
+    # the same pass with the Conv2d weights in channels_last (NHWC) memory: on the CPU oneDNN then
+    # runs the whole pass in NHWC, without NCHW <-> blocked reorders around each convolution —
+    # measured as a candidate for the pass at the other state (see docs/step_cost.md)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    nhwc = {id(m): m.weight.detach().contiguous(memory_format=torch.channels_last) for m in convs}
+
+    def no_graph_forward_nhwc():
+        saved = [m._parameters["weight"] for m in convs]
+        for m in convs:
+            m._parameters["weight"] = nhwc[id(m)]
+        try:
+            with torch.no_grad():
+                closure()
+        finally:
+            for m, w in zip(convs, saved):
+                m._parameters["weight"] = w
+
     def run(steps: dict[str, Callable[[], None]]) -> dict[str, tuple[float, dict[str, float]]]:
         """Each step's mean time and parts, the steps interleaved (one of each per round) so that
         the machine's drift hits all alike."""
@@ -128,7 +145,10 @@ def main() -> None:
                     parts[name][k] += v
         return {name: (totals[name] / args.steps, {k: v / args.steps for k, v in parts[name].items()}) for name in steps}
 
-    results = run({"method": lambda: wrapper.step(closure), "plain": plain, "no-graph forward": no_graph_forward})
+    steps = {"method": lambda: wrapper.step(closure), "plain": plain, "no-graph forward": no_graph_forward}
+    if convs:
+        steps["no-graph forward, NHWC convolutions"] = no_graph_forward_nhwc
+    results = run(steps)
     (total, parts), (base, base_parts), (nograd, _) = results["method"], results["plain"], results["no-graph forward"]
     print(f"# step_breakdown — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.case}, {args.optimizer}, freed memory kept: {cached}")
@@ -137,6 +157,10 @@ def main() -> None:
           f"(its optimizer step {base_parts.get('base optimizer step', 0.0) * 1e3:.1f} ms); ratio {total / base:.2f}")
     print(f"no-graph forward {nograd * 1e3:.1f} ms: the cost model's floor for AG-3, (plain + no-graph forward) / plain, "
           f"is {(base + nograd) / base:.2f}")
+    if convs:
+        nhwc_time = results["no-graph forward, NHWC convolutions"][0]
+        print(f"no-graph forward with the Conv2d weights channels_last (NHWC) {nhwc_time * 1e3:.1f} ms "
+              f"({nhwc_time / nograd:.2f} of it; a floor of {(base + nhwc_time) / base:.2f} with it)")
     print()
     print(f"| part | {args.method}: ms per step | plain step: ms per step |")
     print("|---|---|---|")
