@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from ttadapt import __version__
@@ -52,11 +53,14 @@ def test_inspect_input_that_does_not_fit():
     assert "Traceback" not in result.output
 
 
-def test_models_lists_the_zoo_with_parameter_counts():
-    result = runner.invoke(app, ["models"], terminal_width=200)
+@pytest.mark.parametrize("width", [200, 80])
+def test_models_lists_the_zoo_with_parameter_counts(width):
+    result = runner.invoke(app, ["models"], terminal_width=width)
     assert result.exit_code == 0
-    for text in ("model_a", "17,502", "8,228", "14,403", "resnet152_sigmoid", "60,192,808"):
+    for text in ("model_a", "17,502", "8,228", "14,403", "resnet152_sigmoid", "60,192,808",
+                 "28 × Linear with Tanh (10 units)"):  # (a narrow terminal: descriptions below the table, whole)
         assert text in result.output
+    assert all(len(line) <= width for line in result.output.splitlines() if "│" in line)
 
 
 def test_inspect_takes_zoo_models():

@@ -128,15 +128,22 @@ def list_zoo() -> None:
     """List the model zoo: parameters (ours and the paper's), inputs, named weights."""
     from . import models as zoo
 
+    # a narrow terminal gets the descriptions below the table (in it they wrap a word per line)
+    wide = console.width >= 130
     table = Table(title="ttadapt model zoo")
-    for col in ("name", "parameters", "paper", "input", "weights", "description"):
+    for col in ("name", "parameters", "paper", "input", "weights") + (("description",) if wide else ()):
         table.add_column(col, no_wrap=col != "description")
+    descriptions = []
     for name in zoo.list_models():
         info = zoo.model_info(name)
         count = zoo.count_parameters(info.build(info.num_classes))
-        table.add_row(name, f"{count:,}", f"{info.paper_parameters:,}" if info.paper_parameters else "-", info.input,
-                      ", ".join(w for w in info.weights if w != "imagenet_v1" and w != "imagenet_v2") or "-", info.description)
+        row = [name, f"{count:,}", f"{info.paper_parameters:,}" if info.paper_parameters else "-", info.input,
+               ", ".join(w for w in info.weights if w != "imagenet_v1" and w != "imagenet_v2") or "-"]
+        table.add_row(*row, *([info.description] if wide else []))
+        descriptions.append(f"  {name}: {info.description}")
     console.print(table)
+    if not wide:
+        console.print("\n".join(descriptions), highlight=False, soft_wrap=True)
 
 
 @app.command()
