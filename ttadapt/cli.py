@@ -51,8 +51,8 @@ def activations() -> None:
     from .activations import registered_activations, registered_module_activations
 
     table = Table(title="Averaged activations")
-    table.add_column("activation")
-    table.add_column("called as")
+    table.add_column("activation", overflow="fold")
+    table.add_column("called as", overflow="fold")
     table.add_column("kinks")
     for name, act in registered_activations().items():
         forms = sorted({_form_name(f.func) for f in act.forms})
@@ -62,7 +62,7 @@ def activations() -> None:
             kinks = "?"
         table.add_row(name, ", ".join(forms), kinks or "—")
     for cls, entry in registered_module_activations().items():
-        table.add_row(entry.name, f"{cls.__module__}.{cls.__qualname__} (whole module call)", "—")
+        table.add_row(entry.name, f"any {cls.__qualname__} module (one site per call)", "—")
     console.print(table)
     from . import kernels, pooling
 
