@@ -3,6 +3,8 @@ actually differs from the ordinary one when the states differ."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,14 @@ class _LinearThen(nn.Module):
     # roundings, binary maps, torch.special (whose expit is the sigmoid)
     (lambda h: torch.round(h * 4) / 4 + torch.maximum(h, 0.1 * h) + torch.special.ndtr(h) + torch.special.expit(h),
      ["round", "maximum", "special.ndtr"], ["sigmoid"]),
+    # hand-written piecewise functions: the comparison making the mask, the binary max; a mask of
+    # constants and a max reduction are no nonlinearity of the parameters (not listed)
+    (lambda h: torch.where(h > 0, h, 0.1 * h) + h * (h >= 0).float() + h.masked_fill(h.lt(0), 0.0)
+     + torch.max(h, torch.zeros_like(h)) + (torch.ones(2, 3) > 0.5).float() + h.max(dim=1, keepdim=True).values
+     + torch.relu(h),
+     ["gt (mask)", "ge (mask)", "lt (mask)", "max"], ["relu"]),
+    # an activation called as an aten op directly: the registry knows the Python forms only
+    (lambda h: torch.ops.aten.relu.default(h) + torch.ops.aten.gelu(h), ["aten.relu", "aten.gelu"], []),
 ])
 def test_inspect_reports_unaveraged_pointwise_calls(tail, unaveraged, averaged):
     report = ttadapt.inspect(_LinearThen(tail), torch.randn(2, 3))
@@ -116,6 +126,22 @@ def test_inspect_reports_unaveraged_pointwise_calls(tail, unaveraged, averaged):
     assert [c.call for c in report.averaged] == averaged
     text = str(report)
     assert f"{len(unaveraged)} NOT averaged" in text and unaveraged[0] in text
+
+
+def test_an_averaged_pass_warns_about_aten_activation_calls_once():
+    from ttadapt import sites
+
+    sites._WARNED_FUNCTIONS.discard("aten::relu")
+    model = _LinearThen(lambda h: torch.ops.aten.relu.default(h).sum())
+    x = torch.randn(2, 3)
+    with pytest.warns(RuntimeWarning, match=r"torch\.ops\.aten\.relu is called directly"):
+        got = ttadapt.averaged_grad(model, lambda: model(x), {"l.weight": model.l.weight.detach() + 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ttadapt.averaged_grad(model, lambda: model(x), {})
+    # its ordinary derivative, at the current parameters
+    want = torch.autograd.grad(model(x), [model.l.weight])[0]
+    assert torch.equal(got["l.weight"], want)
 
 
 @pytest.mark.parametrize("layer, call", [

@@ -766,6 +766,20 @@ for _name in getattr(torch.special, "__all__", ()):  # torch.special's pointwise
     _f = getattr(torch.special, _name, None)
     if callable(_f) and _name not in ("softmax", "log_softmax", "logsumexp") and lookup_call(_f) is None:
         UNAVERAGED_POINTWISE.setdefault(_f, f"special.{_name}")
+# Comparisons of a value that depends on trainable parameters make a mask, the branch of a
+# hand-written piecewise function (`h * (h > 0)`, `torch.where(h > 0, h, 0.1 * h)`,
+# `h.masked_fill(h < 0, 0)`), which keeps its ordinary derivative; and the binary forms of max /
+# min are maximum / minimum. `inspect` lists these only where that value requires a gradient
+# (a mask built from constants, such as an attention mask, is no nonlinearity of the parameters).
+MASKING_CALLS: dict[Any, str] = {}
+for _name in ("gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal"):
+    for _owner in (torch, torch.Tensor):
+        _f = getattr(_owner, _name, None)
+        if _f is not None:
+            MASKING_CALLS[_f] = f"{_name} (mask)"
+for _op, _name in (("__gt__", "gt"), ("__lt__", "lt"), ("__ge__", "ge"), ("__le__", "le")):
+    MASKING_CALLS[getattr(torch.Tensor, _op)] = f"{_name} (mask)"
+BINARY_EXTREMA: dict[Any, str] = {torch.max: "max", torch.Tensor.max: "max", torch.min: "min", torch.Tensor.min: "min"}
 # Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells) run their sigmoid / tanh / ReLU
 # gates inside one fused ATen call, which no site sees: their gates keep the ordinary derivative.
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"):

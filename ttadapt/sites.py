@@ -47,8 +47,8 @@ from torch.nn.modules import module as _nn_module
 from torch.overrides import TorchFunctionMode
 
 from . import kernels, secant
-from .activations import (UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation, lookup_call, lookup_module,
-                          registered_activations, registry_version)
+from .activations import (BINARY_EXTREMA, MASKING_CALLS, UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation,
+                          lookup_call, lookup_module, registered_activations, registry_version)
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
 from .states import ModelLayout
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
@@ -108,6 +108,7 @@ def _custom_functions(root: Tensor) -> list[type]:
 
 
 _WARNED_FUNCTIONS: set[str] = set()
+_ATEN_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 _WARNED_SCRIPTS: set[tuple[str, str]] = set()
 _ATEN_ALIASES = {"log_sigmoid": "logsigmoid", "_prelu_kernel": "prelu"}
 
@@ -295,8 +296,13 @@ class _Mode(TorchFunctionMode):
             kind = _AFFINE.get(func) if _hashable(func) else None
             if kind is not None:
                 return s._on_affine(func, kind, args, kwargs)
-        if s.phase == "inspect" and _hashable(func) and func in UNAVERAGED_POINTWISE:
-            s._log_unaveraged(func, args, kwargs)
+        if s.phase == "inspect" and _hashable(func):
+            if func in UNAVERAGED_POINTWISE:
+                s._log_unaveraged(func, args, kwargs)
+            elif func in MASKING_CALLS or func in BINARY_EXTREMA:
+                s._log_masking(func, args, kwargs)
+        if type(func) in _ATEN_OPS:
+            s._aten_op(func, args, kwargs)
         elif s.phase != "inspect" and (func is _MAX_POOL2D[0] or func is _MAX_POOL2D[1]):
             out = max_pool2d_call(args, kwargs)  # the same values (and gradient), faster: see pooling.py
             if out is not None:
@@ -744,6 +750,40 @@ class SiteSession:
         u = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(u, Tensor) and u.is_floating_point():
             self.calls.append(SiteCall(self._where(), UNAVERAGED_POINTWISE[func], False, tuple(u.shape)))
+
+    def _log_masking(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        """A comparison (or binary max / min) of a value that requires a gradient: see
+        :data:`ttadapt.activations.MASKING_CALLS`."""
+        u = args[0] if args else kwargs.get("input")
+        other = args[1] if len(args) > 1 else kwargs.get("other")
+        if func in BINARY_EXTREMA:
+            if not isinstance(other, Tensor):  # (a reduction, not a pointwise call)
+                return
+            name = BINARY_EXTREMA[func]
+        else:
+            name = MASKING_CALLS[func]
+        grads = [t for t in (u, other) if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
+        if grads:
+            self.calls.append(SiteCall(self._where(), name, False, tuple(grads[0].shape)))
+
+    def _aten_op(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """A ``torch.ops.aten`` call of an activation (``torch.ops.aten.relu.default(x)``): the
+        registry knows the Python forms only, so it keeps its ordinary derivative; ``inspect``
+        lists it, an averaged pass warns once per op."""
+        qualified = getattr(func, "_qualified_op_name", None) or func.name()  # "aten::relu" (packet / overload)
+        op = qualified.split("::")[-1].split(".")[0]
+        op = op[:-1] if op.endswith("_") and not op.startswith("_") else op
+        if op not in registered_activations():
+            return
+        u = args[0] if args else None
+        if self.phase == "inspect":
+            if isinstance(u, Tensor) and u.is_floating_point():
+                self.calls.append(SiteCall(self._where(), f"aten.{op}", False, tuple(u.shape)))
+        elif qualified not in _WARNED_FUNCTIONS:
+            _WARNED_FUNCTIONS.add(qualified)
+            warnings.warn(f"ttadapt: torch.ops.{qualified.replace('::', '.')} is called directly; only the Python forms of "
+                          f"{op} (see `ttadapt activations`) are averaged, so this call keeps its ordinary derivative",
+                          RuntimeWarning, stacklevel=3)
 
     def _module_site(self, path: str, module: nn.Module, entry: ModuleActivation, forward: Callable) -> Callable:
         """The patched ``forward`` of an activation registered by module class."""
