@@ -42,8 +42,9 @@ class AveragedGradientTrainer(Trainer):
         if isinstance(ag_d, bool) or not isinstance(ag_d, int) or ag_d < 1:
             raise ValueError(f"ag_d must be an integer >= 1, got {ag_d!r}")
         super().__init__(*args, **kwargs)
-        if ag_method == "ag3" and getattr(self.args, "gradient_checkpointing", False):
-            raise ValueError("AG-3 cannot run with gradient_checkpointing=True: the checkpointed activations are "
+        if ag_method == "ag3" and (getattr(self.args, "activation_checkpointing", False)
+                                   or getattr(self.args, "gradient_checkpointing", False)):  # (the name before transformers 5)
+            raise ValueError("AG-3 cannot run with activation (gradient) checkpointing: the checkpointed activations are "
                              "recomputed in the backward with ordinary derivatives, not the averaged ones")
         if ag_method == "sam" and self.args.gradient_accumulation_steps != 1:
             raise ValueError("SAM in the Trainer needs gradient_accumulation_steps=1")
