@@ -152,6 +152,24 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, optim
     assert torch.equal(ca["rng"][0]["cpu"], cb["rng"][0]["cpu"])
 
 
+@pytest.mark.parametrize("method", ["plain", "ag3_1", "sam", "ag2"])
+def test_max_grad_norm_bounds_every_step(tmp_path, method):
+    """SGD without momentum, a bound far below the gradients' norms: after 3 steps the weights
+    are within 3 · lr · bound = 3e-5 of where they started (about 0.054 without the bound)."""
+    lr, bound = 0.1, 1e-4
+    over = {"method.name": method, "optim.name": "sgd", "optim.options.momentum": 0, "optim.lr": lr,
+            "optim.max_grad_norm": bound, "max_steps": 3, "schedule.name": "constant", "eval_every": 0,
+            "model.name": "model_a"}
+    finetune(_config(tmp_path, "clipped", **over))
+    torch.manual_seed(0)
+    start = zoo.create("model_a", weights=None).state_dict()
+    end = _params(tmp_path / "clipped" / "model.pt")
+    moved = torch.cat([(end[k] - start[k]).flatten() for k in start if k in end and end[k].is_floating_point()])
+    assert 0 < torch.linalg.vector_norm(moved).item() <= 3 * lr * bound * (1 + 1e-4)
+    with pytest.raises(ConfigError, match="optim.max_grad_norm"):
+        _config(tmp_path, "bad", **{"optim.max_grad_norm": 0})
+
+
 def test_a_crash_while_writing_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch):
     config = _config(tmp_path, "crash")
     import ttadapt.atomic as atomic

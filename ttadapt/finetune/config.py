@@ -59,6 +59,7 @@ class OptimConfig:
 
     name: str = "soap"
     lr: float = 3e-3
+    max_grad_norm: float | None = None  # clip the gradient each step takes to this global L2 norm (None: no clipping)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,7 +130,8 @@ def validate(config: FinetuneConfig) -> None:
         raise ConfigError(f"method.anchor_storage must be one of {', '.join(STORAGES)}")
     checks = [
         ("epochs", config.epochs >= 1), ("data.batch_size", config.data.batch_size >= 1),
-        ("optim.lr", config.optim.lr > 0), ("method.d", config.method.d >= 1), ("method.rho", config.method.rho >= 0),
+        ("optim.lr", config.optim.lr > 0), ("method.d", config.method.d >= 1),
+        ("optim.max_grad_norm", config.optim.max_grad_norm is None or config.optim.max_grad_norm > 0), ("method.rho", config.method.rho >= 0),
         ("checkpoint_every", config.checkpoint_every >= 0), ("eval_every", config.eval_every >= 0),
         ("log_every", config.log_every >= 1), ("data.num_workers", config.data.num_workers >= 0),
         ("data.image_size", config.data.image_size >= 1), ("schedule.warmup_steps", config.schedule.warmup_steps >= 0),

@@ -80,6 +80,16 @@ class _Log:
                 fh.write(json.dumps(entry) + "\n")
 
 
+def _clipping(model: nn.Module, bound: float) -> Callable[..., None]:
+    """A step pre-hook that clips the gradient to global L2 norm ``bound`` (a pre-hook returns None)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def clip(optimizer: Any, args: Any, kwargs: Any) -> None:
+        torch.nn.utils.clip_grad_norm_(params, bound)
+
+    return clip
+
+
 def _device(config: FinetuneConfig, dist_info: DistInfo) -> torch.device:
     if config.device == "auto":
         return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -219,6 +229,8 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
     train_items = SeededItems(train_set, config.seed) if config.data.name == "imagefolder" and config.data.augment else train_set
 
     optimizer = create_optimizer(config.optim.name, model.parameters(), config.optim.lr, **config.optim.options)
+    if config.optim.max_grad_norm is not None:  # a step pre-hook: every real step a wrapper makes runs it
+        optimizer.register_step_pre_hook(_clipping(model, float(config.optim.max_grad_norm)))
     method = config.method
     wrapper: AG1 | AG2 | AG3 | SAM | None = None
     reduce = all_reduce_mean(dist_info.world) if dist_info.world > 1 else None
