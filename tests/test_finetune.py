@@ -73,7 +73,7 @@ def test_config_from_yaml_with_dotted_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["optim.learning_rate=1"], "unknown config key(s) optim.learning_rate; valid keys of optim: name, lr, options"),
+    (["optim.learning_rate=1"], "unknown config key(s) optim.learning_rate; valid keys of optim: name, lr, max_grad_norm, options"),
     (["bogus=1"], "valid keys: name, model, data, optim, method, schedule, epochs"),
     (["method.name=adamw"], "method.name: 'adamw' is not one of 'plain', 'ag1', 'ag2', 'ag3', 'ag3_1', 'sam'"),
     (["epochs=two"], "epochs: expected an integer, got 'two'"),
@@ -81,7 +81,7 @@ def test_config_from_yaml_with_dotted_overrides(tmp_path):
     (["model.name=resnet9000"], "model.name: unknown model 'resnet9000'"),
     (["epochs=0"], "invalid value for epochs"),
     (["data.name=imagefolder"], "data.train: imagefolder needs the training folder"),
-    (["optim=3"], "optim: expected a mapping of name, lr, options"),
+    (["optim=3"], "optim: expected a mapping of name, lr, max_grad_norm, options"),
 ])
 def test_config_errors_name_the_key_and_what_is_valid(overrides, message):
     with pytest.raises(ConfigError) as err:
