@@ -468,7 +468,7 @@ class SiteSession:
 
     def _graph_site(self) -> None:
         """A site of a pass at the graph state: refuse a non-reentrant checkpoint around it; note
-        one that runs with grad mode off (see :meth:`check_recompute`)."""
+        one that runs with grad mode off (see :meth:`check_graph`)."""
         if _under_checkpoint():
             raise RecomputedActivationsError(_RECOMPUTED)
         if not torch.is_grad_enabled():
