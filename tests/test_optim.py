@@ -626,6 +626,9 @@ def test_bad_arguments_raise_clear_errors():
         w.step(None)
     with pytest.raises(ValueError, match="unknown optimizer"):
         ttadapt.create_optimizer("adagradd", m.parameters(), lr=0.1)
+    for wrapper in (ttadapt.AG1, ttadapt.AG2, ttadapt.AG3, ttadapt.SAM):  # (its step() would fail mid-step)
+        with pytest.raises(ValueError, match=r"LBFGS.step\(\) needs a closure"):
+            wrapper(m, torch.optim.LBFGS(m.parameters()))
 
 
 def test_soap_constructor_takes_reference_names_and_paper_defaults():

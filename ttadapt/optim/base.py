@@ -3,6 +3,8 @@ guard, gradient plumbing and checkpoint state."""
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -19,6 +21,17 @@ Closure = Callable[[], Tensor]
 
 def _is_optimizer(obj: Any) -> bool:
     return all(hasattr(obj, a) for a in ("step", "param_groups", "state", "state_dict", "load_state_dict"))
+
+
+def _needs_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step()`` cannot run without a closure (LBFGS): the wrappers call it
+    with the gradient already in ``.grad``."""
+    try:
+        params = inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):  # (no signature to read: assume it is the usual one)
+        return False
+    closure = params.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def all_finite(*tensors: Tensor | None) -> bool:
@@ -96,6 +109,10 @@ class OptimizerWrapper:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not _is_optimizer(optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (or have its interface), got {type(optimizer).__name__}")
+        if _needs_closure(optimizer):
+            raise ValueError(f"{type(optimizer).__name__}.step() needs a closure (it evaluates the loss itself, as a line "
+                             f"search does); ttadapt.{type(self).__name__} steps the base optimizer with a gradient it has "
+                             "already computed: use an optimizer whose closure is optional (SGD, Adam, RMSprop, SOAP, ...)")
         self.model = model
         self.optimizer = optimizer
         self.step_count = 0
