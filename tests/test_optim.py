@@ -826,3 +826,40 @@ def test_all_finite_against_isfinite(dtype):
     for tensors in cases:
         want = all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
         assert all_finite(*tensors) is want
+
+
+class _SparseEmbedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = nn.Embedding(50, 8, sparse=True)
+        self.l = nn.Linear(8, 2)
+
+    def forward(self, i):
+        return self.l(torch.tanh(self.e(i)).mean(1))
+
+
+@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3", "SAM"])
+def test_sparse_embedding_gradients_with_sparse_adam(method):
+    """``nn.Embedding(sparse=True)`` gives sparse gradients (ordinary and averaged); AG-1's update
+    used to fail on them. AG-1's step: the forecast's magnitude, G′'s sign, per coordinate."""
+    m = _SparseEmbedder()
+    i, y = torch.randint(0, 50, (4, 6)), torch.randint(0, 2, (4,))
+    opt = torch.optim.SparseAdam(list(m.e.parameters()), lr=0.01)
+    wrapper = getattr(ttadapt, method)(m, opt, **({"d": 1} if method == "AG3" else {}))
+
+    def closure():
+        return F.cross_entropy(m(i), y)
+
+    for _ in range(2):
+        if method == "AG1":
+            theta = m.e.weight.detach().clone()
+            m.e.weight.grad = torch.autograd.grad(closure(), [m.e.weight])[0]
+            forecast = ttadapt.optim.dry_run(opt)[m.e.weight]
+            m.e.weight.grad = None
+            averaged = ttadapt.averaged_grad(m, closure, {"e.weight": forecast}, seed="other")["e.weight"]
+            want = theta - (forecast - theta).abs() * averaged.to_dense().sign()
+        wrapper.step(closure)
+        assert wrapper.skipped_steps == 0 and torch.isfinite(m.e.weight).all()
+        if method == "AG1":
+            assert torch.allclose(m.e.weight.detach(), want, rtol=0, atol=1e-7)

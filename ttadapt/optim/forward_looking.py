@@ -196,7 +196,8 @@ class _ForwardLooking(OptimizerWrapper):
             p = params[n]
             step = p.sub_(theta[n]).abs_()  # |θ′ − θ|, in the parameter's memory
             lengths.append(step.sum())  # a plain sum of |·| is ~3x cheaper than vector_norm(·, 1)
-            torch.addcmul(theta[n], step, averaged[n].sign().to(p.dtype), value=-1, out=p)
+            g = averaged[n].to_dense() if averaged[n].is_sparse else averaged[n]  # (nn.Embedding(sparse=True))
+            torch.addcmul(theta[n], step, g.sign().to(p.dtype), value=-1, out=p)
         total = fused + _total(lengths)
         if not math.isfinite(total):
             return False
