@@ -128,10 +128,7 @@ def test_inspect_reports_unaveraged_pointwise_calls(tail, unaveraged, averaged):
     assert f"{len(unaveraged)} NOT averaged" in text and unaveraged[0] in text
 
 
-def test_an_averaged_pass_warns_about_aten_activation_calls_once():
-    from ttadapt import sites
-
-    sites._WARNED_FUNCTIONS.discard("aten::relu")
+def test_an_averaged_pass_warns_about_aten_activation_calls_once(fresh_ttadapt_warnings):
     model = _LinearThen(lambda h: torch.ops.aten.relu.default(h).sum())
     x = torch.randn(2, 3)
     with pytest.warns(RuntimeWarning, match=r"torch\.ops\.aten\.relu is called directly"):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttadapt
-from ttadapt import sites
+from conftest import batch_and_other
+
+pytestmark = pytest.mark.usefixtures("fresh_ttadapt_warnings")
 
 
 class _SwishFunction(torch.autograd.Function):
@@ -58,23 +60,9 @@ def _models():
     return me, silu
 
 
-def _data(model):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
-    other = {n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
-    return x, y, other
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    sites._WARNED_FUNCTIONS.clear()
-    yield
-    sites._WARNED_FUNCTIONS.clear()
-
-
 def test_inspect_lists_activations_inside_a_custom_function_as_not_averaged():
     me, _ = _models()
-    x, _, _ = _data(me)
+    x, _, _ = batch_and_other(me)
     report = ttadapt.inspect(me, x)
     assert [(c.call, c.averaged, c.grad_off) for c in report.calls] == [("sigmoid", False, True)]
     assert "1 NOT averaged" in str(report) and "sigmoid (grad off)" in str(report)
@@ -85,7 +73,7 @@ def test_inspect_lists_activations_inside_a_custom_function_as_not_averaged():
 
 def test_an_averaged_pass_warns_once_per_function_class():
     me, silu = _models()
-    x, y, other = _data(me)
+    x, y, other = batch_and_other(me)
     closure = lambda: F.cross_entropy(me(x), y)  # noqa: E731
     with pytest.warns(RuntimeWarning, match="_SwishFunction"):
         got = ttadapt.averaged_grad(me, closure, other)
@@ -99,7 +87,7 @@ def test_an_averaged_pass_warns_once_per_function_class():
 
 def test_no_warning_without_a_custom_function():
     side = _NoGradBranch()
-    x, y, other = _data(side)
+    x, y, other = batch_and_other(side)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ttadapt.averaged_grad(side, lambda: F.cross_entropy(side(x), y), other)
@@ -110,7 +98,7 @@ def test_no_warning_without_a_custom_function():
 
 def test_registering_the_module_averages_it():
     me, silu = _models()
-    x, y, other = _data(me)
+    x, y, other = batch_and_other(me)
     ttadapt.register_module_activation("memory_efficient_swish", _MemoryEfficientSwish)
     try:
         with warnings.catch_warnings():

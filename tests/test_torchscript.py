@@ -16,28 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttadapt
-from ttadapt import sites
+from conftest import batch_and_other
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"), pytest.mark.usefixtures("fresh_ttadapt_warnings")]
 
 
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def _data(model):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
-    other = {n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
-    return x, y, other
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    sites._WARNED_SCRIPTS.clear()
-    yield
-    sites._WARNED_SCRIPTS.clear()
 
 
 def _scripted(kind: str, x: torch.Tensor) -> nn.Module:
@@ -54,7 +40,7 @@ def _scripted(kind: str, x: torch.Tensor) -> nn.Module:
                                             ("submodule", "'1'", "tanh")])
 def test_scripted_activations_keep_their_ordinary_derivative_with_a_warning(kind, where, ops):
     eager = _model()
-    x, y, other = _data(eager)
+    x, y, other = batch_and_other(eager)
     model = _scripted(kind, x)
     before = model(x).detach()
     with pytest.warns(RuntimeWarning, match=re.escape(f"TorchScript module {where} calls {ops};")):
@@ -96,7 +82,7 @@ class _PlainTanh(torch.autograd.Function):
 
 @pytest.mark.parametrize("kind", ["script", "trace", "submodule"])
 def test_inspect_lists_scripted_activations_as_not_averaged(kind):
-    x, _, _ = _data(_model())
+    x, _, _ = batch_and_other(_model())
     report = ttadapt.inspect(_scripted(kind, x), x)
     rows = [(c.call, c.averaged) for c in report.calls]
     if kind == "submodule":
@@ -108,7 +94,7 @@ def test_inspect_lists_scripted_activations_as_not_averaged(kind):
 
 def test_scripted_parts_without_activations_change_nothing():
     eager = _model()
-    x, y, other = _data(eager)
+    x, y, other = batch_and_other(eager)
     model = copy.deepcopy(eager)
     model[0] = torch.jit.script(model[0])
     model[2] = torch.jit.trace(model[2], torch.randn(3, 16))
