@@ -28,10 +28,10 @@ def batch_and_other(model: torch.nn.Module, features: int = 8, classes: int = 4,
 def fresh_ttadapt_warnings():
     """ttadapt warns once per process about a custom autograd.Function, an ATen op or a
     TorchScript module: forget what it has warned about, before and after the test."""
-    from ttadapt import sites
+    from ttadapt import unseen
 
-    for seen in (sites._WARNED_FUNCTIONS, sites._WARNED_SCRIPTS):
+    for seen in (unseen.WARNED, unseen.WARNED_SCRIPTS):
         seen.clear()
     yield
-    for seen in (sites._WARNED_FUNCTIONS, sites._WARNED_SCRIPTS):
+    for seen in (unseen.WARNED, unseen.WARNED_SCRIPTS):
         seen.clear()

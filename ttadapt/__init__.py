@@ -13,6 +13,7 @@ from .inspection import InspectionReport, inspect
 from .optim import AG1, AG2, AG3, SAM, SOAP, create_optimizer
 from .reference import path_average_grad
 from .sites import SiteMismatchError
+from .unseen import RecomputedActivationsError
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "inspect",
     "InspectionReport",
     "SiteMismatchError",
+    "RecomputedActivationsError",
     "register_activation",
     "register_module_activation",
     "registered_activations",

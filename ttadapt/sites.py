@@ -31,12 +31,15 @@ dispatch costs every call of the model several µs; :meth:`SiteSession._direct_m
 * ``"graph"`` — the pass at the graph state *before* the other state is known (AG-1 / AG-2):
   each site gets a :class:`~ttadapt.deferred.DeferredSlot` and a function whose backward is
   ordinary until :meth:`SiteSession.fill_slots` hands it a later record pass's inputs.
+
+Code that computes activations out of this module's sight (``torch.compile``, checkpointing,
+custom ``autograd.Function`` s, TorchScript, ATen ops called directly) is dealt with in
+:mod:`ttadapt.unseen`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -46,11 +49,12 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 from torch.overrides import TorchFunctionMode
 
-from . import kernels, secant
+from . import kernels, secant, unseen
 from .activations import (BINARY_EXTREMA, MASKING_CALLS, UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation,
-                          lookup_call, lookup_module, registered_activations, registry_version)
+                          lookup_call, lookup_module, registry_version)
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
 from .states import ModelLayout
+from .unseen import RecomputedActivationsError
 from .deferred import (DeferredActivation, DeferredAffine, DeferredModule, DeferredPassThrough, DeferredPReLU, DeferredSlot,
                        hook_native_site, native_site, single_node_call)
 from .secant import (AveragedAffine, SecantModule, SecantPassThrough, SecantPReLU, activation_callables,
@@ -61,90 +65,6 @@ __all__ = ["SiteMismatchError", "RecomputedActivationsError", "SiteSession", "Si
 
 class SiteMismatchError(RuntimeError):
     """The two forward passes did not call the same activation sites in the same order."""
-
-
-class RecomputedActivationsError(RuntimeError):
-    """Activation checkpointing (``torch.utils.checkpoint``) around averaged activations: it
-    computes them again during the backward, out of the pass's reach, with ordinary derivatives."""
-
-
-_RECOMPUTED = (
-    "activation checkpointing (torch.utils.checkpoint) around averaged activations: it computes them "
-    "again during the backward, where ordinary derivatives would silently replace the secant slopes. "
-    "Turn it off for averaged-gradient steps (Hugging Face: model.activation_checkpointing_disable(), "
-    "before transformers 5 gradient_checkpointing_disable(); timm: model.set_grad_checkpointing(False))"
-)
-_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
-def _under_checkpoint() -> bool:
-    """Whether a non-reentrant ``torch.utils.checkpoint`` region is running: its saved-tensor
-    hooks (which drop what the graph saves, to recompute it in the backward) are the innermost."""
-    if _top_hooks is None:
-        return False
-    try:
-        hooks = _top_hooks(False)
-    except TypeError:  # (older signature)
-        hooks = _top_hooks()
-    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook")
-
-
-def _custom_functions(root: Tensor) -> list[type]:
-    """The ``torch.autograd.Function`` classes (not ttadapt's own) with a node in the graph of
-    ``root``: what runs its forward with gradient recording off and brings its own backward."""
-    stack = [root.grad_fn] if root.grad_fn is not None else []
-    seen: set[int] = set()
-    found: dict[type, None] = {}
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        cls = getattr(node, "_forward_cls", None)  # (custom Python functions' nodes only)
-        if cls is not None and not cls.__module__.startswith("ttadapt."):
-            found[cls] = None
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return list(found)
-
-
-_WARNED_FUNCTIONS: set[str] = set()
-_ATEN_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
-_WARNED_SCRIPTS: set[tuple[str, str]] = set()
-_ATEN_ALIASES = {"log_sigmoid": "logsigmoid", "_prelu_kernel": "prelu"}
-
-
-def _script_activations(layout: ModelLayout) -> list[tuple[str, list[str]]]:
-    """``(module path, [activation names])`` of each outermost TorchScript module of the model
-    (``torch.jit.script`` / ``trace``) whose code calls a registered activation: that code runs
-    outside Python, out of the passes' sight, so those calls keep their ordinary derivative.
-    Worked out once per layout and registry version."""
-    key = registry_version()
-    memo = layout.memo
-    if memo.get("script key") == key:
-        return memo["script activations"]  # type: ignore[return-value]
-    names = set(registered_activations())
-    found: list[tuple[str, list[str]]] = []
-    outer: list[str] = []
-    for path, module in layout.modules:
-        if not isinstance(module, torch.jit.ScriptModule) or any(path.startswith(f"{o}.") or o == "" for o in outer):
-            continue
-        outer.append(path)
-        try:
-            graph = module.inlined_graph
-        except Exception:  # (a module without a forward method)
-            continue
-        ops: dict[str, None] = {}
-        for node in graph.nodes():
-            kind = node.kind()
-            if kind.startswith("aten::"):
-                op = kind[6:]
-                op = _ATEN_ALIASES.get(op, op[:-1] if op.endswith("_") and not op.startswith("_") else op)
-                if op in names:
-                    ops[op] = None
-        if ops:
-            found.append((path, list(ops)))
-    memo["script key"], memo["script activations"] = key, found
-    return found
 
 
 _F32 = torch.float32
@@ -301,23 +221,13 @@ class _Mode(TorchFunctionMode):
                 s._log_unaveraged(func, args, kwargs)
             elif func in MASKING_CALLS or func in BINARY_EXTREMA:
                 s._log_masking(func, args, kwargs)
-        if type(func) in _ATEN_OPS:
+        if type(func) in unseen.ATEN_OPS:
             s._aten_op(func, args, kwargs)
         elif s.phase != "inspect" and (func is _MAX_POOL2D[0] or func is _MAX_POOL2D[1]):
             out = max_pool2d_call(args, kwargs)  # the same values (and gradient), faster: see pooling.py
             if out is not None:
                 return out
         return func(*args, **kwargs)
-
-
-def _eager() -> contextlib.AbstractContextManager:
-    """A block in which ``torch.compile``'d code (the model, a submodule, the closure) runs
-    eagerly: a compiled graph would compute the activations out of the function mode's and the
-    patched forwards' sight (PyTorch 2.6 and later; before, compiled code runs as it is)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return set_stance("force_eager")
 
 
 def _global_hooks() -> bool:
@@ -409,7 +319,7 @@ class SiteSession:
         try:
             if self.track_modules:
                 self._track(model, hooks)
-            with _eager():
+            with unseen.eager():
                 yield self
             if phase == "record":
                 self.recorded_bytes = self.stored_bytes
@@ -432,45 +342,25 @@ class SiteSession:
 
     def _scripted(self, layout: ModelLayout) -> None:
         """TorchScript modules calling activations: listed by ``inspect`` as not averaged, warned
-        about once per module path and class by the averaged passes."""
-        for path, ops in _script_activations(layout):
+        about by the averaged passes (:mod:`ttadapt.unseen`)."""
+        for path, ops in unseen.script_activations(layout):
             if self.phase == "inspect":
                 self.calls.extend(SiteCall(path, f"{op} (TorchScript)", False, ()) for op in ops)
-                continue
-            key = (path, ",".join(ops))
-            if key not in _WARNED_SCRIPTS:
-                _WARNED_SCRIPTS.add(key)
-                warnings.warn(
-                    f"ttadapt: the TorchScript module {path or '(the model)'!r} calls {', '.join(ops)}; TorchScript code "
-                    "runs outside Python, so these calls keep their ordinary derivative. Pass the original nn.Module "
-                    "(torch.jit is deprecated in favour of torch.compile, whose code ttadapt runs eagerly)",
-                    RuntimeWarning, stacklevel=8)  # (the caller of averaged_grad or of AG3.step)
+            else:
+                unseen.warn_scripted(path, ops)
 
     def check_graph(self, loss: Tensor) -> None:
-        """After a pass at the graph state in which sites ran with gradient recording off, look
-        at the graph for what did that: a reentrant checkpoint (its sites run again, unseen, in
-        the backward) is refused; another custom ``autograd.Function`` (its own backward gives
-        the gradient of the activations inside it, not averaged) is warned about once per class."""
-        if not self.grad_off_sites or not isinstance(loss, Tensor):
-            return
-        functions = _custom_functions(loss)
-        if any(cls.__name__ == "CheckpointFunction" and cls.__module__ == "torch.utils.checkpoint" for cls in functions):
-            raise RecomputedActivationsError(_RECOMPUTED)
-        names = [f"{cls.__module__}.{cls.__qualname__}" for cls in functions]
-        new = [n for n in names if n not in _WARNED_FUNCTIONS]
-        if new:
-            _WARNED_FUNCTIONS.update(new)
-            warnings.warn(
-                f"ttadapt: activation calls ran inside the custom autograd.Function {', '.join(new)}; its own "
-                "backward, not the averaged one, gives their gradient. To average such an activation, register "
-                "the module that calls the Function with ttadapt.register_module_activation (see `ttadapt inspect`)",
-                RuntimeWarning, stacklevel=5)  # (the caller of averaged_grad or of a wrapper's step)
+        """After a pass at the graph state: where activations ran with gradient recording off,
+        :func:`ttadapt.unseen.check_graph` finds out why (a reentrant checkpoint is refused, a
+        custom ``autograd.Function`` warned about)."""
+        if self.grad_off_sites and isinstance(loss, Tensor):
+            unseen.check_graph(loss)
 
     def _graph_site(self) -> None:
         """A site of a pass at the graph state: refuse a non-reentrant checkpoint around it; note
         one that runs with grad mode off (see :meth:`check_graph`)."""
-        if _under_checkpoint():
-            raise RecomputedActivationsError(_RECOMPUTED)
+        if unseen.under_checkpoint():
+            raise RecomputedActivationsError(unseen.RECOMPUTED)
         if not torch.is_grad_enabled():
             self.grad_off_sites = True
 
@@ -770,20 +660,14 @@ class SiteSession:
         """A ``torch.ops.aten`` call of an activation (``torch.ops.aten.relu.default(x)``): the
         registry knows the Python forms only, so it keeps its ordinary derivative; ``inspect``
         lists it, an averaged pass warns once per op."""
-        qualified = getattr(func, "_qualified_op_name", None) or func.name()  # "aten::relu" (packet / overload)
-        op = qualified.split("::")[-1].split(".")[0]
-        op = op[:-1] if op.endswith("_") and not op.startswith("_") else op
-        if op not in registered_activations():
+        hit = unseen.aten_activation(func)
+        if hit is None:
             return
         u = args[0] if args else None
-        if self.phase == "inspect":
-            if isinstance(u, Tensor) and u.is_floating_point():
-                self.calls.append(SiteCall(self._where(), f"aten.{op}", False, tuple(u.shape)))
-        elif qualified not in _WARNED_FUNCTIONS:
-            _WARNED_FUNCTIONS.add(qualified)
-            warnings.warn(f"ttadapt: torch.ops.{qualified.replace('::', '.')} is called directly; only the Python forms of "
-                          f"{op} (see `ttadapt activations`) are averaged, so this call keeps its ordinary derivative",
-                          RuntimeWarning, stacklevel=3)
+        if self.phase != "inspect":
+            unseen.warn_aten(*hit)
+        elif isinstance(u, Tensor) and u.is_floating_point():
+            self.calls.append(SiteCall(self._where(), f"aten.{hit[1]}", False, tuple(u.shape)))
 
     def _module_site(self, path: str, module: nn.Module, entry: ModuleActivation, forward: Callable) -> Callable:
         """The patched ``forward`` of an activation registered by module class."""
