@@ -50,6 +50,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 from torch import Tensor
 
 from .rare import _flat
@@ -204,6 +205,8 @@ def _library() -> ctypes.CDLL | None:
     testing = getattr(_testing, "lib", None)
     if testing is not None:
         return testing
+    if torch._C._are_functorch_transforms_active():
+        return None  # (the self-test cannot draw its inputs inside vmap / grad: set up at the first call outside)
     with _lock:
         if "lib" in _state:
             return _state["lib"]  # type: ignore[return-value]
@@ -219,8 +222,9 @@ def _library() -> ctypes.CDLL | None:
                 why += "; PyTorch ops in use (slower on the CPU)"
             else:
                 _testing.lib = lib  # other threads wait at the lock until the self-test is done
-                try:
-                    problem = _self_test()
+                try:  # (outside the caller's function and dispatch modes: a pass's own mode, a flop counter, ...)
+                    with torch._C.DisableTorchFunction(), _disable_current_modes():
+                        problem = _self_test()
                 finally:
                     _testing.lib = None
                 if problem is not None:
@@ -244,7 +248,7 @@ def loaded() -> bool:
 def status() -> str:
     """One line: the fused kernels in use and where, or why the PyTorch ops run instead."""
     _library()
-    return str(_state["why"])
+    return str(_state.get("why", "fused CPU kernels not set up yet (asked inside a torch.func transform)"))
 
 
 def _dense(*tensors: Tensor) -> bool:

@@ -15,9 +15,12 @@ forwards (:mod:`ttadapt.sites`). Some code runs them where neither reaches:
 * TorchScript modules, whose code runs outside Python — warned about once per module
   (:func:`script_activations`, :func:`warn_scripted`);
 * activations called as ATen ops directly (``torch.ops.aten.relu.default(x)``), which the registry
-  does not know — warned about once per op (:func:`aten_activation`, :func:`warn_aten`).
+  does not know — warned about once per op (:func:`aten_activation`, :func:`warn_aten`);
+* activations inside a ``torch.func`` transform in the model's forward (``vmap`` over an
+  ensemble), whose inputs are the transform's wrappers and cannot be kept past it — left to their
+  ordinary derivative in both passes, warned about once per activation (:func:`warn_transformed`).
 
-``ttadapt.inspect`` lists the last three as not averaged.
+``ttadapt.inspect`` lists the last four as not averaged.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .activations import registered_activations, registry_version
 from .states import ModelLayout
 
 __all__ = ["RecomputedActivationsError", "eager", "under_checkpoint", "check_graph", "script_activations",
-           "warn_scripted", "aten_activation", "warn_aten"]
+           "warn_scripted", "aten_activation", "warn_aten", "warn_transformed"]
 
 
 class RecomputedActivationsError(RuntimeError):
@@ -176,3 +179,13 @@ def warn_aten(qualified: str, op: str) -> None:
         warnings.warn(f"ttadapt: torch.ops.{qualified.replace('::', '.')} is called directly; only the Python forms of "
                       f"{op} (see `ttadapt activations`) are averaged, so this call keeps its ordinary derivative",
                       RuntimeWarning, stacklevel=5)  # (the model's code that called it)
+
+
+def warn_transformed(call: str) -> None:
+    """Once per activation: its calls inside a ``torch.func`` transform keep their ordinary derivative."""
+    key = f"torch.func:{call}"
+    if key not in WARNED:
+        WARNED.add(key)
+        warnings.warn(f"ttadapt: {call} ran inside a torch.func transform (vmap, grad, ...) in the model; its inputs there "
+                      "cannot be kept between the passes, so these calls keep their ordinary derivative",
+                      RuntimeWarning, stacklevel=5)
