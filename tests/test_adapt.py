@@ -163,6 +163,27 @@ def test_collapse_is_rolled_back_and_reported():
     assert torch.allclose(out, reference, atol=1e-6)
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("method", ["grad", "ag2", "sam"])
+def test_adapting_inside_an_inference_pipeline(context, method):
+    """An inference pipeline runs under no_grad or inference_mode: the adapter takes its gradients
+    anyway (as TENT's forward does) — the same logits and parameters as outside it. Under
+    no_grad, "grad" used to skip every update silently; under inference_mode AG-2 failed."""
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for ctx in ("enable_grad", context):
+        model = bn_net()
+        adapter = Adapter(model, method=method, steps=2, params="all")
+        with getattr(torch, ctx)():
+            x = torch.rand(8, 1, 28, 28, generator=g.manual_seed(3))
+            out = adapter(x)
+        results.append((out, [p.detach().clone() for p in model.parameters()]))
+    (want, want_params), (got, got_params) = results
+    assert torch.equal(got, want) and not got.is_inference()
+    assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
+    assert not all(torch.equal(a, b) for a, b in zip(got_params, [p.detach() for p in bn_net().parameters()]))
+
+
 def test_hugging_face_style_outputs():
     class HF(nn.Module):
         def __init__(self):

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .optim import AG1, AG2, SAM, OptimizerSnapshot, create_optimizer
@@ -34,6 +35,11 @@ __all__ = ["Adapter", "AdaptationReport", "METHODS", "LOSSES", "logits_of", "ent
 METHODS = ("none", "norm", "grad", "ag1", "ag2", "ag1_linear", "ag2_linear", "sam")
 LOSSES = ("entropy", "filtered_entropy", "ce")
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _outside_inference(t: Any) -> Any:
+    """A tensor made under ``torch.inference_mode`` as a normal tensor (a copy); anything else as it is."""
+    return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
 
 
 def logits_of(output: Any) -> Tensor:
@@ -208,8 +214,13 @@ class Adapter(nn.Module):
         if self.method == "none":
             self.last_report = AdaptationReport(None, None, 0)
             return self.predict_only(x)
-        with self._statistics_for(x) as source_statistics:
-            out = self._adapt(x, y)
+        # adapting takes gradients, also when the pipeline around runs under no_grad or
+        # inference_mode (as TENT's forward does); a batch made under inference_mode is copied
+        # out of it (its tensors cannot enter a graph)
+        with torch.inference_mode(False), torch.enable_grad():
+            x, y = pytree.tree_map(_outside_inference, (x, y))
+            with self._statistics_for(x) as source_statistics:
+                out = self._adapt(x, y)
         if source_statistics:
             self.last_report.source_statistics = True
             if not self._warned_single:
