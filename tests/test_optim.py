@@ -863,3 +863,26 @@ def test_sparse_embedding_gradients_with_sparse_adam(method):
         assert wrapper.skipped_steps == 0 and torch.isfinite(m.e.weight).all()
         if method == "AG1":
             assert torch.allclose(m.e.weight.detach(), want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3", "SAM"])
+def test_a_step_under_no_grad_takes_its_gradients(method):
+    """As LBFGS runs its closure: AG-3's first (plain) step and SAM's steps used to change
+    nothing under no_grad. Under inference_mode a step is refused before it changes anything."""
+    results = []
+    for context in ("enable_grad", "no_grad"):
+        torch.manual_seed(0)
+        m = mlp()
+        start = [p.detach().clone() for p in m.parameters()]
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        wrapper = getattr(ttadapt, method)(m, torch.optim.SGD(m.parameters(), lr=0.1), **({"d": 1} if method == "AG3" else {}))
+        for _ in range(3):
+            with getattr(torch, context)():
+                wrapper.step(lambda: F.cross_entropy(m(x), y))
+        results.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert not all(torch.equal(a, b) for a, b in zip(results[1], start))
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="inference_mode"), torch.inference_mode():
+        wrapper.step(lambda: F.cross_entropy(m(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))

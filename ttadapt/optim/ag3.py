@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..averaged import averaged_loss, call_closure
@@ -54,6 +55,7 @@ class AG3(OptimizerWrapper):
         return {"d": self.d, "linear": self.linear, "anchor_storage": self.anchors.storage}
 
     @pausing_collector
+    @torch.enable_grad()  # (a step taken under no_grad still takes its gradients, as LBFGS's does)
     def step(self, closure: Closure, *, anchor_closure: Closure | None = None) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ(t).
 

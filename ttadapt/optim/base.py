@@ -176,6 +176,9 @@ class OptimizerWrapper:
                 "step() needs a closure: a zero-argument callable that runs the model on the batch and returns "
                 "the loss (without calling backward)"
             )
+        if torch.is_inference_mode_enabled():  # (no_grad is fine: step() turns gradient recording on)
+            raise RuntimeError("step() cannot run under torch.inference_mode(): a training step records a graph; "
+                               "call it outside (under torch.no_grad() it takes its gradients all the same)")
         return closure
 
     # -- checkpoints --------------------------------------------------------------------------

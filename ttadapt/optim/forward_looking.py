@@ -89,6 +89,7 @@ class _ForwardLooking(OptimizerWrapper):
         return {"linear": self.linear}
 
     @pausing_collector
+    @torch.enable_grad()  # (a step taken under no_grad still takes its gradients, as LBFGS's does)
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ (before it)."""
         closure = self._check_closure(closure)

@@ -60,6 +60,7 @@ class SAM(OptimizerWrapper):
         return {"rho": self.rho, "adaptive": self.adaptive}
 
     @pausing_collector
+    @torch.enable_grad()  # (a step taken under no_grad still takes its gradients, as LBFGS's does)
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ."""
         closure = self._check_closure(closure)
