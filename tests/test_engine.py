@@ -623,3 +623,27 @@ def test_small_sites_carry_the_secant_on_a_native_node(fn, monkeypatch):
     function = ttadapt.averaged_grad(net, closure, other)
     for name in native:
         assert torch.equal(native[name], function[name]), name
+
+
+@pytest.mark.parametrize("entry", ["averaged_grad", "path_average_grad"])
+def test_under_no_grad_the_same_under_inference_mode_refused(entry):
+    """The engine records its graphs itself, so a call under no_grad gives the same result; under
+    inference_mode no graph can be recorded: refused with one line (path_average_grad used to
+    return zeros there, averaged_grad to fail on a version counter)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    other = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+
+    def run():
+        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+        if entry == "averaged_grad":
+            return ttadapt.averaged_grad(model, closure, other)
+        return ttadapt.path_average_grad(model, closure, {}, other, points=4)
+
+    want = run()
+    with torch.no_grad():
+        got = run()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(RuntimeError, match="cannot run under torch.inference_mode"), torch.inference_mode():
+        run()

@@ -34,6 +34,14 @@ __all__ = ["averaged_grad", "averaged_backward", "averaged_loss", "call_closure"
 Closure = Callable[[], Tensor]
 
 
+def require_autograd(what: str) -> None:
+    """Refuse to run under ``torch.inference_mode()``, where no graph can be recorded (under
+    ``no_grad`` ttadapt turns recording on itself)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} cannot run under torch.inference_mode(): it records a graph; call it outside "
+                           "(under torch.no_grad() it works as outside)")
+
+
 def call_closure(closure: Closure) -> Tensor:
     """Run ``closure`` and check that it returned a scalar floating-point loss tensor."""
     loss = closure()
@@ -155,6 +163,7 @@ def averaged_loss(
         raise ValueError(f"seed must be 'current' or 'other', got {seed!r}")
     if not callable(closure):
         raise TypeError(f"closure must be a zero-argument callable returning the loss, got {type(closure).__name__}")
+    require_autograd("the averaged gradient")
     layout = layout or ModelLayout(model)
     state = resolve_state(layout, other, "other")
     session = session or SiteSession(linear=linear)
@@ -271,6 +280,7 @@ class DeferredAverage:
                  layout: ModelLayout | None = None, reuse: Mapping[str, Tensor] | None = None) -> None:
         if not callable(closure):
             raise TypeError(f"closure must be a zero-argument callable returning the loss, got {type(closure).__name__}")
+        require_autograd("the averaged gradient")
         self.model, self.closure = model, closure
         self.layout = layout or ModelLayout(model)
         self.session = SiteSession(linear=linear)

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .averaged import Closure, call_closure
+from .averaged import Closure, call_closure, require_autograd
 from .states import ModelLayout, evaluated_at, fork_rng, resolve_state
 
 __all__ = ["path_average_grad", "gauss_legendre"]
@@ -51,6 +51,7 @@ def path_average_grad(
 
     Returns ``{name: average gradient}`` for every parameter that requires a gradient.
     """
+    require_autograd("path_average_grad")
     nodes, weights = gauss_legendre(points)
     layout = ModelLayout(model)
     a = resolve_state(layout, start, "start")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..averaged import require_autograd
 from ..states import ModelLayout
 
 __all__ = ["OptimizerWrapper", "Closure"]
@@ -176,9 +177,7 @@ class OptimizerWrapper:
                 "step() needs a closure: a zero-argument callable that runs the model on the batch and returns "
                 "the loss (without calling backward)"
             )
-        if torch.is_inference_mode_enabled():  # (no_grad is fine: step() turns gradient recording on)
-            raise RuntimeError("step() cannot run under torch.inference_mode(): a training step records a graph; "
-                               "call it outside (under torch.no_grad() it takes its gradients all the same)")
+        require_autograd("step()")  # (no_grad is fine: step() turns gradient recording on)
         return closure
 
     # -- checkpoints --------------------------------------------------------------------------
