@@ -536,21 +536,24 @@ class SiteSession:
         self.cursor = k + 1
         return rec
 
-    def _under_transform(self, call: str, u: Tensor) -> None:
-        """A site inside a ``torch.func`` transform (``vmap`` in the model's forward): its inputs
-        are the transform's wrappers, which cannot be kept past it, so the site is left to its
-        ordinary derivative in both passes — listed by ``inspect``, warned about once."""
+    def _transformed(self, call: str, u: Tensor) -> bool:
+        """Whether this site runs inside a ``torch.func`` transform (``vmap`` in the model's
+        forward): its inputs are the transform's wrappers, which cannot be kept past it, so the
+        caller leaves it to its ordinary derivative in both passes — listed by ``inspect``,
+        warned about once."""
+        if not torch._C._are_functorch_transforms_active():
+            return False
         if self.phase == "inspect":
             self.calls.append(SiteCall(self._where(), f"{call} (in torch.func transform)", False, tuple(u.shape)))
         else:
             unseen.warn_transformed(call)
+        return True
 
     def _on_activation(self, func: Callable, act: Activation, form: CallForm, args: tuple, kwargs: dict):
         u, given, inplace = form.bind(args, kwargs)
         if not isinstance(u, Tensor) or not u.is_floating_point():
             return func(*args, **kwargs)
-        if torch._C._are_functorch_transforms_active():
-            self._under_transform(act.name, u)
+        if self._transformed(act.name, u):
             return func(*args, **kwargs)
         name = self._name(act.name)
         phase = self.phase
@@ -628,8 +631,7 @@ class SiteSession:
         u, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
         if not isinstance(u, Tensor) or not isinstance(weight, Tensor) or not u.is_floating_point():
             return func(*args, **kwargs)
-        if torch._C._are_functorch_transforms_active():
-            self._under_transform(kind, u)
+        if self._transformed(kind, u):
             return func(*args, **kwargs)
         name = self._name(kind)
         if self.phase == "inspect":
@@ -691,8 +693,7 @@ class SiteSession:
             u = args[0] if args else None
             if self.opaque or not isinstance(u, Tensor) or not u.is_floating_point():
                 return forward(*args, **kwargs)
-            if torch._C._are_functorch_transforms_active():
-                self._under_transform(entry.name, u)
+            if self._transformed(entry.name, u):
                 return forward(*args, **kwargs)
             fwd = (lambda x: forward(x, *args[1:], **kwargs)) if (len(args) > 1 or kwargs) else forward
             phase = self.phase
