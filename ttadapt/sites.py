@@ -467,11 +467,11 @@ class SiteSession:
             if self._stack:
                 self._stack.pop()
 
-        scripted: list[str] = []
-        for name, module in model.named_modules():
-            if isinstance(module, torch.jit.ScriptModule) or any(name.startswith(f"{o}.") or o == "" for o in scripted):
-                scripted.append(name)  # (TorchScript takes no hooks; its code is out of sight anyway)
-                continue
+        named = list(model.named_modules())
+        scripted = [path for path, _ in unseen.script_roots(named)]
+        for name, module in named:
+            if any(unseen.within(name, root) for root in scripted):
+                continue  # (TorchScript takes no hooks; its code is out of sight anyway)
             hooks.append(module.register_forward_pre_hook(enter(name)))
             hooks.append(module.register_forward_hook(leave, always_call=True))
 

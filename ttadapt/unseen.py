@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .activations import registered_activations, registry_version
 from .states import ModelLayout
@@ -126,6 +126,21 @@ def _activation_of(aten_name: str) -> str | None:
     return op if op in registered_activations() else None
 
 
+def script_roots(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The outermost TorchScript modules (``torch.jit.script`` / ``trace``) among ``(path,
+    module)`` pairs in ``named_modules()`` order: what runs outside Python, submodules included."""
+    roots: list[tuple[str, nn.Module]] = []
+    for path, module in named_modules:
+        if isinstance(module, torch.jit.ScriptModule) and not any(within(path, r) for r, _ in roots):
+            roots.append((path, module))
+    return roots
+
+
+def within(path: str, root: str) -> bool:
+    """Whether module ``path`` is ``root`` or lies inside it (``""`` is the model)."""
+    return root == "" or path == root or path.startswith(f"{root}.")
+
+
 def script_activations(layout: ModelLayout) -> list[tuple[str, list[str]]]:
     """``(module path, [activation names])`` of each outermost TorchScript module of the model
     (``torch.jit.script`` / ``trace``) whose code calls a registered activation: that code runs
@@ -136,11 +151,7 @@ def script_activations(layout: ModelLayout) -> list[tuple[str, list[str]]]:
     if memo.get("script key") == key:
         return memo["script activations"]  # type: ignore[return-value]
     found: list[tuple[str, list[str]]] = []
-    outer: list[str] = []
-    for path, module in layout.modules:
-        if not isinstance(module, torch.jit.ScriptModule) or any(path.startswith(f"{o}.") or o == "" for o in outer):
-            continue
-        outer.append(path)
+    for path, module in script_roots(layout.modules):
         try:
             graph = module.inlined_graph
         except Exception:  # (a module without a forward method)

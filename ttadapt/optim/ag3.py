@@ -71,6 +71,12 @@ class AG3(OptimizerWrapper):
         buffers = self._save_buffers(layout)
         a = anchor_index(t, self.d)
         old_grads = {n: p.grad for n, p in params.items()}
+
+        def undo() -> None:  # (.grad and BatchNorm statistics as before the step)
+            for n, p in params.items():
+                p.grad = old_grads[n]
+            self._restore_buffers(layout, buffers)
+
         self.optimizer.zero_grad(set_to_none=True)
         try:
             if a == t:
@@ -80,18 +86,14 @@ class AG3(OptimizerWrapper):
                 loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params}, seed="current", linear=self.linear,
                                      layout=layout, other_closure=anchor_closure)
         except BaseException:  # (a pass that raised may have updated BatchNorm statistics)
-            for n, p in params.items():
-                p.grad = old_grads[n]
-            self._restore_buffers(layout, buffers)
+            undo()
             raise
         if loss.requires_grad:
             loss.backward()
         loss = loss.detach()
         grads = [p.grad for p in params.values()]
         if not all_finite(loss, *grads):
-            for n, p in params.items():
-                p.grad = old_grads[n]
-            self._restore_buffers(layout, buffers)
+            undo()
             self._skip("loss" if not all_finite(loss) else "averaged gradient")
             return loss
         if t % self.d == 0:
