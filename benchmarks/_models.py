@@ -30,6 +30,34 @@ def small_relu_cnn() -> nn.Sequential:
     )
 
 
+class RowLSTM(nn.Module):
+    """An LSTM (32 units) reading a 28 × 28 image row by row, a linear head on its last output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rec = nn.LSTM(28, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rec(x.squeeze(1))  # (batch, 1, 28, 28) -> 28 steps of 28 features
+        return self.head(out[:, -1])
+
+
+class SequenceClassifier(nn.Module):
+    """A recurrent classifier: per-step embedding (Linear + tanh), one LSTM or GRU layer of 128
+    units, a linear head on the last step's output."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.embed = nn.Linear(32, 64)
+        self.rec = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](64, 128, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rec(torch.tanh(self.embed(x)))
+        return self.head(out[:, -1])
+
+
 def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(model in train mode, inputs, labels) of a named benchmark case, seeded."""
     torch.manual_seed(0)
@@ -51,6 +79,9 @@ def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     elif case == "model_b":
         model = model_b()
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    elif case in ("lstm", "gru"):  # batch 32, 20 time steps of 32 features
+        model = SequenceClassifier(case)
+        x, y = torch.randn(32, 20, 32), torch.randint(0, 10, (32,))
     elif case == "wide_tanh_mlp":
         model = wide_tanh_mlp()
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))

@@ -1,6 +1,6 @@
 """How well one averaged backward pass approximates the exact average gradient.
 
-    python benchmarks/approximation.py [--spans 1 10 100]
+    python benchmarks/approximation.py [--spans 1 10 100] [--models model_b relu_cnn row_lstm]
 
 A model is trained with Adam on synthetic data (random images labelled by a fixed random
 teacher network — offline and reproducible). For a span of k optimizer steps from θ_start to
@@ -27,7 +27,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ttadapt  # noqa: E402
 
-from _models import model_b, small_relu_cnn  # noqa: E402
+from _models import RowLSTM, model_b, small_relu_cnn  # noqa: E402
+
+MODELS = {  # name: (label, builder, quadrature points, Adam's learning rate)
+    "model_b": ("Model B (tanh, ELU), Adam lr 1e-2", model_b, 64, 1e-2),
+    "relu_cnn": ("ReLU CNN, Adam lr 1e-3", small_relu_cnn, 256, 1e-3),
+    "row_lstm": ("row LSTM (32 units), Adam lr 1e-2", RowLSTM, 64, 1e-2),
+}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,6 +91,7 @@ def run(name: str, build, points: int, spans: list[int], lr: float, warmup: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, nargs="*", default=[1, 10, 100])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     print(f"# approximation — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, float64, Adam")
     print()
@@ -92,8 +99,9 @@ def main() -> None:
     print()
     print("| model | span (steps) | ‖θ_end − θ_start‖ | plain | averaged | Linear variant |")
     print("|---|---|---|---|---|---|")
-    run("Model B (tanh, ELU), Adam lr 1e-2", model_b, points=64, spans=args.spans, lr=1e-2, warmup=20)
-    run("ReLU CNN, Adam lr 1e-3", small_relu_cnn, points=256, spans=args.spans, lr=1e-3, warmup=20)
+    for key in args.models:
+        label, build, points, lr = MODELS[key]
+        run(label, build, points=points, spans=args.spans, lr=lr, warmup=20)
 
 
 if __name__ == "__main__":

@@ -141,21 +141,6 @@ def test_an_averaged_pass_warns_about_aten_activation_calls_once(fresh_ttadapt_w
     assert torch.equal(got["l.weight"], want)
 
 
-@pytest.mark.parametrize("layer, call", [
-    (nn.LSTM(4, 6, batch_first=True), "lstm"), (nn.GRU(4, 6, batch_first=True), "gru"),
-    (nn.RNN(4, 6, batch_first=True), "rnn_tanh"), (nn.RNN(4, 6, nonlinearity="relu", batch_first=True), "rnn_relu"),
-    (nn.LSTMCell(4, 6), "lstm_cell"), (nn.GRUCell(4, 6), "gru_cell"), (nn.RNNCell(4, 6), "rnn_tanh_cell"),
-])
-def test_inspect_reports_recurrent_layers_as_not_averaged(layer, call):
-    """Their gates run inside one fused call that no site sees: the report must not say "all averaged"."""
-    x = torch.randn(2, 3, 4) if call in ("lstm", "gru", "rnn_tanh", "rnn_relu") else torch.randn(2, 4)
-    model = nn.Sequential()
-    model.add_module("rec", layer)
-    report = ttadapt.inspect(model, x)
-    assert [(c.module, c.call.split()[0]) for c in report.unaveraged] == [("rec", call)]
-    assert "1 NOT averaged" in str(report)
-
-
 def test_inspect_leaves_model_and_rng_alone():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.ReLU()).train()
     buffers = [b.clone() for b in model.buffers()]

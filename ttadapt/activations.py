@@ -741,7 +741,7 @@ register_activation(
 # Nonlinear calls that are *not* averaged. `inspect` lists them so that a user sees what keeps
 # its ordinary derivative: math inside normalisations and losses (exp, rsqrt, pow),
 # discontinuous or random activations (threshold, hardshrink, rrelu) whose secant is not the
-# mean of the ordinary derivative, recurrent layers' fused gates.
+# mean of the ordinary derivative, recurrent layers' fused gates where they stay fused.
 UNAVERAGED_POINTWISE: dict[Any, str] = {}
 for _name in (
     "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "pow", "square", "abs",
@@ -781,7 +781,9 @@ for _op, _name in (("__gt__", "gt"), ("__lt__", "lt"), ("__ge__", "ge"), ("__le_
     MASKING_CALLS[getattr(torch.Tensor, _op)] = f"{_name} (mask)"
 BINARY_EXTREMA: dict[Any, str] = {torch.max: "max", torch.Tensor.max: "max", torch.min: "min", torch.Tensor.min: "min"}
 # Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells) run their sigmoid / tanh / ReLU
-# gates inside one fused ATen call, which no site sees: their gates keep the ordinary derivative.
+# gates inside one fused ATen call. The passes compute it step by step (ttadapt.recurrent), each
+# gate a site; where they cannot (under autocast), the fused call keeps its gates' ordinary
+# derivative and is listed under these names.
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"):
     _f = getattr(torch, _name, None)
     if _f is not None:

@@ -20,9 +20,9 @@ class InspectionReport:
 
     ``averaged`` holds the activation sites the engine replaces by secants (and, with
     ``linear=True``, the affine layers it averages); ``unaveraged`` the other nonlinear pointwise
-    calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code) and the
-    recurrent layers' fused gate calls (``lstm``, ``gru``, ...), which keep their ordinary
-    derivative, and activations called with gradient recording off (``grad_off``): inside a
+    calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code) and a
+    recurrent layer's fused call where it stays fused (``lstm``, ``gru``, ... under autocast),
+    which keep their ordinary derivative, and activations called with gradient recording off (``grad_off``): inside a
     custom ``torch.autograd.Function``, whose own backward gives their gradient, or under
     ``no_grad``, where none is taken. ``str(report)`` renders a table grouped by module path.
     """

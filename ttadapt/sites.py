@@ -34,7 +34,8 @@ dispatch costs every call of the model several µs; :meth:`SiteSession._direct_m
 
 Code that computes activations out of this module's sight (``torch.compile``, checkpointing,
 custom ``autograd.Function`` s, TorchScript, ATen ops called directly) is dealt with in
-:mod:`ttadapt.unseen`.
+:mod:`ttadapt.unseen`. Recurrent layers' fused calls (``torch.lstm``, ...) are computed step
+by step by :mod:`ttadapt.recurrent`, their gates sites like any other.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 from torch.overrides import TorchFunctionMode
 
-from . import kernels, secant, unseen
+from . import kernels, recurrent, secant, unseen
 from .activations import (BINARY_EXTREMA, MASKING_CALLS, UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation,
                           lookup_call, lookup_module, registry_version)
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
@@ -216,6 +217,12 @@ class _Mode(TorchFunctionMode):
             kind = _AFFINE.get(func) if _hashable(func) else None
             if kind is not None:
                 return s._on_affine(func, kind, args, kwargs)
+        if recurrent.fused_kind(func) is not None:
+            out = s._on_recurrent(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+            if s.phase != "inspect":
+                unseen.warn_fused_recurrent(func.__name__)
         if s.phase == "inspect" and _hashable(func):
             if func in UNAVERAGED_POINTWISE:
                 s._log_unaveraged(func, args, kwargs)
@@ -623,6 +630,22 @@ class SiteSession:
         call = lambda _u: func(*args, **kwargs)  # noqa: E731  (the model's own call, unchanged)
         owned = rec.version is None or _sole_owner(rec.u)
         return averaged_activation_output(act, call, u, rec.u, act.settings(given), inplace, owned, fb, fb_owned)
+
+    def _on_recurrent(self, func: Callable, args: tuple, kwargs: dict):
+        """A fused recurrent call (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, their cells) computed step
+        by step (:mod:`ttadapt.recurrent`), each gate activation a site (with ``linear=True`` each
+        projection an affine one); ``NotImplemented`` where that does not apply."""
+
+        def act(f: Callable, u: Tensor) -> Tensor:
+            hit = lookup_call(f)
+            if hit is None:  # (an unregistered activation)
+                if self.phase == "inspect":
+                    self.calls.append(SiteCall(self._where(), f.__name__, False, tuple(u.shape)))
+                return f(u)
+            return self._on_activation(f, hit[0], hit[1], (u,), {})
+
+        linear = (lambda x, w, b: self._on_affine(F.linear, "linear", (x, w, b), {})) if self.linear else F.linear
+        return recurrent.unfused(func, args, kwargs, act, linear)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

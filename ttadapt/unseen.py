@@ -200,3 +200,15 @@ def warn_transformed(call: str) -> None:
         warnings.warn(f"ttadapt: {call} ran inside a torch.func transform (vmap, grad, ...) in the model; its inputs there "
                       "cannot be kept between the passes, so these calls keep their ordinary derivative",
                       RuntimeWarning, stacklevel=5)
+
+
+def warn_fused_recurrent(call: str) -> None:
+    """Once per call: a recurrent layer that runs fused (under autocast) keeps its gates' ordinary
+    derivative (:mod:`ttadapt.recurrent`)."""
+    key = f"fused:{call}"
+    if key not in WARNED:
+        WARNED.add(key)
+        warnings.warn(f"ttadapt: torch.{call} ran as one fused call (under autocast, or with arguments ttadapt does "
+                      "not take apart), so its gates keep their ordinary derivative; run the recurrent layer "
+                      "outside autocast to average them",
+                      RuntimeWarning, stacklevel=6)  # (the code that called the recurrent module)

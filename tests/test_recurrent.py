@@ -1,0 +1,358 @@
+"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells): their gates are averaged sites.
+
+Oracles: the fused ATen call (the step-by-step route must give its outputs), plain autograd (the
+averaged gradient at the same state), a textbook loop-written twin built of calls the engine
+already averages (same weights, same averaged gradient), and the exact path average by
+quadrature where the secant is exact (one tanh step from a zero state, a linear loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.overrides import TorchFunctionMode
+
+import ttadapt
+from ttadapt import recurrent
+
+KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+
+
+class _Unfuse(TorchFunctionMode):
+    """Every fused recurrent call step by step, activations called plainly."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if recurrent.fused_kind(func) is not None:
+            out = recurrent.unfused(func, args, kwargs, lambda f, u: f(u))
+            assert out is not NotImplemented
+            return out
+        return func(*args, **kwargs)
+
+
+def _max_diff(a, b) -> float:
+    if isinstance(a, torch.Tensor):
+        return (a - b).abs().max().item()
+    if hasattr(a, "batch_sizes"):
+        assert torch.equal(a.batch_sizes, b.batch_sizes)
+        return _max_diff(a.data, b.data)
+    return max(_max_diff(x, y) for x, y in zip(a, b))
+
+
+CONFIGS = [
+    (kind, layers, bidirectional, batch_first, bias, proj, packed)
+    for kind, layers, bidirectional, batch_first, bias, proj, packed in itertools.product(
+        KINDS, (1, 2), (False, True), (False, True), (True, False), (0, 3), (False, True))
+    if not (proj and kind != "LSTM")
+]
+
+
+def _layer(kind: str, layers: int, bidirectional: bool, batch_first: bool, bias: bool, proj: int, dtype, **kw) -> nn.Module:
+    extra = {"proj_size": proj} if proj else {}
+    return KINDS[kind](5, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias,
+                       **extra, **kw).to(dtype)
+
+
+def _inputs(batch_first: bool, packed: bool, dtype):
+    x = torch.randn(3, 6, 5, dtype=dtype)  # (batch, time, features)
+    if packed:
+        return pack_padded_sequence(x, torch.tensor([4, 6, 2]), batch_first=True, enforce_sorted=False)
+    return x if batch_first else x.transpose(0, 1).contiguous()
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, proj, packed", CONFIGS)
+def test_step_by_step_route_gives_the_fused_outputs(kind, layers, bidirectional, batch_first, bias, proj, packed, dtype):
+    """Outputs and final states as the fused call's, to rounding (oneDNN's float32 LSTM rounds
+    its sums otherwise; float64 goes through ATen's recipe, which the route follows)."""
+    model = _layer(kind, layers, bidirectional, batch_first, bias, proj, dtype)
+    x = _inputs(batch_first, packed, dtype)
+    want = model(x)
+    with _Unfuse():
+        got = model(x)
+    assert _max_diff(got, want) <= (1e-15 if dtype is torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("cell, extra", [(nn.LSTMCell, {}), (nn.GRUCell, {}), (nn.RNNCell, {}),
+                                         (nn.RNNCell, {"nonlinearity": "relu"})])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cells_step_by_step_equal_the_fused_cell_bit_for_bit(cell, extra, bias):
+    model = cell(5, 4, bias=bias, **extra)
+    x = torch.randn(3, 5)
+    want = model(x)
+    with _Unfuse():
+        got = model(x)
+    assert _max_diff(got, want) == 0.0
+
+
+def test_dropout_between_layers_draws_the_fused_calls_random_numbers():
+    model = nn.LSTM(5, 4, num_layers=3, dropout=0.5).train()
+    x = torch.randn(6, 3, 5)
+    torch.manual_seed(3)
+    want = model(x)
+    after_fused = torch.rand(4)
+    torch.manual_seed(3)
+    with _Unfuse():
+        got = model(x)
+    assert _max_diff(got, want) <= 1e-6
+    assert torch.equal(torch.rand(4), after_fused)
+
+
+@pytest.mark.parametrize("layer, per_step", [
+    (nn.LSTM(4, 6, batch_first=True), {"sigmoid": 3, "tanh": 2}), (nn.GRU(4, 6, batch_first=True), {"sigmoid": 2, "tanh": 1}),
+    (nn.RNN(4, 6, batch_first=True), {"tanh": 1}), (nn.RNN(4, 6, nonlinearity="relu", batch_first=True), {"relu": 1}),
+])
+def test_inspect_lists_each_gate_of_each_step_as_averaged(layer, per_step):
+    model = nn.Sequential()
+    model.add_module("rec", layer)
+    report = ttadapt.inspect(model, torch.randn(2, 3, 4))  # 3 time steps
+    assert not report.unaveraged
+    counts = {}
+    for c in report.averaged:
+        assert c.module == "rec"
+        counts[c.call] = counts.get(c.call, 0) + 1
+    assert counts == {name: 3 * n for name, n in per_step.items()}
+    assert "all averaged" in str(report)
+
+
+def test_inspect_with_linear_lists_the_projections_as_affine_sites():
+    model = nn.Sequential()
+    model.add_module("rec", nn.GRU(4, 6))
+    report = ttadapt.inspect(model, torch.randn(3, 2, 4), linear=True)
+    calls = [c.call for c in report.averaged]
+    assert calls.count("linear") == 1 + 3  # the input projection of all steps, then h W_hhᵀ per step
+
+
+class _Twin(nn.Module):
+    """A textbook loop of ``kind`` with ``layer``'s parameters (same names), batch-first padded
+    input, zero initial state: every gate an ordinary call of a registered activation."""
+
+    def __init__(self, layer: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind, self.layers, self.directions = kind, layer.num_layers, 2 if layer.bidirectional else 1
+        self.hidden, self.relu = layer.hidden_size, getattr(layer, "nonlinearity", "tanh") == "relu"
+        for name, p in layer.named_parameters():
+            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+
+    def _p(self, name: str, layer: int, direction: int):
+        return getattr(self, f"{name}_l{layer}{'_reverse' if direction else ''}", None)
+
+    def forward(self, x):
+        x = x.transpose(0, 1)  # time first
+        for layer in range(self.layers):
+            outs = []
+            for d in range(self.directions):
+                w_ih, w_hh = self._p("weight_ih", layer, d), self._p("weight_hh", layer, d)
+                b_ih, b_hh = self._p("bias_ih", layer, d), self._p("bias_hh", layer, d)
+                h = x.new_zeros(x.shape[1], self.hidden)
+                c = torch.zeros_like(h)
+                steps = list(range(x.shape[0]))[::-1 if d else 1]
+                seq = [None] * x.shape[0]
+                for t in steps:
+                    a, b = F.linear(x[t], w_ih, b_ih), F.linear(h, w_hh, b_hh)
+                    if self.kind == "LSTM":
+                        ai, af, ag, ao = (a + b).chunk(4, 1)
+                        c = torch.sigmoid(af) * c + torch.sigmoid(ai) * torch.tanh(ag)
+                        h = torch.sigmoid(ao) * torch.tanh(c)
+                    elif self.kind == "GRU":
+                        (xr, xz, xn), (hr, hz, hn) = a.chunk(3, 1), b.chunk(3, 1)
+                        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                        n = torch.tanh(xn + r * hn)
+                        h = (1 - z) * n + z * h
+                    else:
+                        h = torch.relu(a + b) if self.relu else torch.tanh(a + b)
+                    seq[t] = h
+                outs.append(torch.stack(seq))
+            x = torch.cat(outs, -1)
+        return x.transpose(0, 1)
+
+
+def _regression(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    def closure():
+        out = model(x)
+        return ((out[0] if isinstance(out, tuple) else out) - target).pow(2).mean()
+
+    return closure
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional", [
+    ("LSTM", 1, False), ("GRU", 1, False), ("RNN", 1, False), ("LSTM", 2, True), ("GRU", 2, True), ("RNN", 2, True),
+    ("RNN-relu", 1, False),
+])
+@pytest.mark.parametrize("seed", ["current", "other"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_averaged_gradient_equals_the_loop_written_twins(kind, layers, bidirectional, seed, linear):
+    """Same weights, same `other`: nn.LSTM/GRU/RNN's averaged gradient is the one the engine gives
+    the textbook loop (float64)."""
+    base = kind.split("-")[0]
+    extra = {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
+    layer = KINDS[base](5, 4, num_layers=layers, bidirectional=bidirectional, batch_first=True, **extra).double()
+    twin = _Twin(layer, base).double()
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    target = torch.randn(3, 6, 4 * (2 if bidirectional else 1), dtype=torch.float64)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in layer.named_parameters()}
+    got = ttadapt.averaged_grad(layer, _regression(layer, x, target), other, seed=seed, linear=linear)
+    want = ttadapt.averaged_grad(twin, _regression(twin, x, target), other, seed=seed, linear=linear)
+    assert set(got) == set(want)
+    ordinary = torch.autograd.grad(_regression(layer, x, target)(), list(layer.parameters()))
+    for (name, g), o in zip(got.items(), ordinary):
+        torch.testing.assert_close(g, want[name], rtol=1e-10, atol=1e-12)
+    assert max((got[n] - o).abs().max().item() for n, o in zip(got, ordinary)) > 1e-3  # (averaging did something)
+
+
+@pytest.mark.parametrize("cell_cls, kind", [(nn.LSTMCell, "LSTM"), (nn.GRUCell, "GRU"), (nn.RNNCell, "RNN")])
+def test_a_cell_driven_loop_averages_as_the_layer_does(cell_cls, kind):
+    """nn.LSTMCell & co. called per step by the model: the averaged gradient of the layer with the
+    same weights."""
+    cell = cell_cls(5, 4).double()
+    layer = KINDS[kind](5, 4, batch_first=True).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(layer, f"{name}_l0").copy_(getattr(cell, name))
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x):
+            h = None
+            outs = []
+            for t in range(x.shape[1]):
+                h = self.cell(x[:, t], h)
+                outs.append(h[0] if isinstance(h, tuple) else h)
+            return torch.stack(outs, 1)
+
+    loop = Loop()
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    target = torch.randn(3, 6, 4, dtype=torch.float64)
+    shift = {n: 0.3 * torch.randn_like(p) for n, p in cell.named_parameters()}
+    got = ttadapt.averaged_grad(loop, _regression(loop, x, target), {f"cell.{n}": p.detach() + shift[n] for n, p in cell.named_parameters()})
+    want = ttadapt.averaged_grad(layer, _regression(layer, x, target),
+                                 {f"{n}_l0": p.detach() + shift[n] for n, p in cell.named_parameters()})
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        torch.testing.assert_close(got[f"cell.{name}"], want[f"{name}_l0"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, proj, packed",
+                         [c for c in CONFIGS if c[2] and c[6]] + [("LSTM", 2, False, True, True, 3, False)])
+def test_same_state_gives_the_ordinary_gradient(kind, layers, bidirectional, batch_first, bias, proj, packed):
+    """`other` = the current parameters: every secant is the derivative (packed, bidirectional,
+    projections, no biases, float64)."""
+    model = _layer(kind, layers, bidirectional, batch_first, bias, proj, torch.float64)
+    x = _inputs(batch_first, packed, torch.float64)
+
+    def closure():
+        out, hidden = model(x)
+        data = out.data if packed else out
+        return data.pow(2).sum() + (hidden[0] if kind == "LSTM" else hidden).sin().sum()
+
+    got = ttadapt.averaged_grad(model, closure, None)
+    want = torch.autograd.grad(closure(), list(model.parameters()))
+    for g, w in zip(got.values(), want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_dropout_in_training_same_state_gives_the_ordinary_gradient():
+    """The passes draw the dropout masks a plain forward from the same random state draws."""
+    model = nn.GRU(5, 4, num_layers=3, dropout=0.4).double().train()
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    closure = lambda: model(x)[0].pow(2).sum()  # noqa: E731
+    torch.manual_seed(11)
+    got = ttadapt.averaged_grad(model, closure, None)
+    torch.manual_seed(11)
+    want = torch.autograd.grad(closure(), list(model.parameters()))
+    for g, w in zip(got.values(), want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh"])
+def test_one_step_from_zero_state_is_the_exact_path_average(nonlinearity):
+    """One step from h₀ = 0 under a loss linear in the output: h₁ = tanh(W_ih x + b_ih + b_hh), a
+    pre-activation affine in the parameters, so the secant slope is the exact mean of the
+    derivative along the segment — the quadrature oracle must agree to rounding."""
+    model = nn.RNN(5, 4, nonlinearity=nonlinearity).double()
+    x = torch.randn(1, 7, 5, dtype=torch.float64)
+    v = torch.randn(1, 7, 4, dtype=torch.float64)
+    closure = lambda: (model(x)[0] * v).sum()  # noqa: E731
+    other = {n: p.detach() + 0.8 * torch.randn_like(p) for n, p in model.named_parameters()}
+    got = ttadapt.averaged_grad(model, closure, other)
+    want = ttadapt.path_average_grad(model, closure, other, None, points=40)
+    ordinary = torch.autograd.grad(closure(), list(model.parameters()))
+    for (name, g), o in zip(got.items(), ordinary):
+        torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11)
+    assert max((g - o).abs().max().item() for g, o in zip(got.values(), ordinary)) > 1e-2
+
+
+class _Classifier(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.rec = KINDS[kind](5, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.rec(x)
+        return self.head((out[0] if isinstance(out, tuple) else out)[:, -1])
+
+    def twin(self) -> "_Classifier":
+        """The same classifier with the loop-written twin of its recurrent layer."""
+        twin = _Classifier.__new__(_Classifier)
+        nn.Module.__init__(twin)
+        twin.rec, twin.head = _Twin(self.rec, type(self.rec).__name__), nn.Linear(8, 3)
+        twin.head.load_state_dict(self.head.state_dict())
+        return twin.to(self.head.weight.dtype)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3"])
+def test_wrapper_steps_on_a_recurrent_model_equal_the_twins(kind, method):
+    """A wrapper's steps on nn.LSTM/GRU/RNN land where the same steps on the loop-written twin do."""
+    torch.manual_seed(0)
+    model = _Classifier(kind).double()
+    twin = model.twin()
+    x = torch.randn(16, 6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    results = []
+    for m in (model, twin):
+        opt = torch.optim.Adam(m.parameters(), lr=0.05)
+        wrapper = getattr(ttadapt, method)(m, opt, **({"d": 1} if method == "AG3" else {}))
+        losses = [float(wrapper.step(lambda: F.cross_entropy(m(x), y))) for _ in range(3)]
+        results.append((losses, [p.detach().clone() for p in m.parameters()]))
+    (losses, params), (twin_losses, twin_params) = results
+    assert losses == pytest.approx(twin_losses, rel=1e-10)
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_under_autocast_the_fused_call_runs_with_a_warning(fresh_ttadapt_warnings):
+    """Autocast casts a fused call and its parts differently: the fused call keeps its gates'
+    ordinary derivative, said once, and `inspect` lists it as not averaged."""
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = nn.GRU(3, 4)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.rec(x)[0].float().pow(2).sum()
+
+    model = Casting()
+    x = torch.randn(5, 2, 3)
+    report = ttadapt.inspect(model, x)
+    assert [c.call for c in report.unaveraged] == ["gru (fused gates)", "pow"]
+    with pytest.warns(RuntimeWarning, match=r"torch\.gru ran as one fused call"):
+        got = ttadapt.averaged_grad(model, lambda: model(x), {n: p.detach() + 0.5 for n, p in model.named_parameters()})
+    want = torch.autograd.grad(model(x), list(model.parameters()))
+    for g, w in zip(got.values(), want):
+        assert torch.equal(g, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ttadapt.averaged_grad(model, lambda: model(x), {})
