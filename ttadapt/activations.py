@@ -620,6 +620,7 @@ register_activation(
     _forms([torch.sigmoid, F.sigmoid, torch.special.expit, *_method("sigmoid")], [torch.sigmoid_, *_method("sigmoid_")]),
     secant=_sigmoid_secant,
     vjp=lambda g, u, y: aten.sigmoid_backward(g, y),
+    checked_secant=kernels.sigmoid_secant_checked,
 )
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 

@@ -318,6 +318,14 @@ def tanh_secant_checked(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None, o
                                   None, out.data_ptr(), ua.numel(), 1)
 
 
+def sigmoid_secant_checked(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor | None, out: Tensor) -> None:
+    """:func:`sigmoid_secant` into ``out`` for tensors checked as for :func:`tanh_secant_checked`
+    (``fb = σ(ub)`` formed first where the other pass's output was not kept)."""
+    if fb is None:
+        fb = torch.sigmoid(ub)
+    _state["lib"].sigmoid_secant_f32(ua.data_ptr(), fa.data_ptr(), ub.data_ptr(), fb.data_ptr(), out.data_ptr(), ua.numel(), 1)
+
+
 def clamp_secant_checked(ua: Tensor, ub: Tensor, lo: float, hi: float, out: Tensor) -> None:
     """:func:`clamp_secant` into ``out`` for tensors checked as for :func:`tanh_secant_checked`."""
     _state["lib"].clamp_secant_f32(ua.data_ptr(), ub.data_ptr(), None, out.data_ptr(), ua.numel(), lo, hi, 1)
