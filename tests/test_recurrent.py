@@ -105,21 +105,27 @@ def test_dropout_between_layers_draws_the_fused_calls_random_numbers():
     assert torch.equal(torch.rand(4), after_fused)
 
 
-@pytest.mark.parametrize("layer, per_step", [
+@pytest.mark.parametrize("layer, per_layer", [
     (nn.LSTM(4, 6, batch_first=True), {"sigmoid": 3, "tanh": 2}), (nn.GRU(4, 6, batch_first=True), {"sigmoid": 2, "tanh": 1}),
     (nn.RNN(4, 6, batch_first=True), {"tanh": 1}), (nn.RNN(4, 6, nonlinearity="relu", batch_first=True), {"relu": 1}),
 ])
-def test_inspect_lists_each_gate_of_each_step_as_averaged(layer, per_step):
+def test_inspect_lists_each_gate_as_averaged(layer, per_layer):
+    """A padded sequence: one site per gate over all time steps (time, batch, hidden); packed,
+    one per gate and step."""
     model = nn.Sequential()
     model.add_module("rec", layer)
     report = ttadapt.inspect(model, torch.randn(2, 3, 4))  # 3 time steps
     assert not report.unaveraged
     counts = {}
     for c in report.averaged:
-        assert c.module == "rec"
+        assert c.module == "rec" and c.shape == (3, 2, 6)
         counts[c.call] = counts.get(c.call, 0) + 1
-    assert counts == {name: 3 * n for name, n in per_step.items()}
+    assert counts == per_layer
     assert "all averaged" in str(report)
+    packed = pack_padded_sequence(torch.randn(2, 3, 4), torch.tensor([3, 2]), batch_first=True)
+    report = ttadapt.inspect(model, packed)
+    assert not report.unaveraged
+    assert len(report.averaged) == 3 * sum(per_layer.values())
 
 
 def test_inspect_with_linear_lists_the_projections_as_affine_sites():
@@ -356,3 +362,93 @@ def test_under_autocast_the_fused_call_runs_with_a_warning(fresh_ttadapt_warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ttadapt.averaged_grad(model, lambda: model(x), {})
+
+
+def _step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every padded layer-direction through the step-by-step route instead of the batched
+    one (the oracle of the tests below)."""
+
+    def per_step(kind, x, hidden, w, act, reverse, deferred=False):
+        p = recurrent._Weights(w, len(w) == 4)
+        return recurrent._direction(kind, F.linear(x, p.w_ih, p.b_ih), hidden, p, act, F.linear, reverse, None)
+
+    monkeypatch.setattr(recurrent, "whole_sequence", per_step)
+
+
+PADDED = [(kind, layers, bi, bf, bias) for kind, layers, bi, bf, bias, proj, packed in CONFIGS if not proj and not packed]
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias", PADDED)
+@pytest.mark.parametrize("seed", ["current", "other"])
+def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, layers, bidirectional, batch_first, bias,
+                                                                      seed, monkeypatch):
+    """Padded sequences take the batched route (values from the fused call, backpropagation through
+    time by hand); its averaged gradient is the step-by-step route's (float64)."""
+    calls = []
+    real = recurrent.whole_sequence
+    monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
+    model = _layer(kind, layers, bidirectional, batch_first, bias, 0, torch.float64)
+    x = _inputs(batch_first, False, torch.float64).requires_grad_(True)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
+
+    def closure():
+        out, hidden = model(x)
+        return out.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + out.sum() * x.sum()
+
+    got = ttadapt.averaged_grad(model, closure, other, seed=seed)
+    assert len(calls) == 2 * layers * (2 if bidirectional else 1)  # both passes
+    monkeypatch.setattr(recurrent, "whole_sequence", real)
+    _step_by_step(monkeypatch)
+    want = ttadapt.averaged_grad(model, closure, other, seed=seed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3"])
+def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method, monkeypatch):
+    """Two layers, bidirectional, dropout between them in training: AG-1 / AG-2 (deferred sites,
+    the graph pass's backward run twice) and AG-3 land where they land step by step."""
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(4)
+        model = nn.Sequential()
+        model.add_module("rec", KINDS[kind](5, 6, num_layers=2, bidirectional=True, dropout=0.3, batch_first=True))
+        model = model.double().train()
+        head = nn.Linear(12, 3).double()
+        x = torch.randn(8, 7, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,))
+        opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=0.05)
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m, self.head = model, head
+
+            def forward(self, x):
+                return self.head(self.m(x)[0][:, -1])
+
+        net = Net()
+        wrapper = getattr(ttadapt, method)(net, opt, **({"d": 1} if method == "AG3" else {}))
+        for _ in range(3):
+            wrapper.step(lambda: F.cross_entropy(net(x), y))
+        return [p.detach().clone() for p in net.parameters()]
+
+    batched = run()
+    _step_by_step(monkeypatch)
+    stepwise = run()
+    for a, b in zip(batched, stepwise):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_float32_same_state_is_the_ordinary_gradient(kind):
+    """float32 (the fused LSTM on oneDNN, the secant kernels): at the same state the averaged
+    gradient is the ordinary one to float32 rounding."""
+    model = KINDS[kind](16, 32, num_layers=2, batch_first=True)
+    x = torch.randn(8, 12, 16)
+    closure = lambda: model(x)[0].pow(2).mean()  # noqa: E731
+    got = ttadapt.averaged_grad(model, closure, None)
+    want = torch.autograd.grad(closure(), list(model.parameters()))
+    for g, w in zip(got.values(), want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

@@ -1,29 +1,34 @@
-"""Recurrent layers step by step, so that their gates become averaged sites.
+"""Recurrent layers taken apart, so that their gates become averaged sites.
 
 ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells compute every time step in one fused ATen
 call (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, ``torch.lstm_cell``,
 ...), inside which no site sees the sigmoid / tanh / ReLU gates. During the engine's passes such
-a call is computed from its parts instead, following PyTorch's own CPU recipe
-(``aten/src/ATen/native/RNN.cpp``):
+a call is computed from its parts instead, one layer and direction at a time:
 
-* per layer and direction, the input projection ``x W_ihᵀ + b_ih`` of every time step at once;
-* per time step ``gates = (h W_hhᵀ + b_hh) + x_t``, chunked, each gate's activation one call of
-  ``act`` — the session's site handler — and the cell update:
+* a padded sequence (no ``proj_size``, not the Linear variant) by
+  :func:`ttadapt.recurrent_sequence.whole_sequence`: the fused call's values, one site per gate
+  over all steps, backpropagation through time by hand;
+* anything else (packed sequences, ``proj_size``, ``linear=True``, the cells) step by step,
+  following PyTorch's own CPU recipe (``aten/src/ATen/native/RNN.cpp``) — the input projection
+  ``x W_ihᵀ + b_ih`` of every time step at once, then per time step
+  ``gates = (h W_hhᵀ + b_hh) + x_t``, chunked, each gate's activation one call of ``act`` — the
+  session's site handler — and the cell update:
 
   - LSTM: ``i, f, o = σ(·)``, ``g = tanh(·)``, ``c′ = f·c + i·g``, ``h′ = o·tanh(c′)``
     (times ``W_hrᵀ`` with ``proj_size``);
   - GRU: ``r, z = σ(·)``, ``n = tanh(x_n + r·(h W_hnᵀ + b_hn))``, ``h′ = (h − n)·z + n``;
   - RNN: ``h′ = tanh(·)`` or ``relu(·)``;
 
-* between layers, in training with ``dropout``, ``torch.dropout`` on the layer's output (the
-  fused call's own dropout, drawing the same random numbers); bidirectional layers run the
-  reversed sequence and concatenate; packed sequences (``batch_sizes``) shrink the batch as
-  sequences end, as ATen's packed layers do, and the reversed direction grows it back.
+  packed sequences (``batch_sizes``) shrink the batch as sequences end, as ATen's packed layers
+  do, and the reversed direction grows it back; with ``linear=True`` the projections are affine
+  sites too (``linear``).
 
-Both passes of a step (and ``inspect``) take this route, so they pair site by site. The outputs
-equal the fused call's to rounding: bit for bit in float64 and for GRU / RNN; float32 LSTMs on
-the CPU go through oneDNN, whose sums round otherwise (tests/test_recurrent.py). With
-``linear=True`` the projections are affine sites too (``linear``).
+Between layers, in training with ``dropout``, ``torch.dropout`` runs on the layer's output (the
+fused call's own dropout, drawing the same random numbers); bidirectional layers run the
+reversed sequence and concatenate. Both passes of a step (and ``inspect``) take the same route,
+so they pair site by site. The step-by-step outputs equal the fused call's to rounding (at most
+2.2e-16 in float64, 1.2e-7 in float32 LSTMs, which the CPU runs on oneDNN; the cells bit for
+bit: tests/test_recurrent.py).
 
 :func:`unfused` returns ``NotImplemented`` — and the fused call runs, its gates keeping the
 ordinary derivative — under autocast (whose casts of a fused call and of its parts differ) and
@@ -37,6 +42,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .recurrent_sequence import whole_sequence
 
 __all__ = ["fused_kind", "unfused"]
 
@@ -155,7 +162,7 @@ def _direction(kind: str, x_w: Tensor, hidden: Any, p: _Weights, act: Act, linea
     return torch.cat(outputs, 0), hidden
 
 
-def _layers(kind: str, args: tuple, act: Act, linear: Linear) -> Any:
+def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) -> Any:
     """A fused layer call (``torch.lstm(input, hx, params, has_biases, num_layers, dropout, train,
     bidirectional, batch_first)`` or the packed form with ``batch_sizes`` after the input)."""
     if len(args) != 9:
@@ -195,8 +202,12 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear) -> Any:
         for d in range(directions):
             k = layer * directions + d
             p = weights[k]
-            x_w = linear(x, p.w_ih, p.b_ih)
-            out, final = _direction(kind, x_w, initial[k], p, act, linear, d == 1, batch_sizes)
+            if batch_sizes is None and p.w_hr is None and linear is F.linear:  # the gates batched over time
+                w = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if p.b_ih is not None else [])
+                out, final = whole_sequence(kind, x, initial[k], w, act, d == 1, deferred)
+            else:
+                x_w = linear(x, p.w_ih, p.b_ih)
+                out, final = _direction(kind, x_w, initial[k], p, act, linear, d == 1, batch_sizes)
             outs.append(out)
             finals.append(final)
         x = outs[0] if directions == 1 else torch.cat(outs, outs[0].dim() - 1)
@@ -228,11 +239,12 @@ def _cell(kind: str, args: tuple, kwargs: dict, act: Act, linear: Linear) -> Any
     return _cell_step(kind, linear(x, p.w_ih, p.b_ih), hx, p, act, linear)
 
 
-def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.linear) -> Any:
-    """The fused recurrent call ``func(*args, **kwargs)`` computed step by step, each gate's
-    activation through ``act(function, input)`` and each projection through
-    ``linear(input, weight, bias)``; ``NotImplemented`` where it does not apply (see the module
-    docstring)."""
+def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.linear, deferred: bool = False) -> Any:
+    """The fused recurrent call ``func(*args, **kwargs)`` taken apart, each gate's activation
+    through ``act(function, input)`` and each projection through ``linear(input, weight, bias)``;
+    ``deferred``: the sites are AG-1 / AG-2's graph-pass sites (see
+    :mod:`ttadapt.recurrent_sequence`). ``NotImplemented`` where it does not apply (see the
+    module docstring)."""
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         return NotImplemented
@@ -242,4 +254,4 @@ def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.l
         return _cell(_CELLS[func], args, kwargs, act, linear)
     if kwargs:
         return NotImplemented
-    return _layers(_LAYERS[func], args, act, linear)
+    return _layers(_LAYERS[func], args, act, linear, deferred)

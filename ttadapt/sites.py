@@ -645,7 +645,7 @@ class SiteSession:
             return self._on_activation(f, hit[0], hit[1], (u,), {})
 
         linear = (lambda x, w, b: self._on_affine(F.linear, "linear", (x, w, b), {})) if self.linear else F.linear
-        return recurrent.unfused(func, args, kwargs, act, linear)
+        return recurrent.unfused(func, args, kwargs, act, linear, deferred=self.phase == "graph")
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
