@@ -143,3 +143,70 @@ def test_the_plan_follows_the_registry_and_hooks_within_one_layout(monkeypatch: 
     other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
     ttadapt.averaged_grad(model, lambda: model(x).sum(), other)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+class _NormWithActivation(nn.BatchNorm1d):
+    """A subclass of a plain leaf whose forward calls an activation: not a plain leaf."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(input))
+
+
+def _leaves_with_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sites.SiteSession, "_leaves_without_mode", lambda self, layout: [])
+
+
+@pytest.mark.parametrize("what", ["averaged_grad", "AG2", "AG3"])
+def test_plain_leaves_without_the_mode_give_the_same_bits(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a model that needs the mode (Custom: a functional call), BatchNorm, Conv, Linear,
+    Dropout and Flatten run with the mode off the stack: the same results bit for bit as with it,
+    no patched forward left behind, and the subclass's activation still seen."""
+    x, y = torch.randn(16, 1, 10, 10), torch.randint(0, 3, (16,))
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(2)
+        model = Custom().train()
+        model.body.append(_NormWithActivation(3))
+        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+        if what == "averaged_grad":
+            other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+            out = list(ttadapt.averaged_grad(model, closure, other).values())
+        else:
+            opt = torch.optim.Adam(model.parameters(), 1e-2)
+            wrapper = ttadapt.AG3(model, opt, d=1) if what == "AG3" else getattr(ttadapt, what)(model, opt)
+            for _ in range(3):
+                wrapper.step(closure)
+            out = []
+        assert not any("forward" in vars(m) for m in model.modules())
+        return out + list(model.state_dict().values())
+
+    patched: list[int] = []
+    real = sites.SiteSession._leaves_without_mode
+    monkeypatch.setattr(sites.SiteSession, "_leaves_without_mode",
+                        lambda self, layout: patched.append(len(out := real(self, layout))) or out)
+    sites_seen: list[str] = []
+    real_site = sites.SiteSession._on_activation
+    monkeypatch.setattr(sites.SiteSession, "_on_activation",
+                        lambda self, func, act, *a: sites_seen.append(act.name) or real_site(self, func, act, *a))
+    without = run()
+    assert patched and all(n == 13 for n in patched)  # 2 Conv2d, 1 BatchNorm2d, Flatten, Dropout, 8 Linear
+    assert sites_seen.count("relu") >= 2 * 3  # per pass: the body's ReLU, the subclass's, Custom's
+    monkeypatch.undo()
+    _leaves_with_mode(monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(without, run(), strict=True))
+
+
+def test_the_mode_is_back_on_the_stack_after_a_leaf_fails() -> None:
+    model = Custom()
+    x = torch.randn(4, 2, 10, 10)  # the first Conv2d takes one channel
+    with pytest.raises(RuntimeError, match="channels"):
+        ttadapt.averaged_grad(model, lambda: model(x).sum(), {})
+    assert torch._C._len_torch_function_stack() == 0
+    assert not any("forward" in vars(m) for m in model.modules())
+    x = torch.randn(4, 1, 10, 10)
+    torch.manual_seed(1)  # (the same dropout masks)
+    got = ttadapt.averaged_grad(model, lambda: model(x).sum(), None)
+    torch.manual_seed(1)
+    want = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for a, b in zip(got.values(), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

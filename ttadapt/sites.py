@@ -9,7 +9,9 @@ three sites. A model built only of ``nn.Sequential`` containers, plain leaves (L
 Flatten, normalisation, dropout, average pooling), standard activation modules and
 ``nn.MaxPool2d``, with no hooks, runs its record, apply and graph passes without the mode: its
 activation and pooling modules are patched to handle their one call directly (the mode's
-dispatch costs every call of the model several µs; :meth:`SiteSession._direct_modules`).
+dispatch costs every call of the model several µs; :meth:`SiteSession._direct_modules`). In
+other models the plain leaves run with the mode taken off the stack
+(:meth:`SiteSession._leaves_without_mode`).
 
 :class:`SiteSession` runs in one of three phases:
 
@@ -237,6 +239,31 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_stack_len = torch._C._len_torch_function_stack
+_stack_at = torch._C._get_function_stack_at
+_pop_mode = torch._C._pop_torch_function_stack
+_push_mode = torch._C._push_on_torch_function_stack
+
+
+def _without_mode(forward: Callable) -> Callable:
+    """``forward`` of a :data:`_PLAIN_LEAVES` module, run with the session's function mode taken
+    off the stack while it runs (put back after, also on an error): such a forward makes no site
+    and calls no ATen op or pooling the mode handles, and the mode's dispatch costs each of its
+    calls 2–20 µs (BatchNorm's, whose functional form dispatches in Python, most)."""
+
+    def run(*args: Any, **kwargs: Any):
+        n = _stack_len()
+        if n and type(_stack_at(n - 1)) is _Mode:
+            mode = _pop_mode()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                _push_mode(mode)
+        return forward(*args, **kwargs)
+
+    return run
+
+
 def _global_hooks() -> bool:
     """Whether global module hooks are registered (they may call anything: the mode must see it)."""
     return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
@@ -321,6 +348,8 @@ class SiteSession:
         self._scripted(layout)
         direct = self._direct_modules(layout)
         patched = self._patch_modules(layout) if direct is None else direct
+        if direct is None:
+            patched.extend(self._leaves_without_mode(layout))
         patched.append(self._patch_root(model, mode=direct is None))
         hooks: list = []
         try:
@@ -425,6 +454,21 @@ class SiteSession:
             # without its checks, which cost µs per module and pass)
             module.__dict__["forward"] = self._direct_pool(module) if call is None else self._direct_site(module, call, hit)
         return [(module, False, None) for module, _, _ in plan]
+
+    def _leaves_without_mode(self, layout: ModelLayout) -> list:
+        """In a pass with the function mode: patch the :data:`_PLAIN_LEAVES` modules (by exact
+        class, no instance ``forward``) to run without it (:func:`_without_mode`) and return the
+        patches. Not for ``inspect`` (which lists what the leaves call), the Linear variant
+        (whose sites are the affine leaves' calls) or module tracking."""
+        if self.phase == "inspect" or self.linear or self.track_modules:
+            return []
+        patched = []
+        for path, module in layout.modules:
+            d = module.__dict__
+            if type(module) in _PLAIN_LEAVES and "forward" not in d:
+                d["forward"] = _without_mode(module.forward)
+                patched.append((module, False, None))
+        return patched
 
     def _direct_site(self, module: nn.Module, call: Callable, hit: Any) -> Callable:
         def site_forward(input: Tensor) -> Tensor:
