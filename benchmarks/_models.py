@@ -45,7 +45,8 @@ class RowLSTM(nn.Module):
 
 class SequenceClassifier(nn.Module):
     """A recurrent classifier: per-step embedding (Linear + tanh), one LSTM or GRU layer of 128
-    units, a linear head on the last step's output."""
+    units, a linear head on the final hidden state; takes a padded (batch-first) or a packed
+    sequence."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -53,9 +54,13 @@ class SequenceClassifier(nn.Module):
         self.rec = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](64, 128, batch_first=True)
         self.head = nn.Linear(128, 10)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rec(torch.tanh(self.embed(x)))
-        return self.head(out[:, -1])
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            x = x._replace(data=torch.tanh(self.embed(x.data)))
+        else:
+            x = torch.tanh(self.embed(x))
+        _, hidden = self.rec(x)
+        return self.head((hidden[0] if isinstance(hidden, tuple) else hidden)[-1])
 
 
 def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -82,6 +87,11 @@ def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     elif case in ("lstm", "gru"):  # batch 32, 20 time steps of 32 features
         model = SequenceClassifier(case)
         x, y = torch.randn(32, 20, 32), torch.randint(0, 10, (32,))
+    elif case == "lstm_packed":  # the same, packed: lengths drawn from 5..20
+        model = SequenceClassifier("lstm")
+        lengths = torch.randint(5, 21, (32,))
+        x = nn.utils.rnn.pack_padded_sequence(torch.randn(32, 20, 32), lengths, batch_first=True, enforce_sorted=False)
+        y = torch.randint(0, 10, (32,))
     elif case == "wide_tanh_mlp":
         model = wide_tanh_mlp()
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))

@@ -4,7 +4,7 @@ plain step, measured in one run.
     python benchmarks/step_cost.py [--cases resnet18 model_b] [--optimizers rmsprop adam soap] [--rounds N]
     python benchmarks/step_cost.py --cases resnet152 --methods AG3 SAM --optimizers soap adam --ag3-d 300   # issue 7
     python benchmarks/step_cost.py --cases mobilenet_v3_small efficientnet_b0 --optimizers adam   # other architectures
-    python benchmarks/step_cost.py --cases lstm gru --optimizers adam   # recurrent layers, taken apart per step
+    python benchmarks/step_cost.py --cases lstm gru lstm_packed --optimizers adam   # recurrent layers
 
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
@@ -43,8 +43,9 @@ from _models import benchmark_case  # noqa: E402
 
 METHODS = ("plain", "AG1", "AG2", "AG1-Linear", "AG2-Linear", "AG3", "SAM")
 # resnet152: batch 4 at 64×64; mobilenet_v3_small, efficientnet_b0: other architectures (Hardswish,
-# SiLU and sigmoid gates), batch 16 at 64×64; lstm, gru: a recurrent classifier (batch 32, 20 steps)
-CASES = ("resnet18", "model_b", "resnet152", "mobilenet_v3_small", "efficientnet_b0", "lstm", "gru")
+# SiLU and sigmoid gates), batch 16 at 64×64; lstm, gru: a recurrent classifier (batch 32, 20 steps;
+# lstm_packed: packed, lengths 5..20)
+CASES = ("resnet18", "model_b", "resnet152", "mobilenet_v3_small", "efficientnet_b0", "lstm", "gru", "lstm_packed")
 LR = {"rmsprop": 1e-4, "adam": 1e-4, "soap": 1e-4}
 
 

@@ -110,22 +110,22 @@ def test_dropout_between_layers_draws_the_fused_calls_random_numbers():
     (nn.RNN(4, 6, batch_first=True), {"tanh": 1}), (nn.RNN(4, 6, nonlinearity="relu", batch_first=True), {"relu": 1}),
 ])
 def test_inspect_lists_each_gate_as_averaged(layer, per_layer):
-    """A padded sequence: one site per gate over all time steps (time, batch, hidden); packed,
-    one per gate and step."""
+    """One site per gate over all rows (a row per sequence and step, time-major) of a padded or a
+    packed sequence."""
     model = nn.Sequential()
     model.add_module("rec", layer)
     report = ttadapt.inspect(model, torch.randn(2, 3, 4))  # 3 time steps
     assert not report.unaveraged
     counts = {}
     for c in report.averaged:
-        assert c.module == "rec" and c.shape == (3, 2, 6)
+        assert c.module == "rec" and c.shape == (3 * 2, 6)
         counts[c.call] = counts.get(c.call, 0) + 1
     assert counts == per_layer
     assert "all averaged" in str(report)
     packed = pack_padded_sequence(torch.randn(2, 3, 4), torch.tensor([3, 2]), batch_first=True)
     report = ttadapt.inspect(model, packed)
     assert not report.unaveraged
-    assert len(report.averaged) == 3 * sum(per_layer.values())
+    assert [c.shape for c in report.averaged] == [(5, 6)] * sum(per_layer.values())
 
 
 def test_inspect_with_linear_lists_the_projections_as_affine_sites():
@@ -368,65 +368,86 @@ def _step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every padded layer-direction through the step-by-step route instead of the batched
     one (the oracle of the tests below)."""
 
-    def per_step(kind, x, hidden, w, act, reverse, deferred=False):
+    def per_step(kind, x, hidden, w, act, reverse, deferred=False, batch_sizes=None):
         p = recurrent._Weights(w, len(w) == 4)
-        return recurrent._direction(kind, F.linear(x, p.w_ih, p.b_ih), hidden, p, act, F.linear, reverse, None)
+        sizes = None if batch_sizes is None else [int(b) for b in batch_sizes.tolist()]
+        return recurrent._direction(kind, F.linear(x, p.w_ih, p.b_ih), hidden, p, act, F.linear, reverse, sizes)
 
     monkeypatch.setattr(recurrent, "whole_sequence", per_step)
 
 
-PADDED = [(kind, layers, bi, bf, bias) for kind, layers, bi, bf, bias, proj, packed in CONFIGS if not proj and not packed]
+class _Fed(nn.Module):
+    """A recurrent layer fed by Linear + tanh, so that its input requires a gradient too."""
+
+    def __init__(self, rec: nn.Module) -> None:
+        super().__init__()
+        self.feed, self.rec = nn.Linear(5, 5).to(next(rec.parameters()).dtype), rec
+
+    def forward(self, x):
+        if isinstance(x, torch.nn.utils.rnn.PackedSequence):
+            return self.rec(x._replace(data=torch.tanh(self.feed(x.data))))
+        return self.rec(torch.tanh(self.feed(x)))
 
 
-@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias", PADDED)
+BATCHED = [(kind, layers, bi, bf, bias, packed) for kind, layers, bi, bf, bias, proj, packed in CONFIGS if not proj]
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, packed", BATCHED)
 @pytest.mark.parametrize("seed", ["current", "other"])
 def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, layers, bidirectional, batch_first, bias,
-                                                                      seed, monkeypatch):
-    """Padded sequences take the batched route (values from the fused call, backpropagation through
-    time by hand); its averaged gradient is the step-by-step route's (float64)."""
+                                                                      packed, seed, monkeypatch):
+    """Padded and packed sequences take the batched route (values from the fused call,
+    backpropagation through time by hand); its averaged gradient is the step-by-step route's
+    (float64), for the input too."""
     calls = []
     real = recurrent.whole_sequence
     monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
     model = _layer(kind, layers, bidirectional, batch_first, bias, 0, torch.float64)
-    x = _inputs(batch_first, False, torch.float64).requires_grad_(True)
-    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    net = _Fed(model)
+    raw = _inputs(batch_first, packed, torch.float64)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in net.named_parameters()}
 
     def closure():
-        out, hidden = model(x)
-        return out.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + out.sum() * x.sum()
+        out, hidden = net(raw)
+        data = out.data if packed else out
+        return data.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + data.sum() * hidden[0].sum()
 
-    got = ttadapt.averaged_grad(model, closure, other, seed=seed)
+    got = ttadapt.averaged_grad(net, closure, other, seed=seed)
     assert len(calls) == 2 * layers * (2 if bidirectional else 1)  # both passes
     monkeypatch.setattr(recurrent, "whole_sequence", real)
     _step_by_step(monkeypatch)
-    want = ttadapt.averaged_grad(model, closure, other, seed=seed)
+    want = ttadapt.averaged_grad(net, closure, other, seed=seed)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("method", ["AG1", "AG2", "AG3"])
-def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method, monkeypatch):
-    """Two layers, bidirectional, dropout between them in training: AG-1 / AG-2 (deferred sites,
-    the graph pass's backward run twice) and AG-3 land where they land step by step."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method, packed, monkeypatch):
+    """Two layers, bidirectional, dropout between them in training, padded or packed: AG-1 / AG-2
+    (deferred sites, the graph pass's backward run twice) and AG-3 land where they land step by
+    step."""
 
     def run() -> list[torch.Tensor]:
         torch.manual_seed(4)
-        model = nn.Sequential()
-        model.add_module("rec", KINDS[kind](5, 6, num_layers=2, bidirectional=True, dropout=0.3, batch_first=True))
-        model = model.double().train()
+        rec = KINDS[kind](5, 6, num_layers=2, bidirectional=True, dropout=0.3, batch_first=True).double().train()
         head = nn.Linear(12, 3).double()
         x = torch.randn(8, 7, 5, dtype=torch.float64)
+        if packed:
+            x = pack_padded_sequence(x, torch.tensor([7, 3, 5, 7, 1, 2, 6, 4]), batch_first=True, enforce_sorted=False)
         y = torch.randint(0, 3, (8,))
-        opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=0.05)
+        opt = torch.optim.Adam(list(rec.parameters()) + list(head.parameters()), lr=0.05)
 
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.m, self.head = model, head
+                self.rec, self.head = rec, head
 
             def forward(self, x):
-                return self.head(self.m(x)[0][:, -1])
+                _, hidden = self.rec(x)
+                h = hidden[0] if kind == "LSTM" else hidden
+                return self.head(torch.cat([h[-2], h[-1]], 1))
 
         net = Net()
         wrapper = getattr(ttadapt, method)(net, opt, **({"d": 1} if method == "AG3" else {}))

@@ -4,22 +4,26 @@ over time, and backpropagation through time by hand with the sites' slopes.
 :mod:`ttadapt.recurrent` takes a fused recurrent call apart step by step, so that autograd
 records every step's operations: correct, but a 20-step LSTM's averaged step then costs about
 four plain (fused) steps, most of it autograd's many small nodes. For one direction of one
-layer over a padded sequence (no ``proj_size``, not the Linear variant) this module does the
-same arithmetic in far fewer calls:
+layer (no ``proj_size``, not the Linear variant), padded or packed, this module does the same
+arithmetic in far fewer calls. A sequence is held as *rows* (one per sequence and step,
+time-major, as a packed sequence's data: a padded (time, batch) sequence is the case of equal
+batch sizes) and a :class:`_Schedule` — the rows of each step, whose count may only shrink as
+sequences end; the backward direction runs each sequence reversed (a permutation of the rows),
+so it is the forward direction's case too:
 
-* **values** — the fused call itself for that layer and direction (``torch.lstm(..., num_layers=1)``
-  on the sequence, reversed for the backward direction), whose outputs are the layer's output;
-  from them the pre-activations of every step at once, ``x W_ihᵀ + b_ih + h_{t−1} W_hhᵀ + b_hh``
-  with ``h_{t−1}`` the fused call's previous output (two matrix products), and for the LSTM the
-  cell states by a scan ``c_t = f_t·c_{t−1} + i_t·g_t``;
-* **sites** — one per gate over all steps (LSTM: i, f, g, o, then tanh(c); GRU: r, z, n; RNN:
+* **values** — the fused call itself for that layer and direction (``torch.lstm(...,
+  num_layers=1)``), whose outputs are the layer's output; from them the pre-activations of every
+  row at once, ``x W_ihᵀ + b_ih + h₋ W_hhᵀ + b_hh`` with ``h₋`` the row's previous output (two
+  matrix products), and for the LSTM the cell states by a scan ``c_t = f_t·c_{t−1} + i_t·g_t``;
+* **sites** — one per gate over all rows (LSTM: i, f, g, o, then tanh(c); GRU: r, z, n; RNN:
   the one activation), called through the session as any activation; both passes of a step
   make the same calls, so they pair;
 * **backward** — :class:`_Sequence`, an autograd function whose backward walks the steps in
-  reverse with each gate's slope in place of its derivative, then forms the weight gradients of
-  all steps in two matrix products. A slope is read from its site as the gradient of the site's
-  output for a gradient of ones: at once where the other state is known (the site's graph and
-  input are then freed), in the backward for AG-1 / AG-2's deferred sites, once filled.
+  reverse with each gate's slope in place of its derivative (a sequence that has ended keeps its
+  final state's gradient until the walk reaches its last step), then forms the weight gradients
+  of all rows in two matrix products. A slope is read from its site as the gradient of the
+  site's output for a gradient of ones: at once where the other state is known (the site's
+  graph and input are then freed), in the backward for AG-1 / AG-2's deferred sites, once filled.
 
 The gradient is the step-by-step route's to rounding (tests/test_recurrent.py): the
 pre-activations come from the fused call's outputs instead of the route's own, the sums over
@@ -40,15 +44,60 @@ __all__ = ["whole_sequence"]
 Act = Callable[[Callable, Tensor], Tensor]
 
 
-def _fused(kind: str, x: Tensor, h0: Tensor, c0: Tensor | None, w: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The fused call over ``x`` (time, batch, features) for one layer and direction:
-    (outputs, final hidden, final cell or None)."""
+class _Schedule:
+    """Which rows hold each step: step ``t`` is rows ``offsets[t] : offsets[t] + sizes[t]``, sizes
+    non-increasing (the first ``sizes[t]`` sequences are still running); ``padded`` when all
+    sizes are equal, ``batch_sizes`` the packed sequence's tensor otherwise."""
+
+    def __init__(self, sizes: list[int], batch_sizes: Tensor | None) -> None:
+        self.sizes, self.batch_sizes = sizes, batch_sizes
+        self.offsets = [0]
+        for size in sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + size)
+        self.rows, self.batch, self.steps = sum(sizes), sizes[0], len(sizes)
+        self.padded = batch_sizes is None
+        self._previous: Tensor | None = None
+
+    def previous(self, device: torch.device) -> Tensor:
+        """For every row past the first step, the row of the same sequence one step earlier."""
+        if self._previous is None:
+            idx = [self.offsets[t - 1] + j for t in range(1, self.steps) for j in range(self.sizes[t])]
+            self._previous = torch.tensor(idx, dtype=torch.long)
+        return self._previous.to(device)
+
+    def earlier(self, h0: Tensor, rows: Tensor) -> Tensor:
+        """Each row's state one step earlier: ``h0`` for the first step, else ``rows``' row."""
+        if self.padded:
+            return torch.cat([h0, rows[:self.rows - self.batch]])
+        return torch.cat([h0[:self.sizes[0]], rows.index_select(0, self.previous(rows.device))])
+
+
+def reversal(batch_sizes: Tensor) -> Tensor:
+    """The permutation of a packed sequence's rows that reverses every sequence in time (its own
+    inverse): row (t, b) goes to (L_b − 1 − t, b)."""
+    sizes = batch_sizes.to(torch.long)
+    steps, batch = len(sizes), int(sizes[0])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    t = torch.arange(steps).unsqueeze(1).expand(steps, batch)
+    b = torch.arange(batch).unsqueeze(0).expand(steps, batch)
+    valid = b < sizes.unsqueeze(1)
+    lengths = valid.sum(0)
+    return (offsets[lengths[b] - 1 - t] + b)[valid]
+
+
+def _fused(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None,
+           w: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The fused call over the rows ``x`` for one layer and direction: (output rows, final
+    hidden, final cell or None)."""
     has_biases = len(w) == 4
-    if kind == "lstm":
-        out, hn, cn = torch.lstm(x, (h0[None], c0[None]), w, has_biases, 1, 0.0, False, False, False)
-        return out, hn[0], cn[0]
-    out, hn = getattr(torch, kind)(x, h0[None], w, has_biases, 1, 0.0, False, False, False)
-    return out, hn[0], None
+    hidden: Any = (h0[None], c0[None]) if kind == "lstm" else h0[None]
+    if schedule.padded:
+        args = (x.view(schedule.steps, schedule.batch, x.shape[-1]), hidden, w, has_biases, 1, 0.0, False, False, False)
+    else:
+        args = (x, schedule.batch_sizes, hidden, w, has_biases, 1, 0.0, False, False)
+    result = getattr(torch, kind)(*args)
+    out = result[0].reshape(schedule.rows, -1)
+    return out, result[1][0], (result[2][0] if kind == "lstm" else None)
 
 
 class _Gates:
@@ -84,14 +133,14 @@ def _site(act: Act, f: Callable, u: Tensor, gates: _Gates, graph: bool) -> Tenso
     return y.detach()
 
 
-def _forward(kind: str, x: Tensor, h0: Tensor, c0: Tensor | None, w: list[Tensor], act: Act,
+def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor], act: Act,
              graph: bool, deferred: bool = False) -> tuple[tuple[Tensor, ...], _Gates]:
-    """Values and sites of one layer-direction over ``x`` in processing order (see the module
-    docstring); no autograd graph but the sites'."""
+    """Values and sites of one layer-direction over the rows ``x`` (see the module docstring);
+    no autograd graph but the sites'."""
     gates = _Gates(deferred)
     with torch.no_grad():
-        out, hn, cn = _fused(kind, x, h0, c0, w)
-        h_prev = torch.cat([h0[None], out[:-1]])
+        out, hn, cn = _fused(kind, x, schedule, h0, c0, w)
+        h_prev = schedule.earlier(h0, out)
         b_ih, b_hh = (w[2], w[3]) if len(w) == 4 else (None, None)
         gx, gh = F.linear(x, w[0], b_ih), F.linear(h_prev, w[1], b_hh)
     v = gates.values
@@ -104,9 +153,10 @@ def _forward(kind: str, x: Tensor, h0: Tensor, c0: Tensor | None, w: list[Tensor
         with torch.no_grad():
             cells = torch.empty_like(i)
             c = c0
-            for t in range(x.shape[0]):
-                c = torch.add(f[t] * c, i[t] * g[t], out=cells[t])
-            c_prev = torch.cat([c0[None], cells[:-1]])
+            for start, size in zip(schedule.offsets, schedule.sizes):
+                rows = slice(start, start + size)
+                c = torch.add(f[rows] * c[:size], i[rows] * g[rows], out=cells[rows])
+            c_prev = schedule.earlier(c0, cells)
         tc = _site(act, torch.tanh, cells, gates, graph)
         v.update(i=i, f=f, g=g, o=o, c_prev=c_prev, tc=tc)
         return (out, hn, cn), gates
@@ -137,30 +187,37 @@ def _slopes(gates: _Gates) -> list[Tensor]:
     return [_slope(leaf, y, retain=True) for leaf, y in gates.sites]
 
 
-def _backprop(kind: str, gates: _Gates, w_hh: Tensor, d_out: Tensor | None, dh: Tensor, dc: Tensor | None):
+def _carry(new: Tensor, carried: Tensor, size: int) -> Tensor:
+    """The gradient carried to the step before: ``new`` for the sequences running there, the
+    rest (sequences that ended earlier: their final state's gradient) as it was."""
+    return new if size == carried.shape[0] else torch.cat([new, carried[size:]])
+
+
+def _backprop(kind: str, gates: _Gates, schedule: _Schedule, w_hh: Tensor, d_out: Tensor, dh: Tensor,
+              dc: Tensor | None):
     """Backpropagation through time with the slopes: (dL/d pre-activations from the input side,
-    from the hidden side, (T, B, k·H) each, in processing order; dL/dh0; dL/dc0). The products
-    that do not depend on the incoming gradient are formed for all steps at once before the
-    walk, which is left with a few operations and one matrix product per step."""
+    from the hidden side, one row per sequence and step each; dL/dh0; dL/dc0). The products
+    that do not depend on the incoming gradient are formed for all rows at once before the walk,
+    which is left with a few operations and one matrix product per step."""
     v = gates.values
     slopes = _slopes(gates)
-    steps = v["x"].shape[0]
+    walk = [(start, size, slice(start, start + size)) for start, size in zip(schedule.offsets, schedule.sizes)][::-1]
     if kind == "lstm":
         s_i, s_f, s_g, s_o, s_c = slopes
         i, f, g, o, c_prev, tc = (v[k] for k in ("i", "f", "g", "o", "c_prev", "tc"))
         # h = o·tanh(c), c = f·c₋ + i·g: per step dL/du_{i,f,g} = dc·(g·s_i, c₋·s_f, i·s_g),
         # dL/du_o = dh·tanh(c)·s_o, dc += dh·o·s_c, and dc₋ = dc·f
-        cell_factors = torch.stack([g * s_i, c_prev * s_f, i * s_g], 2)  # (T, B, 3, H)
+        cell_factors = torch.stack([g * s_i, c_prev * s_f, i * s_g], 1)  # (rows, 3, H)
         out_factor, cell_from_h = tc * s_o, o * s_c
-        d_pre = torch.empty(i.shape[:-1] + (4, i.shape[-1]), dtype=i.dtype, device=i.device)  # (T, B, 4, H)
-        flat = d_pre.flatten(2)
-        for t in range(steps - 1, -1, -1):
-            dh_t = dh if d_out is None else dh + d_out[t]
-            torch.mul(dh_t, out_factor[t], out=d_pre[t, :, 3])
-            dc = torch.addcmul(dc, dh_t, cell_from_h[t])
-            torch.mul(dc.unsqueeze(1), cell_factors[t], out=d_pre[t, :, :3])
-            dc = dc * f[t]
-            dh = flat[t] @ w_hh
+        d_pre = torch.empty((i.shape[0], 4, i.shape[-1]), dtype=i.dtype, device=i.device)  # (rows, 4, H)
+        flat = d_pre.flatten(1)
+        for start, size, rows in walk:
+            dh_t = dh[:size] + d_out[rows]
+            torch.mul(dh_t, out_factor[rows], out=d_pre[rows, 3])
+            dc_t = torch.addcmul(dc[:size], dh_t, cell_from_h[rows])
+            torch.mul(dc_t.unsqueeze(1), cell_factors[rows], out=d_pre[rows, :3])
+            dc = _carry(dc_t * f[rows], dc, size)
+            dh = _carry(flat[rows] @ w_hh, dh, size)
         return flat, flat, dh, dc
     if kind == "gru":
         s_r, s_z, s_n = slopes
@@ -169,73 +226,80 @@ def _backprop(kind: str, gates: _Gates, w_hh: Tensor, d_out: Tensor | None, dh: 
         # dL/du_r = dL/du_n·gh_n·s_r, dL/du_z = dh·(h₋ − n)·s_z, dh₋ = dh·z + (hidden side)·W_hh
         n_factor, r_factor, z_factor = (1 - z) * s_n, gh_n * s_r, (h_prev - n) * s_z
         hidden = r.shape[-1]
-        shape = r.shape[:-1] + (3 * hidden,)
-        d_x = torch.empty(shape, dtype=r.dtype, device=r.device)
+        d_x = torch.empty((r.shape[0], 3 * hidden), dtype=r.dtype, device=r.device)
         d_h = torch.empty_like(d_x)
-        for t in range(steps - 1, -1, -1):
-            dh_t = dh if d_out is None else dh + d_out[t]
-            du_n = torch.mul(dh_t, n_factor[t], out=d_x[t, :, 2 * hidden:])
-            torch.mul(du_n, r[t], out=d_h[t, :, 2 * hidden:])
-            torch.mul(du_n, r_factor[t], out=d_x[t, :, :hidden])
-            torch.mul(dh_t, z_factor[t], out=d_x[t, :, hidden:2 * hidden])
-            d_h[t, :, :2 * hidden] = d_x[t, :, :2 * hidden]
-            dh = torch.addmm(dh_t * z[t], d_h[t], w_hh)
+        for start, size, rows in walk:
+            dh_t = dh[:size] + d_out[rows]
+            du_n = torch.mul(dh_t, n_factor[rows], out=d_x[rows, 2 * hidden:])
+            torch.mul(du_n, r[rows], out=d_h[rows, 2 * hidden:])
+            torch.mul(du_n, r_factor[rows], out=d_x[rows, :hidden])
+            torch.mul(dh_t, z_factor[rows], out=d_x[rows, hidden:2 * hidden])
+            d_h[rows, :2 * hidden] = d_x[rows, :2 * hidden]
+            dh = _carry(torch.addmm(dh_t * z[rows], d_h[rows], w_hh), dh, size)
         return d_x, d_h, dh, None
     (s,) = slopes
     d_pre = torch.empty_like(s)
-    for t in range(steps - 1, -1, -1):
-        dh_t = dh if d_out is None else dh + d_out[t]
-        dh = torch.mul(dh_t, s[t], out=d_pre[t]) @ w_hh
+    for start, size, rows in walk:
+        dh_t = dh[:size] + d_out[rows]
+        dh = _carry(torch.mul(dh_t, s[rows], out=d_pre[rows]) @ w_hh, dh, size)
     return d_pre, d_pre, dh, None
 
 
 class _Sequence(torch.autograd.Function):
-    """One layer-direction over a padded sequence: forward is :func:`_forward`'s values (the fused
-    call's outputs), backward :func:`_backprop` with the gates' slopes."""
+    """One layer-direction over the rows of a sequence: forward is :func:`_forward`'s values (the
+    fused call's outputs), backward :func:`_backprop` with the gates' slopes."""
 
     @staticmethod
     def forward(ctx: Any, spec: tuple, x: Tensor, h0: Tensor, c0: Tensor | None, *w: Tensor):  # type: ignore[override]
-        kind, act, deferred = spec
-        outputs, gates = _forward(kind, x, h0, c0, list(w), act, True, deferred)
-        ctx.kind, ctx.gates, ctx.has_biases = kind, gates, len(w) == 4
+        kind, schedule, act, deferred = spec
+        outputs, gates = _forward(kind, x, schedule, h0, c0, list(w), act, True, deferred)
+        ctx.kind, ctx.schedule, ctx.gates, ctx.has_biases = kind, schedule, gates, len(w) == 4
         ctx.save_for_backward(*w)
         return outputs
 
     @staticmethod
-    def backward(ctx: Any, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None = None):  # type: ignore[override]
+    def backward(ctx: Any, d_out: Tensor, d_hn: Tensor, d_cn: Tensor | None = None):  # type: ignore[override]
         w = ctx.saved_tensors
         gates, kind = ctx.gates, ctx.kind
-        v = gates.values
-        x, h_prev = v["x"], v["h_prev"]
-        dh = d_hn if d_hn is not None else torch.zeros_like(h_prev[0])
-        dc = None
-        if kind == "lstm":
-            dc = d_cn if d_cn is not None else torch.zeros_like(h_prev[0])
-        d_x, d_h, dh0, dc0 = _backprop(kind, gates, w[1], d_out, dh, dc)
+        x, h_prev = gates.values["x"], gates.values["h_prev"]
+        d_x, d_h, dh0, dc0 = _backprop(kind, gates, ctx.schedule, w[1], d_out, d_hn, d_cn)
         needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None, None, dh0 if needs[2] else None, dc0 if needs[3] else None]
-        flat_x, flat_h = d_x.flatten(0, 1), d_h.flatten(0, 1)
-        grads[1] = d_x @ w[0] if needs[1] else None
-        grads.append(flat_x.t() @ x.flatten(0, 1) if needs[4] else None)
-        grads.append(flat_h.t() @ h_prev.flatten(0, 1) if needs[5] else None)
+        grads: list[Tensor | None] = [None, d_x @ w[0] if needs[1] else None, dh0 if needs[2] else None,
+                                      dc0 if needs[3] else None]
+        grads.append(d_x.t() @ x if needs[4] else None)
+        grads.append(d_h.t() @ h_prev if needs[5] else None)
         if ctx.has_biases:
-            grads.append(flat_x.sum(0) if needs[6] else None)
-            grads.append(flat_h.sum(0) if needs[7] else None)
+            grads.append(d_x.sum(0) if needs[6] else None)
+            grads.append(d_h.sum(0) if needs[7] else None)
         return tuple(grads)
 
 
 def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], act: Act, reverse: bool,
-                   deferred: bool = False) -> tuple[Tensor, Any]:
-    """One layer in one direction over a padded sequence ``x`` (time, batch, features), the
-    gates batched over time: (outputs, final hidden — a pair for the LSTM), as
-    :func:`ttadapt.recurrent._direction` returns them. ``deferred``: the sites are AG-1 / AG-2's
-    graph-pass sites, whose slopes are known only once filled."""
+                   deferred: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Any]:
+    """One layer in one direction, the gates batched over time: (outputs, final hidden — a pair
+    for the LSTM), as :func:`ttadapt.recurrent._direction` returns them. ``x`` is a padded
+    sequence (time, batch, features), or with ``batch_sizes`` a packed sequence's data.
+    ``deferred``: the sites are AG-1 / AG-2's graph-pass sites, whose slopes are known only
+    once filled."""
     h0, c0 = hidden if kind == "lstm" else (hidden, None)
-    xs = x.flip(0) if reverse else x
-    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (xs, h0, c0, *w) if t is not None)
-    if graph:
-        outputs = _Sequence.apply((kind, act, deferred), xs, h0, c0, *w)
+    if batch_sizes is None:
+        steps, batch = x.shape[0], x.shape[1]
+        schedule = _Schedule([batch] * steps, None)
+        rows = (x.flip(0) if reverse else x).reshape(steps * batch, x.shape[-1])
+        order = None
     else:
-        outputs, _ = _forward(kind, xs, h0, c0, w, act, False)
-    out = outputs[0].flip(0) if reverse else outputs[0]
+        schedule = _Schedule([int(b) for b in batch_sizes.tolist()], batch_sizes)
+        order = reversal(batch_sizes).to(x.device) if reverse else None
+        rows = x if order is None else x.index_select(0, order)
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, h0, c0, *w) if t is not None)
+    if graph:
+        outputs = _Sequence.apply((kind, schedule, act, deferred), rows, h0, c0, *w)
+    else:
+        outputs, _ = _forward(kind, rows, schedule, h0, c0, w, act, False)
+    out = outputs[0]
+    if batch_sizes is None:
+        out = out.view(schedule.steps, schedule.batch, -1)
+        out = out.flip(0) if reverse else out
+    elif order is not None:
+        out = out.index_select(0, order)
     return out, ((outputs[1], outputs[2]) if kind == "lstm" else outputs[1])
