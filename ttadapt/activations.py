@@ -782,8 +782,8 @@ for _op, _name in (("__gt__", "gt"), ("__lt__", "lt"), ("__ge__", "ge"), ("__le_
     MASKING_CALLS[getattr(torch.Tensor, _op)] = f"{_name} (mask)"
 BINARY_EXTREMA: dict[Any, str] = {torch.max: "max", torch.Tensor.max: "max", torch.min: "min", torch.Tensor.min: "min"}
 # Recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells) run their sigmoid / tanh / ReLU
-# gates inside one fused ATen call. The passes compute it step by step (ttadapt.recurrent), each
-# gate a site; where they cannot (under autocast), the fused call keeps its gates' ordinary
+# gates inside one fused ATen call. The passes take it apart (ttadapt.recurrent), each gate a
+# site; where they cannot (under autocast), the fused call keeps its gates' ordinary
 # derivative and is listed under these names.
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"):
     _f = getattr(torch, _name, None)

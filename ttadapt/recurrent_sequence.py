@@ -60,9 +60,12 @@ class _Schedule:
 
     def previous(self, device: torch.device) -> Tensor:
         """For every row past the first step, the row of the same sequence one step earlier."""
-        if self._previous is None:
-            idx = [self.offsets[t - 1] + j for t in range(1, self.steps) for j in range(self.sizes[t])]
-            self._previous = torch.tensor(idx, dtype=torch.long)
+        if self._previous is None:  # row offsets[t − 1] + j for step t ≥ 1 and j < sizes[t]
+            sizes = torch.tensor(self.sizes[1:], dtype=torch.long)
+            starts = torch.tensor(self.offsets[:-1], dtype=torch.long)
+            first = torch.cumsum(sizes, 0) - sizes  # each step's first position among these rows
+            within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(first, sizes)
+            self._previous = torch.repeat_interleave(starts, sizes) + within
         return self._previous.to(device)
 
     def earlier(self, h0: Tensor, rows: Tensor) -> Tensor:

@@ -36,8 +36,8 @@ other models the plain leaves run with the mode taken off the stack
 
 Code that computes activations out of this module's sight (``torch.compile``, checkpointing,
 custom ``autograd.Function`` s, TorchScript, ATen ops called directly) is dealt with in
-:mod:`ttadapt.unseen`. Recurrent layers' fused calls (``torch.lstm``, ...) are computed step
-by step by :mod:`ttadapt.recurrent`, their gates sites like any other.
+:mod:`ttadapt.unseen`. Recurrent layers' fused calls (``torch.lstm``, ...) are taken apart by
+:mod:`ttadapt.recurrent`, their gates sites like any other.
 """
 
 from __future__ import annotations
@@ -676,9 +676,9 @@ class SiteSession:
         return averaged_activation_output(act, call, u, rec.u, act.settings(given), inplace, owned, fb, fb_owned)
 
     def _on_recurrent(self, func: Callable, args: tuple, kwargs: dict):
-        """A fused recurrent call (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, their cells) computed step
-        by step (:mod:`ttadapt.recurrent`), each gate activation a site (with ``linear=True`` each
-        projection an affine one); ``NotImplemented`` where that does not apply."""
+        """A fused recurrent call (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, their cells) taken apart
+        (:mod:`ttadapt.recurrent`), each gate activation a site (with ``linear=True``, step by
+        step, each projection an affine one); ``NotImplemented`` where that does not apply."""
 
         def act(f: Callable, u: Tensor) -> Tensor:
             hit = lookup_call(f)
