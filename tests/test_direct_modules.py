@@ -51,6 +51,22 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return used
 
 
+def _results(model: nn.Module, what: str, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """An averaged gradient (``what="averaged_grad"``) or three steps of a wrapper, then the
+    model's state: what the tests below compare bit for bit."""
+    closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    out: list[torch.Tensor] = []
+    if what == "averaged_grad":
+        other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+        out = list(ttadapt.averaged_grad(model, closure, other).values())
+    else:
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        wrapper = ttadapt.AG3(model, opt, d=1) if what == "AG3" else getattr(ttadapt, what)(model, opt)
+        for _ in range(3):
+            wrapper.step(closure)
+    return out + list(model.state_dict().values())
+
+
 @pytest.mark.parametrize("what", ["averaged_grad", "AG1", "AG2", "AG3"])
 def test_same_bits_with_and_without_the_mode(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = torch.randn(16, 1, 10, 10), torch.randint(0, 3, (16,))
@@ -59,18 +75,7 @@ def test_same_bits_with_and_without_the_mode(what: str, monkeypatch: pytest.Monk
         if not direct:
             _mode_off(monkeypatch)
         torch.manual_seed(2)
-        model = standard_model().train()
-        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
-        if what == "averaged_grad":
-            other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
-            out = list(ttadapt.averaged_grad(model, closure, other).values())
-        else:
-            opt = torch.optim.Adam(model.parameters(), 1e-2)
-            wrapper = ttadapt.AG3(model, opt, d=1) if what == "AG3" else getattr(ttadapt, what)(model, opt)
-            for _ in range(3):
-                wrapper.step(closure)
-            out = []
-        return out + list(model.state_dict().values())
+        return _results(standard_model().train(), what, x, y)
 
     used = _spy(monkeypatch)
     direct = run(True)
@@ -167,18 +172,9 @@ def test_plain_leaves_without_the_mode_give_the_same_bits(what: str, monkeypatch
         torch.manual_seed(2)
         model = Custom().train()
         model.body.append(_NormWithActivation(3))
-        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
-        if what == "averaged_grad":
-            other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
-            out = list(ttadapt.averaged_grad(model, closure, other).values())
-        else:
-            opt = torch.optim.Adam(model.parameters(), 1e-2)
-            wrapper = ttadapt.AG3(model, opt, d=1) if what == "AG3" else getattr(ttadapt, what)(model, opt)
-            for _ in range(3):
-                wrapper.step(closure)
-            out = []
+        out = _results(model, what, x, y)
         assert not any("forward" in vars(m) for m in model.modules())
-        return out + list(model.state_dict().values())
+        return out
 
     patched: list[int] = []
     real = sites.SiteSession._leaves_without_mode
