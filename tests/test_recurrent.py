@@ -473,3 +473,34 @@ def test_float32_same_state_is_the_ordinary_gradient(kind):
     want = torch.autograd.grad(closure(), list(model.parameters()))
     for g, w in zip(got.values(), want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("seed", ["current", "other"])
+def test_initial_state_from_another_layer_gets_its_gradient(kind, seed, monkeypatch):
+    """An encoder-decoder: the decoder starts from the encoder's final state, so the gradient
+    flows through h0 (and c0) — the batched route's as the step-by-step route's (float64)."""
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = KINDS[kind](5, 6, num_layers=2, batch_first=True)
+            self.decoder = KINDS[kind](3, 6, num_layers=2, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, source, target):
+            _, state = self.encoder(source)
+            out, _ = self.decoder(target, state)
+            return self.head(out)
+
+    torch.manual_seed(6)
+    model = Seq2Seq().double()
+    source, target = torch.randn(4, 7, 5, dtype=torch.float64), torch.randn(4, 3, 3, dtype=torch.float64)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    closure = lambda: model(source, target).pow(2).sum()  # noqa: E731
+    got = ttadapt.averaged_grad(model, closure, other, seed=seed)
+    assert any(g.abs().max() > 0 for n, g in got.items() if n.startswith("encoder"))
+    _step_by_step(monkeypatch)
+    want = ttadapt.averaged_grad(model, closure, other, seed=seed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
