@@ -368,8 +368,8 @@ def _step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every padded layer-direction through the step-by-step route instead of the batched
     one (the oracle of the tests below)."""
 
-    def per_step(kind, x, hidden, w, act, reverse, deferred=False, batch_sizes=None):
-        p = recurrent._Weights(w, len(w) == 4)
+    def per_step(kind, x, hidden, w, has_biases, act, reverse, deferred=False, batch_sizes=None):
+        p = recurrent._Weights(w, has_biases)
         sizes = None if batch_sizes is None else [int(b) for b in batch_sizes.tolist()]
         return recurrent._direction(kind, F.linear(x, p.w_ih, p.b_ih), hidden, p, act, F.linear, reverse, sizes)
 
@@ -389,20 +389,17 @@ class _Fed(nn.Module):
         return self.rec(torch.tanh(self.feed(x)))
 
 
-BATCHED = [(kind, layers, bi, bf, bias, packed) for kind, layers, bi, bf, bias, proj, packed in CONFIGS if not proj]
-
-
-@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, packed", BATCHED)
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, proj, packed", CONFIGS)
 @pytest.mark.parametrize("seed", ["current", "other"])
 def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, layers, bidirectional, batch_first, bias,
-                                                                      packed, seed, monkeypatch):
+                                                                      proj, packed, seed, monkeypatch):
     """Padded and packed sequences take the batched route (values from the fused call,
-    backpropagation through time by hand); its averaged gradient is the step-by-step route's
-    (float64), for the input too."""
+    backpropagation through time by hand; an LSTM's projection too); its averaged gradient is the
+    step-by-step route's (float64), for the input too."""
     calls = []
     real = recurrent.whole_sequence
     monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
-    model = _layer(kind, layers, bidirectional, batch_first, bias, 0, torch.float64)
+    model = _layer(kind, layers, bidirectional, batch_first, bias, proj, torch.float64)
     net = _Fed(model)
     raw = _inputs(batch_first, packed, torch.float64)
     other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in net.named_parameters()}

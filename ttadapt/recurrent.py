@@ -5,10 +5,10 @@ call (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, ``t
 ...), inside which no site sees the sigmoid / tanh / ReLU gates. During the engine's passes such
 a call is computed from its parts instead, one layer and direction at a time:
 
-* a padded or packed sequence (no ``proj_size``, not the Linear variant) by
+* a padded or packed sequence (not the Linear variant) by
   :func:`ttadapt.recurrent_sequence.whole_sequence`: the fused call's values, one site per gate
   over all steps, backpropagation through time by hand;
-* anything else (``proj_size``, ``linear=True``, the cells) step by step,
+* the Linear variant and the cells step by step,
   following PyTorch's own CPU recipe (``aten/src/ATen/native/RNN.cpp``) — the input projection
   ``x W_ihᵀ + b_ih`` of every time step at once, then per time step
   ``gates = (h W_hhᵀ + b_hh) + x_t``, chunked, each gate's activation one call of ``act`` — the
@@ -202,10 +202,9 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) ->
         for d in range(directions):
             k = layer * directions + d
             p = weights[k]
-            if p.w_hr is None and linear is F.linear:  # the gates batched over time
-                w = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if p.b_ih is not None else [])
-                out, final = whole_sequence(kind, x, initial[k], w, act, d == 1, deferred,
-                                            None if batch_sizes is None else batch_sizes_t)
+            if linear is F.linear:  # the gates batched over time
+                out, final = whole_sequence(kind, x, initial[k], list(flat[k * stride:(k + 1) * stride]), bool(has_biases),
+                                            act, d == 1, deferred, None if batch_sizes is None else batch_sizes_t)
             else:
                 x_w = linear(x, p.w_ih, p.b_ih)
                 out, final = _direction(kind, x_w, initial[k], p, act, linear, d == 1, batch_sizes)

@@ -4,7 +4,7 @@ over time, and backpropagation through time by hand with the sites' slopes.
 :mod:`ttadapt.recurrent` takes a fused recurrent call apart step by step, so that autograd
 records every step's operations: correct, but a 20-step LSTM's averaged step then costs about
 four plain (fused) steps, most of it autograd's many small nodes. For one direction of one
-layer (no ``proj_size``, not the Linear variant), padded or packed, this module does the same
+layer (not the Linear variant), padded or packed, this module does the same
 arithmetic in far fewer calls. A sequence is held as *rows* (one per sequence and step,
 time-major, as a packed sequence's data: a padded (time, batch) sequence is the case of equal
 batch sizes) and a :class:`_Schedule` — the rows of each step, whose count may only shrink as
@@ -17,7 +17,8 @@ so it is the forward direction's case too:
   matrix products), and for the LSTM the cell states by a scan ``c_t = f_t·c_{t−1} + i_t·g_t``;
 * **sites** — one per gate over all rows (LSTM: i, f, g, o, then tanh(c); GRU: r, z, n; RNN:
   the one activation), called through the session as any activation; both passes of a step
-  make the same calls, so they pair;
+  make the same calls, so they pair (with ``proj_size`` the LSTM's output is ``W_hr·(o·tanh c)``,
+  which the backward takes through ``W_hr``);
 * **backward** — :class:`_Sequence`, an autograd function whose backward walks the steps in
   reverse with each gate's slope in place of its derivative (a sequence that has ended keeps its
   final state's gradient until the walk reaches its last step), then forms the weight gradients
@@ -42,6 +43,14 @@ from torch import Tensor
 __all__ = ["whole_sequence"]
 
 Act = Callable[[Callable, Tensor], Tensor]
+
+
+def _parts(w: list[Tensor], has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(W_ih, W_hh, b_ih, b_hh, W_hr)`` from the fused call's flat list of one layer-direction
+    (``W_hr``: an LSTM's ``proj_size`` projection, else None)."""
+    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+    rest = w[4:] if has_biases else w[2:]
+    return w[0], w[1], b_ih, b_hh, (rest[0] if rest else None)
 
 
 class _Schedule:
@@ -88,11 +97,10 @@ def reversal(batch_sizes: Tensor) -> Tensor:
     return (offsets[lengths[b] - 1 - t] + b)[valid]
 
 
-def _fused(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None,
-           w: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+def _fused(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
+           has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """The fused call over the rows ``x`` for one layer and direction: (output rows, final
     hidden, final cell or None)."""
-    has_biases = len(w) == 4
     hidden: Any = (h0[None], c0[None]) if kind == "lstm" else h0[None]
     if schedule.padded:
         args = (x.view(schedule.steps, schedule.batch, x.shape[-1]), hidden, w, has_biases, 1, 0.0, False, False, False)
@@ -136,16 +144,16 @@ def _site(act: Act, f: Callable, u: Tensor, gates: _Gates, graph: bool) -> Tenso
     return y.detach()
 
 
-def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor], act: Act,
-             graph: bool, deferred: bool = False) -> tuple[tuple[Tensor, ...], _Gates]:
+def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
+             has_biases: bool, act: Act, graph: bool, deferred: bool = False) -> tuple[tuple[Tensor, ...], _Gates]:
     """Values and sites of one layer-direction over the rows ``x`` (see the module docstring);
     no autograd graph but the sites'."""
     gates = _Gates(deferred)
+    w_ih, w_hh, b_ih, b_hh, w_hr = _parts(w, has_biases)
     with torch.no_grad():
-        out, hn, cn = _fused(kind, x, schedule, h0, c0, w)
+        out, hn, cn = _fused(kind, x, schedule, h0, c0, w, has_biases)
         h_prev = schedule.earlier(h0, out)
-        b_ih, b_hh = (w[2], w[3]) if len(w) == 4 else (None, None)
-        gx, gh = F.linear(x, w[0], b_ih), F.linear(h_prev, w[1], b_hh)
+        gx, gh = F.linear(x, w_ih, b_ih), F.linear(h_prev, w_hh, b_hh)
     v = gates.values
     v["x"], v["h_prev"] = x, h_prev
     if kind == "lstm":
@@ -162,6 +170,8 @@ def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor |
             c_prev = schedule.earlier(c0, cells)
         tc = _site(act, torch.tanh, cells, gates, graph)
         v.update(i=i, f=f, g=g, o=o, c_prev=c_prev, tc=tc)
+        if w_hr is not None:  # the output before its projection (proj_size)
+            v["m"] = o * tc
         return (out, hn, cn), gates
     if kind == "gru":
         with torch.no_grad():
@@ -197,11 +207,12 @@ def _carry(new: Tensor, carried: Tensor, size: int) -> Tensor:
 
 
 def _backprop(kind: str, gates: _Gates, schedule: _Schedule, w_hh: Tensor, d_out: Tensor, dh: Tensor,
-              dc: Tensor | None):
+              dc: Tensor | None, w_hr: Tensor | None = None):
     """Backpropagation through time with the slopes: (dL/d pre-activations from the input side,
-    from the hidden side, one row per sequence and step each; dL/dh0; dL/dc0). The products
-    that do not depend on the incoming gradient are formed for all rows at once before the walk,
-    which is left with a few operations and one matrix product per step."""
+    from the hidden side, one row per sequence and step each; dL/dh0; dL/dc0; with an LSTM's
+    projection ``w_hr``, dL/d(projected output) per row, else None). The products that do not
+    depend on the incoming gradient are formed for all rows at once before the walk, which is
+    left with a few operations and one matrix product per step (two with the projection)."""
     v = gates.values
     slopes = _slopes(gates)
     walk = [(start, size, slice(start, start + size)) for start, size in zip(schedule.offsets, schedule.sizes)][::-1]
@@ -214,14 +225,18 @@ def _backprop(kind: str, gates: _Gates, schedule: _Schedule, w_hh: Tensor, d_out
         out_factor, cell_from_h = tc * s_o, o * s_c
         d_pre = torch.empty((i.shape[0], 4, i.shape[-1]), dtype=i.dtype, device=i.device)  # (rows, 4, H)
         flat = d_pre.flatten(1)
+        d_proj = None if w_hr is None else torch.empty_like(d_out)  # h = W_hr·(o·tanh c): dL/dh per row
         for start, size, rows in walk:
             dh_t = dh[:size] + d_out[rows]
+            if d_proj is not None:
+                d_proj[rows] = dh_t
+                dh_t = dh_t @ w_hr
             torch.mul(dh_t, out_factor[rows], out=d_pre[rows, 3])
             dc_t = torch.addcmul(dc[:size], dh_t, cell_from_h[rows])
             torch.mul(dc_t.unsqueeze(1), cell_factors[rows], out=d_pre[rows, :3])
             dc = _carry(dc_t * f[rows], dc, size)
             dh = _carry(flat[rows] @ w_hh, dh, size)
-        return flat, flat, dh, dc
+        return flat, flat, dh, dc, d_proj
     if kind == "gru":
         s_r, s_z, s_n = slopes
         r, z, n, gh_n, h_prev = (v[k] for k in ("r", "z", "n", "gh_n", "h_prev"))
@@ -239,13 +254,13 @@ def _backprop(kind: str, gates: _Gates, schedule: _Schedule, w_hh: Tensor, d_out
             torch.mul(dh_t, z_factor[rows], out=d_x[rows, hidden:2 * hidden])
             d_h[rows, :2 * hidden] = d_x[rows, :2 * hidden]
             dh = _carry(torch.addmm(dh_t * z[rows], d_h[rows], w_hh), dh, size)
-        return d_x, d_h, dh, None
+        return d_x, d_h, dh, None, None
     (s,) = slopes
     d_pre = torch.empty_like(s)
     for start, size, rows in walk:
         dh_t = dh[:size] + d_out[rows]
         dh = _carry(torch.mul(dh_t, s[rows], out=d_pre[rows]) @ w_hh, dh, size)
-    return d_pre, d_pre, dh, None
+    return d_pre, d_pre, dh, None, None
 
 
 class _Sequence(torch.autograd.Function):
@@ -254,36 +269,38 @@ class _Sequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: tuple, x: Tensor, h0: Tensor, c0: Tensor | None, *w: Tensor):  # type: ignore[override]
-        kind, schedule, act, deferred = spec
-        outputs, gates = _forward(kind, x, schedule, h0, c0, list(w), act, True, deferred)
-        ctx.kind, ctx.schedule, ctx.gates, ctx.has_biases = kind, schedule, gates, len(w) == 4
+        kind, schedule, has_biases, act, deferred = spec
+        outputs, gates = _forward(kind, x, schedule, h0, c0, list(w), has_biases, act, True, deferred)
+        ctx.kind, ctx.schedule, ctx.gates, ctx.has_biases = kind, schedule, gates, has_biases
         ctx.save_for_backward(*w)
         return outputs
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_hn: Tensor, d_cn: Tensor | None = None):  # type: ignore[override]
-        w = ctx.saved_tensors
+        w_ih, w_hh, b_ih, b_hh, w_hr = _parts(list(ctx.saved_tensors), ctx.has_biases)
         gates, kind = ctx.gates, ctx.kind
         x, h_prev = gates.values["x"], gates.values["h_prev"]
-        d_x, d_h, dh0, dc0 = _backprop(kind, gates, ctx.schedule, w[1], d_out, d_hn, d_cn)
+        d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, ctx.schedule, w_hh, d_out, d_hn, d_cn, w_hr)
         needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None, d_x @ w[0] if needs[1] else None, dh0 if needs[2] else None,
+        grads: list[Tensor | None] = [None, d_x @ w_ih if needs[1] else None, dh0 if needs[2] else None,
                                       dc0 if needs[3] else None]
         grads.append(d_x.t() @ x if needs[4] else None)
         grads.append(d_h.t() @ h_prev if needs[5] else None)
         if ctx.has_biases:
             grads.append(d_x.sum(0) if needs[6] else None)
             grads.append(d_h.sum(0) if needs[7] else None)
+        if w_hr is not None:
+            grads.append(d_proj.t() @ gates.values["m"] if needs[len(grads)] else None)
         return tuple(grads)
 
 
-def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], act: Act, reverse: bool,
+def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biases: bool, act: Act, reverse: bool,
                    deferred: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Any]:
     """One layer in one direction, the gates batched over time: (outputs, final hidden — a pair
-    for the LSTM), as :func:`ttadapt.recurrent._direction` returns them. ``x`` is a padded
-    sequence (time, batch, features), or with ``batch_sizes`` a packed sequence's data.
-    ``deferred``: the sites are AG-1 / AG-2's graph-pass sites, whose slopes are known only
-    once filled."""
+    for the LSTM), as :func:`ttadapt.recurrent._direction` returns them. ``w`` is the layer
+    direction's part of the fused call's flat weight list. ``x`` is a padded sequence (time,
+    batch, features), or with ``batch_sizes`` a packed sequence's data. ``deferred``: the sites
+    are AG-1 / AG-2's graph-pass sites, whose slopes are known only once filled."""
     h0, c0 = hidden if kind == "lstm" else (hidden, None)
     if batch_sizes is None:
         steps, batch = x.shape[0], x.shape[1]
@@ -296,9 +313,9 @@ def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], act: Act,
         rows = x if order is None else x.index_select(0, order)
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, h0, c0, *w) if t is not None)
     if graph:
-        outputs = _Sequence.apply((kind, schedule, act, deferred), rows, h0, c0, *w)
+        outputs = _Sequence.apply((kind, schedule, has_biases, act, deferred), rows, h0, c0, *w)
     else:
-        outputs, _ = _forward(kind, rows, schedule, h0, c0, w, act, False)
+        outputs, _ = _forward(kind, rows, schedule, h0, c0, w, has_biases, act, False)
     out = outputs[0]
     if batch_sizes is None:
         out = out.view(schedule.steps, schedule.batch, -1)
