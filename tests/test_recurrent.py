@@ -501,3 +501,26 @@ def test_initial_state_from_another_layer_gets_its_gradient(kind, seed, monkeypa
     want = ttadapt.averaged_grad(model, closure, other, seed=seed)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+def test_an_input_modified_in_place_after_the_layer_is_refused_as_autograd_refuses_it():
+    """The batched route keeps the layer's input for the weight gradient as the fused call does:
+    modified in place before the backward, the averaged backward refuses it as the ordinary one."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feed, self.rec = nn.Linear(5, 5), nn.GRU(5, 4)
+
+        def forward(self, x):
+            h = self.feed(x)
+            out, _ = self.rec(h)
+            h.mul_(2.0)  # after the layer used it
+            return out.pow(2).sum()
+
+    model = Net()
+    x = torch.randn(6, 3, 5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model(x).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ttadapt.averaged_grad(model, lambda: model(x), {n: p.detach() + 0.1 for n, p in model.named_parameters()})

@@ -155,7 +155,7 @@ def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor |
         h_prev = schedule.earlier(h0, out)
         gx, gh = F.linear(x, w_ih, b_ih), F.linear(h_prev, w_hh, b_hh)
     v = gates.values
-    v["x"], v["h_prev"] = x, h_prev
+    v["h_prev"] = h_prev
     if kind == "lstm":
         with torch.no_grad():
             ui, uf, ug, uo = (u.contiguous() for u in (gx + gh).chunk(4, -1))
@@ -272,14 +272,15 @@ class _Sequence(torch.autograd.Function):
         kind, schedule, has_biases, act, deferred = spec
         outputs, gates = _forward(kind, x, schedule, h0, c0, list(w), has_biases, act, True, deferred)
         ctx.kind, ctx.schedule, ctx.gates, ctx.has_biases = kind, schedule, gates, has_biases
-        ctx.save_for_backward(*w)
+        ctx.save_for_backward(x, *w)  # (x through autograd: modified in place before the backward, it is refused)
         return outputs
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_hn: Tensor, d_cn: Tensor | None = None):  # type: ignore[override]
-        w_ih, w_hh, b_ih, b_hh, w_hr = _parts(list(ctx.saved_tensors), ctx.has_biases)
+        x, *w = ctx.saved_tensors
+        w_ih, w_hh, _, _, w_hr = _parts(w, ctx.has_biases)
         gates, kind = ctx.gates, ctx.kind
-        x, h_prev = gates.values["x"], gates.values["h_prev"]
+        h_prev = gates.values["h_prev"]
         d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, ctx.schedule, w_hh, d_out, d_hn, d_cn, w_hr)
         needs = ctx.needs_input_grad
         grads: list[Tensor | None] = [None, d_x @ w_ih if needs[1] else None, dh0 if needs[2] else None,
