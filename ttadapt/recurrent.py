@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .recurrent_sequence import whole_sequence
+from .recurrent_sequence import split_weights, whole_sequence
 
 __all__ = ["fused_kind", "unfused"]
 
@@ -75,10 +75,7 @@ class _Weights:
     __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
     def __init__(self, flat: Sequence[Tensor], has_biases: bool) -> None:
-        self.w_ih, self.w_hh = flat[0], flat[1]
-        self.b_ih, self.b_hh = (flat[2], flat[3]) if has_biases else (None, None)
-        rest = flat[4:] if has_biases else flat[2:]
-        self.w_hr = rest[0] if rest else None
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr = split_weights(flat, has_biases)
 
 
 def _cell_step(kind: str, x_w: Tensor, hidden: Any, p: _Weights, act: Act, linear: Linear) -> Any:
@@ -187,7 +184,7 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) ->
     if not isinstance(flat, (list, tuple)) or not flat or len(flat) % count:
         return NotImplemented
     stride = len(flat) // count
-    weights = [_Weights(flat[k * stride:(k + 1) * stride], bool(has_biases)) for k in range(count)]
+    weights = [list(flat[k * stride:(k + 1) * stride]) for k in range(count)]  # per layer-direction
     if kind == "lstm":
         if not (isinstance(hx, (list, tuple)) and len(hx) == 2):
             return NotImplemented
@@ -201,13 +198,12 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) ->
         outs = []
         for d in range(directions):
             k = layer * directions + d
-            p = weights[k]
             if linear is F.linear:  # the gates batched over time
-                out, final = whole_sequence(kind, x, initial[k], list(flat[k * stride:(k + 1) * stride]), bool(has_biases),
-                                            act, d == 1, deferred, None if batch_sizes is None else batch_sizes_t)
+                out, final = whole_sequence(kind, x, initial[k], weights[k], bool(has_biases), act, d == 1, deferred,
+                                            None if batch_sizes is None else batch_sizes_t)
             else:
-                x_w = linear(x, p.w_ih, p.b_ih)
-                out, final = _direction(kind, x_w, initial[k], p, act, linear, d == 1, batch_sizes)
+                p = _Weights(weights[k], bool(has_biases))
+                out, final = _direction(kind, linear(x, p.w_ih, p.b_ih), initial[k], p, act, linear, d == 1, batch_sizes)
             outs.append(out)
             finals.append(final)
         x = outs[0] if directions == 1 else torch.cat(outs, outs[0].dim() - 1)

@@ -34,18 +34,18 @@ the ordinary gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["whole_sequence"]
+__all__ = ["whole_sequence", "split_weights"]
 
 Act = Callable[[Callable, Tensor], Tensor]
 
 
-def _parts(w: list[Tensor], has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+def split_weights(w: Sequence[Tensor], has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """``(W_ih, W_hh, b_ih, b_hh, W_hr)`` from the fused call's flat list of one layer-direction
     (``W_hr``: an LSTM's ``proj_size`` projection, else None)."""
     b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
@@ -149,7 +149,7 @@ def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor |
     """Values and sites of one layer-direction over the rows ``x`` (see the module docstring);
     no autograd graph but the sites'."""
     gates = _Gates(deferred)
-    w_ih, w_hh, b_ih, b_hh, w_hr = _parts(w, has_biases)
+    w_ih, w_hh, b_ih, b_hh, w_hr = split_weights(w, has_biases)
     with torch.no_grad():
         out, hn, cn = _fused(kind, x, schedule, h0, c0, w, has_biases)
         h_prev = schedule.earlier(h0, out)
@@ -278,7 +278,7 @@ class _Sequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_hn: Tensor, d_cn: Tensor | None = None):  # type: ignore[override]
         x, *w = ctx.saved_tensors
-        w_ih, w_hh, _, _, w_hr = _parts(w, ctx.has_biases)
+        w_ih, w_hh, _, _, w_hr = split_weights(w, ctx.has_biases)
         gates, kind = ctx.gates, ctx.kind
         h_prev = gates.values["h_prev"]
         d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, ctx.schedule, w_hh, d_out, d_hn, d_cn, w_hr)

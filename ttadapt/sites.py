@@ -462,10 +462,13 @@ class SiteSession:
         (whose sites are the affine leaves' calls) or module tracking."""
         if self.phase == "inspect" or self.linear or self.track_modules:
             return []
+        leaves = layout.memo.get("plain leaves")
+        if leaves is None:  # (by class: worked out once per layout)
+            leaves = layout.memo["plain leaves"] = [m for _, m in layout.modules if type(m) in _PLAIN_LEAVES]
         patched = []
-        for path, module in layout.modules:
+        for module in leaves:
             d = module.__dict__
-            if type(module) in _PLAIN_LEAVES and "forward" not in d:
+            if "forward" not in d:  # (an instance forward may come and go between passes)
                 d["forward"] = _without_mode(module.forward)
                 patched.append((module, False, None))
         return patched
