@@ -368,9 +368,9 @@ def _step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every padded layer-direction through the step-by-step route instead of the batched
     one (the oracle of the tests below)."""
 
-    def per_step(kind, x, hidden, w, has_biases, act, reverse, deferred=False, batch_sizes=None):
+    def per_step(kind, x, hidden, w, has_biases, act, reverse, deferred=False, packed=None):
         p = recurrent._Weights(w, has_biases)
-        sizes = None if batch_sizes is None else [int(b) for b in batch_sizes.tolist()]
+        sizes = None if packed is None else packed.sizes
         return recurrent._direction(kind, F.linear(x, p.w_ih, p.b_ih), hidden, p, act, F.linear, reverse, sizes)
 
     monkeypatch.setattr(recurrent, "whole_sequence", per_step)

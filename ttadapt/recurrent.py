@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .recurrent_sequence import split_weights, whole_sequence
+from .recurrent_sequence import Schedule, split_weights, whole_sequence
 
 __all__ = ["fused_kind", "unfused"]
 
@@ -171,10 +171,11 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) ->
         if not isinstance(batch_sizes_t, Tensor):
             return NotImplemented
         batch_sizes: list[int] | None = [int(b) for b in batch_sizes_t.tolist()]
+        schedule: Schedule | None = Schedule(batch_sizes, batch_sizes_t)  # (one for every layer and direction)
         x = data
     else:
         x, hx, flat, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
-        batch_sizes, batch_sizes_t = None, None
+        batch_sizes, schedule = None, None
         if not isinstance(x, Tensor) or x.dim() != 3:
             return NotImplemented
         if batch_first:
@@ -199,8 +200,7 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) ->
         for d in range(directions):
             k = layer * directions + d
             if linear is F.linear:  # the gates batched over time
-                out, final = whole_sequence(kind, x, initial[k], weights[k], bool(has_biases), act, d == 1, deferred,
-                                            None if batch_sizes is None else batch_sizes_t)
+                out, final = whole_sequence(kind, x, initial[k], weights[k], bool(has_biases), act, d == 1, deferred, schedule)
             else:
                 p = _Weights(weights[k], bool(has_biases))
                 out, final = _direction(kind, linear(x, p.w_ih, p.b_ih), initial[k], p, act, linear, d == 1, batch_sizes)

@@ -7,7 +7,7 @@ four plain (fused) steps, most of it autograd's many small nodes. For one direct
 layer (not the Linear variant), padded or packed, this module does the same
 arithmetic in far fewer calls. A sequence is held as *rows* (one per sequence and step,
 time-major, as a packed sequence's data: a padded (time, batch) sequence is the case of equal
-batch sizes) and a :class:`_Schedule` — the rows of each step, whose count may only shrink as
+batch sizes) and a :class:`Schedule` — the rows of each step, whose count may only shrink as
 sequences end; the backward direction runs each sequence reversed (a permutation of the rows),
 so it is the forward direction's case too:
 
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["whole_sequence", "split_weights"]
+__all__ = ["Schedule", "whole_sequence", "split_weights"]
 
 Act = Callable[[Callable, Tensor], Tensor]
 
@@ -53,7 +53,7 @@ def split_weights(w: Sequence[Tensor], has_biases: bool) -> tuple[Tensor, Tensor
     return w[0], w[1], b_ih, b_hh, (rest[0] if rest else None)
 
 
-class _Schedule:
+class Schedule:
     """Which rows hold each step: step ``t`` is rows ``offsets[t] : offsets[t] + sizes[t]``, sizes
     non-increasing (the first ``sizes[t]`` sequences are still running); ``padded`` when all
     sizes are equal, ``batch_sizes`` the packed sequence's tensor otherwise."""
@@ -66,6 +66,7 @@ class _Schedule:
         self.rows, self.batch, self.steps = sum(sizes), sizes[0], len(sizes)
         self.padded = batch_sizes is None
         self._previous: Tensor | None = None
+        self._reversal: Tensor | None = None
 
     def previous(self, device: torch.device) -> Tensor:
         """For every row past the first step, the row of the same sequence one step earlier."""
@@ -76,6 +77,12 @@ class _Schedule:
             within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(first, sizes)
             self._previous = torch.repeat_interleave(starts, sizes) + within
         return self._previous.to(device)
+
+    def reversal(self, device: torch.device) -> Tensor:
+        """A packed sequence's :func:`reversal` (worked out once per schedule)."""
+        if self._reversal is None:
+            self._reversal = reversal(self.batch_sizes)
+        return self._reversal.to(device)
 
     def earlier(self, h0: Tensor, rows: Tensor) -> Tensor:
         """Each row's state one step earlier: ``h0`` for the first step, else ``rows``' row."""
@@ -97,7 +104,7 @@ def reversal(batch_sizes: Tensor) -> Tensor:
     return (offsets[lengths[b] - 1 - t] + b)[valid]
 
 
-def _fused(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
+def _fused(kind: str, x: Tensor, schedule: Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
            has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """The fused call over the rows ``x`` for one layer and direction: (output rows, final
     hidden, final cell or None)."""
@@ -144,7 +151,7 @@ def _site(act: Act, f: Callable, u: Tensor, gates: _Gates, graph: bool) -> Tenso
     return y.detach()
 
 
-def _forward(kind: str, x: Tensor, schedule: _Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
+def _forward(kind: str, x: Tensor, schedule: Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
              has_biases: bool, act: Act, graph: bool, deferred: bool = False) -> tuple[tuple[Tensor, ...], _Gates]:
     """Values and sites of one layer-direction over the rows ``x`` (see the module docstring);
     no autograd graph but the sites'."""
@@ -206,7 +213,7 @@ def _carry(new: Tensor, carried: Tensor, size: int) -> Tensor:
     return new if size == carried.shape[0] else torch.cat([new, carried[size:]])
 
 
-def _backprop(kind: str, gates: _Gates, schedule: _Schedule, w_hh: Tensor, d_out: Tensor, dh: Tensor,
+def _backprop(kind: str, gates: _Gates, schedule: Schedule, w_hh: Tensor, d_out: Tensor, dh: Tensor,
               dc: Tensor | None, w_hr: Tensor | None = None):
     """Backpropagation through time with the slopes: (dL/d pre-activations from the input side,
     from the hidden side, one row per sequence and step each; dL/dh0; dL/dc0; with an LSTM's
@@ -296,21 +303,22 @@ class _Sequence(torch.autograd.Function):
 
 
 def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biases: bool, act: Act, reverse: bool,
-                   deferred: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Any]:
+                   deferred: bool = False, packed: Schedule | None = None) -> tuple[Tensor, Any]:
     """One layer in one direction, the gates batched over time: (outputs, final hidden — a pair
     for the LSTM), as :func:`ttadapt.recurrent._direction` returns them. ``w`` is the layer
     direction's part of the fused call's flat weight list. ``x`` is a padded sequence (time,
-    batch, features), or with ``batch_sizes`` a packed sequence's data. ``deferred``: the sites
-    are AG-1 / AG-2's graph-pass sites, whose slopes are known only once filled."""
+    batch, features), or with ``packed`` (the packed sequence's schedule, shared by the call's
+    layers and directions) a packed sequence's data. ``deferred``: the sites are AG-1 / AG-2's
+    graph-pass sites, whose slopes are known only once filled."""
     h0, c0 = hidden if kind == "lstm" else (hidden, None)
-    if batch_sizes is None:
+    order = None
+    if packed is None:
         steps, batch = x.shape[0], x.shape[1]
-        schedule = _Schedule([batch] * steps, None)
+        schedule = Schedule([batch] * steps, None)
         rows = (x.flip(0) if reverse else x).reshape(steps * batch, x.shape[-1])
-        order = None
     else:
-        schedule = _Schedule([int(b) for b in batch_sizes.tolist()], batch_sizes)
-        order = reversal(batch_sizes).to(x.device) if reverse else None
+        schedule = packed
+        order = schedule.reversal(x.device) if reverse else None
         rows = x if order is None else x.index_select(0, order)
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, h0, c0, *w) if t is not None)
     if graph:
@@ -318,7 +326,7 @@ def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biase
     else:
         outputs, _ = _forward(kind, rows, schedule, h0, c0, w, has_biases, act, False)
     out = outputs[0]
-    if batch_sizes is None:
+    if packed is None:
         out = out.view(schedule.steps, schedule.batch, -1)
         out = out.flip(0) if reverse else out
     elif order is not None:
