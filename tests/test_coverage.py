@@ -94,6 +94,79 @@ def test_tiny_bert():
     assert any("intermediate_act_fn" in c.module for c in report.averaged)
 
 
+def _tiny_hf(name: str):
+    """(model, closure) of a tiny random Hugging Face model (dropout off)."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    elif name == "llama":
+        config = transformers.LlamaConfig(**small, num_key_value_heads=1, max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.ViTConfig(image_size=16, patch_size=4, num_labels=3, **small)
+        model = transformers.ViTForImageClassification(config)
+    model.eval()
+    if name == "vit":
+        x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+        return model, (x,), lambda: model(pixel_values=x, labels=y).loss
+    ids = torch.randint(0, 50, (2, 8))
+    return model, (ids,), lambda: model(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("name, unaveraged", [
+    ("gpt2", []),
+    # a hand-written RMSNorm (pow, rsqrt) keeps its ordinary derivative, as a normalisation does;
+    # the rotary embedding's cos / sin of positions take no parameter and are not listed
+    ("llama", ["pow", "rsqrt"] * 5),
+    ("vit", []),
+])
+def test_tiny_hugging_face_models(name, unaveraged):
+    model, inputs, closure = _tiny_hf(name)
+    report = ttadapt.inspect(model, *inputs)
+    assert [c.call for c in report.unaveraged] == unaveraged, str(report)
+    assert len(report.averaged) == 2, str(report)  # one activation per MLP block
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    plain = torch.autograd.grad(closure(), params, allow_unused=True)
+    same = ttadapt.averaged_grad(model, closure, {})
+    for n, g in zip(names, plain):
+        if g is not None:
+            torch.testing.assert_close(same[n], g, rtol=1e-5, atol=1e-7)
+    # a move of the MLP weights only: the secants replace the activations' derivatives there
+    other = {n: p.detach() + 0.5 * torch.randn_like(p) for n, p in model.named_parameters()
+             if any(k in n for k in ("mlp", "intermediate"))}
+    got = ttadapt.averaged_grad(model, closure, other)
+    flat_got = torch.cat([got[n].flatten() for n, g in zip(names, plain) if g is not None])
+    flat_plain = torch.cat([g.flatten() for g in plain if g is not None])
+    assert torch.isfinite(flat_got).all()
+    assert rel_err(flat_got, flat_plain) > 1e-3
+
+
+class _Rotary(nn.Module):
+    """A rotary-style embedding: cos / sin of positions times a buffer, then a Linear layer and
+    a hand-written normalisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.rand(3))
+        self.l = nn.Linear(3, 3)
+
+    def forward(self, x):
+        angles = torch.arange(x.shape[0], dtype=x.dtype)[:, None] * self.inv_freq
+        h = self.l(x * torch.cos(angles) + torch.sin(angles))
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_inspect_lists_pointwise_calls_of_parameters_only():
+    report = ttadapt.inspect(_Rotary(), torch.randn(4, 3))
+    assert [c.call for c in report.unaveraged] == ["pow", "rsqrt"]
+    assert "ordinary derivative" in str(report)
+
+
 class _LinearThen(nn.Module):
     """A Linear layer, then ``tail`` of its output."""
 

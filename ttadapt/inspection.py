@@ -20,8 +20,9 @@ class InspectionReport:
 
     ``averaged`` holds the activation sites the engine replaces by secants (and, with
     ``linear=True``, the affine layers it averages); ``unaveraged`` the other nonlinear pointwise
-    calls (exp, rsqrt, pow, clamp, threshold, ... inside normalisations or custom code) and a
-    recurrent layer's fused call where it stays fused (``lstm``, ``gru``, ... under autocast),
+    calls of values that depend on a parameter (exp, rsqrt, pow, clamp, threshold, ... inside
+    normalisations or custom code; not those of constants, such as a rotary embedding's ``cos`` of
+    positions, which both passes see alike) and a recurrent layer's fused call where it stays fused (``lstm``, ``gru``, ... under autocast),
     which keep their ordinary derivative, and activations called with gradient recording off
     (``grad_off``): inside a custom ``torch.autograd.Function``, whose own backward gives their
     gradient, or under ``no_grad``, where none is taken. ``str(report)`` renders a table grouped by module path.
@@ -60,6 +61,10 @@ class InspectionReport:
             lines.append(f"  {'module':<{width}}  {'call':<{cwidth}}  calls  averaged")
             for module, call, n, avg in rows:
                 lines.append(f"  {module:<{width}}  {call:<{cwidth}}  {n:>5}  {'yes' if avg else 'NO'}")
+        if self.unaveraged:
+            lines.append("  (NO: keeps its ordinary derivative at the graph state, as a normalisation's or softmax's "
+                         "internals do by design; an activation written by hand can be taught to the engine with "
+                         "ttadapt.register_activation)")
         if any(c.grad_off for c in self.calls):
             lines.append("  (grad off: called with gradient recording off — inside a custom autograd.Function, whose "
                          "own backward gives its gradient, or under no_grad)")

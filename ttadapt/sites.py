@@ -724,9 +724,14 @@ class SiteSession:
         return AveragedAffine.apply(u, weight, bias, rec.u, rec.weight, kind, conv_args)
 
     def _log_unaveraged(self, func: Callable, args: tuple, kwargs: dict) -> None:
-        u = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(u, Tensor) and u.is_floating_point():
-            self.calls.append(SiteCall(self._where(), UNAVERAGED_POINTWISE[func], False, tuple(u.shape)))
+        """A nonlinear pointwise call that keeps its ordinary derivative — listed only where an
+        input carries a gradient (depends on a parameter): on constants (a rotary embedding's
+        ``cos`` of positions, a fixed mask's ``exp``) both passes see the same values and there
+        is nothing to average."""
+        grads = [t for t in (*args, *kwargs.values())
+                 if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
+        if grads:
+            self.calls.append(SiteCall(self._where(), UNAVERAGED_POINTWISE[func], False, tuple(grads[0].shape)))
 
     def _log_masking(self, func: Callable, args: tuple, kwargs: dict) -> None:
         """A comparison (or binary max / min) of a value that requires a gradient: see
