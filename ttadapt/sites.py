@@ -725,13 +725,14 @@ class SiteSession:
 
     def _log_unaveraged(self, func: Callable, args: tuple, kwargs: dict) -> None:
         """A nonlinear pointwise call that keeps its ordinary derivative — listed only where an
-        input carries a gradient (depends on a parameter): on constants (a rotary embedding's
-        ``cos`` of positions, a fixed mask's ``exp``) both passes see the same values and there
-        is nothing to average."""
-        grads = [t for t in (*args, *kwargs.values())
-                 if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
+        input carries a gradient (depends on a parameter; a fused recurrent call's weights come
+        in a list): on constants (a rotary embedding's ``cos`` of positions, a fixed mask's
+        ``exp``) both passes see the same values and there is nothing to average."""
+        flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))]
+        grads = [t for t in flat if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
         if grads:
-            self.calls.append(SiteCall(self._where(), UNAVERAGED_POINTWISE[func], False, tuple(grads[0].shape)))
+            u = flat[0] if flat and isinstance(flat[0], Tensor) else grads[0]
+            self.calls.append(SiteCall(self._where(), UNAVERAGED_POINTWISE[func], False, tuple(u.shape)))
 
     def _log_masking(self, func: Callable, args: tuple, kwargs: dict) -> None:
         """A comparison (or binary max / min) of a value that requires a gradient: see
