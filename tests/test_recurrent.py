@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.overrides import TorchFunctionMode
 
 import ttadapt
-from ttadapt import recurrent
+from ttadapt import recurrent, sites
 
 KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 
@@ -132,8 +132,9 @@ def test_inspect_with_linear_lists_the_projections_as_affine_sites():
     model = nn.Sequential()
     model.add_module("rec", nn.GRU(4, 6))
     report = ttadapt.inspect(model, torch.randn(3, 2, 4), linear=True)
-    calls = [c.call for c in report.averaged]
-    assert calls.count("linear") == 1 + 3  # the input projection of all steps, then h W_hhᵀ per step
+    # the input projection of all steps, then h W_hhᵀ of all steps (rows = steps × batch), then the gates
+    assert [(c.call, c.shape) for c in report.averaged] == [
+        ("linear", (6, 4)), ("linear", (6, 6)), ("sigmoid", (6, 6)), ("sigmoid", (6, 6)), ("tanh", (6, 6))]
 
 
 class _Twin(nn.Module):
@@ -365,15 +366,17 @@ def test_under_autocast_the_fused_call_runs_with_a_warning(fresh_ttadapt_warning
 
 
 def _step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every padded layer-direction through the step-by-step route instead of the batched
-    one (the oracle of the tests below)."""
+    """Send every layer-direction through the step-by-step route instead of the batched one (the
+    oracle of the tests below); with the Linear variant, each step's projection its own site."""
 
-    def per_step(kind, x, hidden, w, has_biases, act, reverse, deferred=False, packed=None):
+    def per_step(kind, x, hidden, w, has_biases, act, reverse, deferred=False, packed=None, pair=None):
+        assert pair is None
         p = recurrent._Weights(w, has_biases)
         sizes = None if packed is None else packed.sizes
         return recurrent._direction(kind, F.linear(x, p.w_ih, p.b_ih), hidden, p, act, F.linear, reverse, sizes)
 
     monkeypatch.setattr(recurrent, "whole_sequence", per_step)
+    monkeypatch.setattr(sites.SiteSession, "_affine_pair", None)  # (no batched projection sites: step by step)
 
 
 class _Fed(nn.Module):
@@ -390,12 +393,14 @@ class _Fed(nn.Module):
 
 
 @pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, proj, packed", CONFIGS)
+@pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("seed", ["current", "other"])
 def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, layers, bidirectional, batch_first, bias,
-                                                                      proj, packed, seed, monkeypatch):
+                                                                      proj, packed, linear, seed, monkeypatch):
     """Padded and packed sequences take the batched route (values from the fused call,
-    backpropagation through time by hand; an LSTM's projection too); its averaged gradient is the
-    step-by-step route's (float64), for the input too."""
+    backpropagation through time by hand; an LSTM's projection too; with the Linear variant the
+    projections of all steps as one affine site each); its averaged gradient is the step-by-step
+    route's (float64), for the input too."""
     calls = []
     real = recurrent.whole_sequence
     monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
@@ -409,22 +414,25 @@ def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, lay
         data = out.data if packed else out
         return data.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + data.sum() * hidden[0].sum()
 
-    got = ttadapt.averaged_grad(net, closure, other, seed=seed)
+    got = ttadapt.averaged_grad(net, closure, other, seed=seed, linear=linear)
     assert len(calls) == 2 * layers * (2 if bidirectional else 1)  # both passes
     monkeypatch.setattr(recurrent, "whole_sequence", real)
     _step_by_step(monkeypatch)
-    want = ttadapt.averaged_grad(net, closure, other, seed=seed)
+    want = ttadapt.averaged_grad(net, closure, other, seed=seed, linear=linear)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+    if linear:  # (and the Linear variant changed something)
+        plain = ttadapt.averaged_grad(net, closure, other, seed=seed)
+        assert max((got[n] - plain[n]).abs().max().item() for n in got) > 1e-6
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3"])
+@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3", "AG1-linear", "AG3-linear"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method, packed, monkeypatch):
     """Two layers, bidirectional, dropout between them in training, padded or packed: AG-1 / AG-2
-    (deferred sites, the graph pass's backward run twice) and AG-3 land where they land step by
-    step."""
+    (deferred sites, the graph pass's backward run twice) and AG-3, and the Linear variants of
+    AG-1 and AG-3, land where they land step by step."""
 
     def run() -> list[torch.Tensor]:
         torch.manual_seed(4)
@@ -447,7 +455,9 @@ def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method,
                 return self.head(torch.cat([h[-2], h[-1]], 1))
 
         net = Net()
-        wrapper = getattr(ttadapt, method)(net, opt, **({"d": 1} if method == "AG3" else {}))
+        name, _, variant = method.partition("-")
+        kwargs = {"d": 1} if name == "AG3" else {}
+        wrapper = getattr(ttadapt, name)(net, opt, linear=variant == "linear", **kwargs)
         for _ in range(3):
             wrapper.step(lambda: F.cross_entropy(net(x), y))
         return [p.detach().clone() for p in net.parameters()]
@@ -457,6 +467,21 @@ def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method,
     stepwise = run()
     for a, b in zip(batched, stepwise):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_ag2_linear_takes_the_step_by_step_route(monkeypatch):
+    """AG-2 Linear rescales each affine call's gradients to the ordinary ones, call by call: its
+    recurrent layers go step by step (a call per step's projection), the other methods batched."""
+    calls = []
+    real = recurrent.whole_sequence
+    monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
+    rec = nn.LSTM(5, 6, batch_first=True)
+    x, y = torch.randn(4, 7, 5), torch.randn(4, 7, 6)
+    for method, linear, batched in [("AG2", True, False), ("AG2", False, True), ("AG1", True, True)]:
+        calls.clear()
+        wrapper = getattr(ttadapt, method)(rec, torch.optim.SGD(rec.parameters(), lr=0.1), linear=linear)
+        wrapper.step(lambda: (rec(x)[0] - y).pow(2).mean())
+        assert bool(calls) == batched, (method, linear)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -5,10 +5,10 @@ call (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, ``t
 ...), inside which no site sees the sigmoid / tanh / ReLU gates. During the engine's passes such
 a call is computed from its parts instead, one layer and direction at a time:
 
-* a padded or packed sequence (not the Linear variant) by
-  :func:`ttadapt.recurrent_sequence.whole_sequence`: the fused call's values, one site per gate
-  over all steps, backpropagation through time by hand;
-* the Linear variant and the cells step by step,
+* a padded or packed sequence by :func:`ttadapt.recurrent_sequence.whole_sequence`: the fused
+  call's values, one site per gate over all steps (with the Linear variant, one affine site per
+  projection over all steps), backpropagation through time by hand;
+* AG-2 Linear (whose rescaling goes call by call) and the cells step by step,
   following PyTorch's own CPU recipe (``aten/src/ATen/native/RNN.cpp``) — the input projection
   ``x W_ihᵀ + b_ih`` of every time step at once, then per time step
   ``gates = (h W_hhᵀ + b_hh) + x_t``, chunked, each gate's activation one call of ``act`` — the
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .recurrent_sequence import Schedule, split_weights, whole_sequence
+from .recurrent_sequence import Pair, Schedule, split_weights, whole_sequence
 
 __all__ = ["fused_kind", "unfused"]
 
@@ -159,7 +159,7 @@ def _direction(kind: str, x_w: Tensor, hidden: Any, p: _Weights, act: Act, linea
     return torch.cat(outputs, 0), hidden
 
 
-def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) -> Any:
+def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool, pair: Pair | None) -> Any:
     """A fused layer call (``torch.lstm(input, hx, params, has_biases, num_layers, dropout, train,
     bidirectional, batch_first)`` or the packed form with ``batch_sizes`` after the input)."""
     if len(args) != 9:
@@ -199,8 +199,9 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool) ->
         outs = []
         for d in range(directions):
             k = layer * directions + d
-            if linear is F.linear:  # the gates batched over time
-                out, final = whole_sequence(kind, x, initial[k], weights[k], bool(has_biases), act, d == 1, deferred, schedule)
+            if linear is F.linear or pair is not None:  # the gates (and projections) batched over time
+                out, final = whole_sequence(kind, x, initial[k], weights[k], bool(has_biases), act, d == 1, deferred,
+                                            schedule, pair)
             else:
                 p = _Weights(weights[k], bool(has_biases))
                 out, final = _direction(kind, linear(x, p.w_ih, p.b_ih), initial[k], p, act, linear, d == 1, batch_sizes)
@@ -235,12 +236,14 @@ def _cell(kind: str, args: tuple, kwargs: dict, act: Act, linear: Linear) -> Any
     return _cell_step(kind, linear(x, p.w_ih, p.b_ih), hx, p, act, linear)
 
 
-def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.linear, deferred: bool = False) -> Any:
+def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.linear, deferred: bool = False,
+            pair: Pair | None = None) -> Any:
     """The fused recurrent call ``func(*args, **kwargs)`` taken apart, each gate's activation
-    through ``act(function, input)`` and each projection through ``linear(input, weight, bias)``;
-    ``deferred``: the sites are AG-1 / AG-2's graph-pass sites (see
-    :mod:`ttadapt.recurrent_sequence`). ``NotImplemented`` where it does not apply (see the
-    module docstring)."""
+    through ``act(function, input)`` and each projection through ``linear(input, weight, bias)``
+    (step by step) or ``pair`` (the Linear variant's sites of a layer's projections batched over
+    time: :data:`ttadapt.recurrent_sequence.Pair`); ``deferred``: the sites are AG-1 / AG-2's
+    graph-pass sites (see :mod:`ttadapt.recurrent_sequence`). ``NotImplemented`` where it does
+    not apply (see the module docstring)."""
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         return NotImplemented
@@ -250,4 +253,4 @@ def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.l
         return _cell(_CELLS[func], args, kwargs, act, linear)
     if kwargs:
         return NotImplemented
-    return _layers(_LAYERS[func], args, act, linear, deferred)
+    return _layers(_LAYERS[func], args, act, linear, deferred, pair)

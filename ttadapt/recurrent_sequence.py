@@ -4,7 +4,7 @@ over time, and backpropagation through time by hand with the sites' slopes.
 :mod:`ttadapt.recurrent` takes a fused recurrent call apart step by step, so that autograd
 records every step's operations: correct, but a 20-step LSTM's averaged step then costs about
 four plain (fused) steps, most of it autograd's many small nodes. For one direction of one
-layer (not the Linear variant), padded or packed, this module does the same
+layer (not AG-2 Linear, which rescales call by call), padded or packed, this module does the same
 arithmetic in far fewer calls. A sequence is held as *rows* (one per sequence and step,
 time-major, as a packed sequence's data: a padded (time, batch) sequence is the case of equal
 batch sizes) and a :class:`Schedule` — the rows of each step, whose count may only shrink as
@@ -19,6 +19,9 @@ so it is the forward direction's case too:
   the one activation), called through the session as any activation; both passes of a step
   make the same calls, so they pair (with ``proj_size`` the LSTM's output is ``W_hr·(o·tanh c)``,
   which the backward takes through ``W_hr``);
+* **the Linear variant** — the input projection of all rows, the hidden projection of all rows
+  and an LSTM's output projection are one affine site each (:data:`Pair`); the backward takes
+  each through the two states' mean weight (the input side) and mean input (the weight side);
 * **backward** — :class:`_Sequence`, an autograd function whose backward walks the steps in
   reverse with each gate's slope in place of its derivative (a sequence that has ended keeps its
   final state's gradient until the walk reaches its last step), then forms the weight gradients
@@ -43,6 +46,10 @@ from torch import Tensor
 __all__ = ["Schedule", "whole_sequence", "split_weights"]
 
 Act = Callable[[Callable, Tensor], Tensor]
+# The Linear variant's affine site of a projection ``u Wᵀ`` over all rows: called with ``(u, W)``
+# in call order in both passes, it returns a getter of ``(u, W)`` at the other state for the
+# backward (None while AG-1's deferred site is unfilled: the ordinary backward), or None.
+Pair = Callable[[Tensor, Tensor], "Callable[[], tuple[Tensor, Tensor] | None] | None"]
 
 
 def split_weights(w: Sequence[Tensor], has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -126,6 +133,7 @@ class _Gates:
         self.sites: list[tuple[Tensor, Tensor]] = []  # deferred: (site input leaf, site output) per gate, call order
         self.slopes: list[Tensor] = []  # otherwise: each gate's slope, call order
         self.values: dict[str, Tensor] = {}
+        self.others: dict[str, Callable] = {}  # the Linear variant: the projections' getters of (u, W) at the other state
 
 
 def _slope(leaf: Tensor, y: Tensor, retain: bool) -> Tensor:
@@ -151,16 +159,29 @@ def _site(act: Act, f: Callable, u: Tensor, gates: _Gates, graph: bool) -> Tenso
     return y.detach()
 
 
+def _pair(pair: Pair | None, gates: _Gates, key: str, u: Tensor, w: Tensor) -> None:
+    """The Linear variant: the projection ``u wᵀ`` as an affine site (see :data:`Pair`)."""
+    if pair is not None:
+        with torch.enable_grad():  # (a site of the graph pass: called with recording on, as the model's own)
+            other = pair(u, w)
+        if other is not None:
+            gates.others[key] = other
+
+
 def _forward(kind: str, x: Tensor, schedule: Schedule, h0: Tensor, c0: Tensor | None, w: list[Tensor],
-             has_biases: bool, act: Act, graph: bool, deferred: bool = False) -> tuple[tuple[Tensor, ...], _Gates]:
+             has_biases: bool, act: Act, graph: bool, deferred: bool = False,
+             pair: Pair | None = None) -> tuple[tuple[Tensor, ...], _Gates]:
     """Values and sites of one layer-direction over the rows ``x`` (see the module docstring);
-    no autograd graph but the sites'."""
+    no autograd graph but the sites'. With ``pair`` (the Linear variant) the input and hidden
+    projections of all rows, and an LSTM's output projection, are affine sites too."""
     gates = _Gates(deferred)
     w_ih, w_hh, b_ih, b_hh, w_hr = split_weights(w, has_biases)
     with torch.no_grad():
         out, hn, cn = _fused(kind, x, schedule, h0, c0, w, has_biases)
         h_prev = schedule.earlier(h0, out)
         gx, gh = F.linear(x, w_ih, b_ih), F.linear(h_prev, w_hh, b_hh)
+    _pair(pair, gates, "ih", x, w_ih)
+    _pair(pair, gates, "hh", h_prev, w_hh)
     v = gates.values
     v["h_prev"] = h_prev
     if kind == "lstm":
@@ -179,6 +200,7 @@ def _forward(kind: str, x: Tensor, schedule: Schedule, h0: Tensor, c0: Tensor | 
         v.update(i=i, f=f, g=g, o=o, c_prev=c_prev, tc=tc)
         if w_hr is not None:  # the output before its projection (proj_size)
             v["m"] = o * tc
+            _pair(pair, gates, "hr", v["m"], w_hr)
         return (out, hn, cn), gates
     if kind == "gru":
         with torch.no_grad():
@@ -276,8 +298,8 @@ class _Sequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: tuple, x: Tensor, h0: Tensor, c0: Tensor | None, *w: Tensor):  # type: ignore[override]
-        kind, schedule, has_biases, act, deferred = spec
-        outputs, gates = _forward(kind, x, schedule, h0, c0, list(w), has_biases, act, True, deferred)
+        kind, schedule, has_biases, act, deferred, pair = spec
+        outputs, gates = _forward(kind, x, schedule, h0, c0, list(w), has_biases, act, True, deferred, pair)
         ctx.kind, ctx.schedule, ctx.gates, ctx.has_biases = kind, schedule, gates, has_biases
         ctx.save_for_backward(x, *w)  # (x through autograd: modified in place before the backward, it is refused)
         return outputs
@@ -287,9 +309,16 @@ class _Sequence(torch.autograd.Function):
         x, *w = ctx.saved_tensors
         w_ih, w_hh, _, _, w_hr = split_weights(w, ctx.has_biases)
         gates, kind = ctx.gates, ctx.kind
-        h_prev = gates.values["h_prev"]
-        d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, ctx.schedule, w_hh, d_out, d_hn, d_cn, w_hr)
+        h_prev, m = gates.values["h_prev"], gates.values.get("m")
         needs = ctx.needs_input_grad
+        w_slot = 4 + 2 * ctx.has_biases + 2  # (w_hr's position among the inputs)
+        # the Linear variant (Eq. 11): each projection's input gradient through the mean weight,
+        # its weight gradient through the mean input (biases as they are)
+        w_ih, x = _means(gates.others.get("ih"), w_ih, x, needs[1], needs[4])
+        w_hh, h_prev = _means(gates.others.get("hh"), w_hh, h_prev, True, needs[5])
+        if w_hr is not None:
+            w_hr, m = _means(gates.others.get("hr"), w_hr, m, True, needs[w_slot])
+        d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, ctx.schedule, w_hh, d_out, d_hn, d_cn, w_hr)
         grads: list[Tensor | None] = [None, d_x @ w_ih if needs[1] else None, dh0 if needs[2] else None,
                                       dc0 if needs[3] else None]
         grads.append(d_x.t() @ x if needs[4] else None)
@@ -298,18 +327,29 @@ class _Sequence(torch.autograd.Function):
             grads.append(d_x.sum(0) if needs[6] else None)
             grads.append(d_h.sum(0) if needs[7] else None)
         if w_hr is not None:
-            grads.append(d_proj.t() @ gates.values["m"] if needs[len(grads)] else None)
+            grads.append(d_proj.t() @ m if needs[w_slot] else None)
         return tuple(grads)
 
 
+def _means(other: Callable | None, w: Tensor, u: Tensor, mean_w: bool, mean_u: bool) -> tuple[Tensor, Tensor]:
+    """``(w, u)``, each replaced by its mean with the other state's where asked, for a projection
+    with a Linear-variant site whose other state is known."""
+    pair = other() if other is not None else None
+    if pair is None:
+        return w, u
+    u_other, w_other = pair
+    return (torch.add(w, w_other).mul_(0.5) if mean_w else w), (torch.add(u, u_other).mul_(0.5) if mean_u else u)
+
+
 def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biases: bool, act: Act, reverse: bool,
-                   deferred: bool = False, packed: Schedule | None = None) -> tuple[Tensor, Any]:
+                   deferred: bool = False, packed: Schedule | None = None, pair: Pair | None = None) -> tuple[Tensor, Any]:
     """One layer in one direction, the gates batched over time: (outputs, final hidden — a pair
     for the LSTM), as :func:`ttadapt.recurrent._direction` returns them. ``w`` is the layer
     direction's part of the fused call's flat weight list. ``x`` is a padded sequence (time,
     batch, features), or with ``packed`` (the packed sequence's schedule, shared by the call's
     layers and directions) a packed sequence's data. ``deferred``: the sites are AG-1 / AG-2's
-    graph-pass sites, whose slopes are known only once filled."""
+    graph-pass sites, whose slopes are known only once filled. ``pair``: the Linear variant's
+    affine sites (:data:`Pair`)."""
     h0, c0 = hidden if kind == "lstm" else (hidden, None)
     order = None
     if packed is None:
@@ -322,9 +362,9 @@ def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biase
         rows = x if order is None else x.index_select(0, order)
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, h0, c0, *w) if t is not None)
     if graph:
-        outputs = _Sequence.apply((kind, schedule, has_biases, act, deferred), rows, h0, c0, *w)
+        outputs = _Sequence.apply((kind, schedule, has_biases, act, deferred, pair), rows, h0, c0, *w)
     else:
-        outputs, _ = _forward(kind, rows, schedule, h0, c0, w, has_biases, act, False)
+        outputs, _ = _forward(kind, rows, schedule, h0, c0, w, has_biases, act, False, pair=pair)
     out = outputs[0]
     if packed is None:
         out = out.view(schedule.steps, schedule.batch, -1)

@@ -692,7 +692,39 @@ class SiteSession:
             return self._on_activation(f, hit[0], hit[1], (u,), {})
 
         linear = (lambda x, w, b: self._on_affine(F.linear, "linear", (x, w, b), {})) if self.linear else F.linear
-        return recurrent.unfused(func, args, kwargs, act, linear, deferred=self.phase == "graph")
+        # the Linear variant's projections batched over time — not for AG-2 Linear, which rescales
+        # each affine call's gradients to the ordinary ones call by call (step by step, a call per step)
+        pair = self._affine_pair if self.linear and not self.rescale else None
+        return recurrent.unfused(func, args, kwargs, act, linear, deferred=self.phase == "graph", pair=pair)
+
+    def _affine_pair(self, u: Tensor, weight: Tensor) -> Callable[[], tuple[Tensor, Tensor] | None] | None:
+        """A recurrent layer's projection ``u weightᵀ`` over all its rows as an affine site of the
+        Linear variant whose backward the layer forms itself (:mod:`ttadapt.recurrent_sequence`):
+        recorded at the other state; at the graph state, a getter of ``(u, weight)`` at the other
+        state for the backward — None while a deferred slot waits (the ordinary backward)."""
+        name = self._name("linear")
+        if self.phase == "inspect":
+            on = torch.is_grad_enabled()
+            self.calls.append(SiteCall(self._where(), "linear", on, tuple(u.shape), grad_off=not on))
+            return None
+        if self.phase == "record":
+            self._keep(name, u, copy=False, weight=weight.detach())
+            return None
+        self._graph_site()
+        if self.phase == "graph":
+            slot = self._slot(name, u)
+
+            def take() -> tuple[Tensor, Tensor] | None:
+                if not slot.filled:
+                    return None
+                ub, _, wb = slot.take_other()
+                assert wb is not None
+                return ub, wb
+
+            return take
+        rec = self._next(name, u)
+        assert rec.weight is not None
+        return lambda: (rec.u, rec.weight)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
