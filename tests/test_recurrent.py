@@ -427,12 +427,12 @@ def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, lay
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3", "AG1-linear", "AG3-linear"])
+@pytest.mark.parametrize("method", ["AG1", "AG2", "AG3", "AG1-linear", "AG2-linear", "AG3-linear"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method, packed, monkeypatch):
     """Two layers, bidirectional, dropout between them in training, padded or packed: AG-1 / AG-2
     (deferred sites, the graph pass's backward run twice) and AG-3, and the Linear variants of
-    AG-1 and AG-3, land where they land step by step."""
+    AG-1, AG-2 (its rescaling call by call) and AG-3, land where they land step by step."""
 
     def run() -> list[torch.Tensor]:
         torch.manual_seed(4)
@@ -469,19 +469,45 @@ def test_batched_route_wrapper_steps_equal_the_step_by_step_routes(kind, method,
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_ag2_linear_takes_the_step_by_step_route(monkeypatch):
-    """AG-2 Linear rescales each affine call's gradients to the ordinary ones, call by call: its
-    recurrent layers go step by step (a call per step's projection), the other methods batched."""
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, proj, packed", CONFIGS)
+@pytest.mark.parametrize("seed", ["current", "other"])
+def test_ag2_linear_rescaling_in_the_batched_route_is_the_step_by_step_routes(kind, layers, bidirectional, batch_first,
+                                                                             bias, proj, packed, seed, monkeypatch):
+    """AG-2 Linear rescales each affine call's input and parameter gradients to the ordinary
+    ones' norms: the input projection as one call, the hidden (and an LSTM's output) projection
+    one call per step. The batched route notes the norms per step in the ordinary backward and
+    rescales to them in the averaged one: the step-by-step route's gradient (float64), whose
+    calls are separate sites. (A packed sequence's backward direction goes step by step in both.)"""
+    from ttadapt.averaged import DeferredAverage
+
     calls = []
     real = recurrent.whole_sequence
     monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
-    rec = nn.LSTM(5, 6, batch_first=True)
-    x, y = torch.randn(4, 7, 5), torch.randn(4, 7, 6)
-    for method, linear, batched in [("AG2", True, False), ("AG2", False, True), ("AG1", True, True)]:
-        calls.clear()
-        wrapper = getattr(ttadapt, method)(rec, torch.optim.SGD(rec.parameters(), lr=0.1), linear=linear)
-        wrapper.step(lambda: (rec(x)[0] - y).pow(2).mean())
-        assert bool(calls) == batched, (method, linear)
+    model = _layer(kind, layers, bidirectional, batch_first, bias, proj, torch.float64)
+    net = _Fed(model)
+    raw = _inputs(batch_first, packed, torch.float64)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in net.named_parameters()}
+
+    def closure():
+        out, hidden = net(raw)
+        data = out.data if packed else out
+        return data.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + data.sum() * hidden[0].sum()
+
+    def grads(rescale: bool) -> dict[str, torch.Tensor]:
+        run = DeferredAverage(net, closure, linear=True, rescale=rescale)
+        run.ordinary_grad()
+        return run.averaged_grad(other, seed=seed)
+
+    got = grads(True)
+    directions = 2 if bidirectional and not packed else 1
+    assert len(calls) == 2 * layers * directions  # both passes
+    unscaled = grads(False)
+    assert max((got[n] - unscaled[n]).abs().max().item() for n in got) > 1e-6  # (the rescaling did something)
+    monkeypatch.setattr(recurrent, "whole_sequence", real)
+    _step_by_step(monkeypatch)
+    want = grads(True)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

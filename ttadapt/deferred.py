@@ -35,7 +35,7 @@ from .activations import _prelu_weight
 from .rare import _fill_exact_ties
 from .secant import _affine_grads, _compute_dtype, _fused_clamp_secant, _prelu_slopes, secant_slope
 
-__all__ = ["DeferredSlot", "NativeSite", "native_site", "single_node_call", "hook_native_site", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine"]
+__all__ = ["DeferredSlot", "NativeSite", "native_site", "single_node_call", "hook_native_site", "DeferredActivation", "DeferredPReLU", "DeferredModule", "DeferredPassThrough", "DeferredAffine", "joint_norm", "rescale_to"]
 
 
 @dataclass
@@ -312,7 +312,7 @@ class DeferredPassThrough(Function):
         return grad * slope, grad, None, None, None
 
 
-def _norm(*tensors: Tensor | None) -> Tensor | None:
+def joint_norm(*tensors: Tensor | None) -> Tensor | None:
     """Joint L2 norm (a 0-d float64 tensor: no host synchronisation). Each tensor's norm is one
     read-only pass in its own precision (no float64 copy of a gradient); they combine in float64."""
     present = [t.detach() for t in tensors if t is not None]
@@ -326,9 +326,9 @@ def _vector_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=torch.float32 if t.element_size() < 4 and t.is_floating_point() else None)
 
 
-def _rescale(target: Tensor | None, *tensors: Tensor | None) -> None:
+def rescale_to(target: Tensor | None, *tensors: Tensor | None) -> None:
     """Scale ``tensors`` jointly (in place) to the L2 norm ``target``; all-zero ones stay zero."""
-    now = _norm(*tensors)
+    now = joint_norm(*tensors)
     if target is None or now is None:
         return
     factor = torch.where(now > 0, target / now, torch.ones_like(now))
@@ -362,13 +362,13 @@ class DeferredAffine(Function):
         if not slot.filled:
             gu, gw, gb = _affine_grads(ctx.kind, ctx.conv_args, ctx.has_bias, needs, grad, u, weight)
             if slot.rescale:
-                slot.norms = (_norm(gu), _norm(gw, gb))
+                slot.norms = (joint_norm(gu), joint_norm(gw, gb))
             return gu, gw, gb, None, None, None
         ub, _, wb = slot.take_other()
         u_mean = torch.add(u, ub).mul_(0.5) if needs[1] else u
         w_mean = torch.add(weight, wb).mul_(0.5) if needs[0] else weight
         gu, gw, gb = _affine_grads(ctx.kind, ctx.conv_args, ctx.has_bias, needs, grad, u_mean, w_mean)
         if slot.rescale and slot.norms is not None:
-            _rescale(slot.norms[0], gu)
-            _rescale(slot.norms[1], gw, gb)
+            rescale_to(slot.norms[0], gu)
+            rescale_to(slot.norms[1], gw, gb)
         return gu, gw, gb, None, None, None

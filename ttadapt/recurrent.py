@@ -8,7 +8,7 @@ a call is computed from its parts instead, one layer and direction at a time:
 * a padded or packed sequence by :func:`ttadapt.recurrent_sequence.whole_sequence`: the fused
   call's values, one site per gate over all steps (with the Linear variant, one affine site per
   projection over all steps), backpropagation through time by hand;
-* AG-2 Linear (whose rescaling goes call by call) and the cells step by step,
+* the cells, and a packed sequence's backward direction under AG-2 Linear, step by step,
   following PyTorch's own CPU recipe (``aten/src/ATen/native/RNN.cpp``) — the input projection
   ``x W_ihᵀ + b_ih`` of every time step at once, then per time step
   ``gates = (h W_hhᵀ + b_hh) + x_t``, chunked, each gate's activation one call of ``act`` — the
@@ -159,7 +159,7 @@ def _direction(kind: str, x_w: Tensor, hidden: Any, p: _Weights, act: Act, linea
     return torch.cat(outputs, 0), hidden
 
 
-def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool, pair: Pair | None) -> Any:
+def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool, pair: Pair | None, rescale: bool) -> Any:
     """A fused layer call (``torch.lstm(input, hx, params, has_biases, num_layers, dropout, train,
     bidirectional, batch_first)`` or the packed form with ``batch_sizes`` after the input)."""
     if len(args) != 9:
@@ -199,7 +199,11 @@ def _layers(kind: str, args: tuple, act: Act, linear: Linear, deferred: bool, pa
         outs = []
         for d in range(directions):
             k = layer * directions + d
-            if linear is F.linear or pair is not None:  # the gates (and projections) batched over time
+            # the gates (and projections) batched over time; AG-2 Linear (``rescale``), whose
+            # rescaling goes call by call, takes a packed sequence's backward direction step by
+            # step: each step's call there holds the sequences running at that time, the batched
+            # route's step each sequence's k-th element from its end
+            if linear is F.linear or (pair is not None and not (rescale and d == 1 and schedule is not None)):
                 out, final = whole_sequence(kind, x, initial[k], weights[k], bool(has_biases), act, d == 1, deferred,
                                             schedule, pair)
             else:
@@ -237,13 +241,13 @@ def _cell(kind: str, args: tuple, kwargs: dict, act: Act, linear: Linear) -> Any
 
 
 def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.linear, deferred: bool = False,
-            pair: Pair | None = None) -> Any:
+            pair: Pair | None = None, rescale: bool = False) -> Any:
     """The fused recurrent call ``func(*args, **kwargs)`` taken apart, each gate's activation
     through ``act(function, input)`` and each projection through ``linear(input, weight, bias)``
     (step by step) or ``pair`` (the Linear variant's sites of a layer's projections batched over
     time: :data:`ttadapt.recurrent_sequence.Pair`); ``deferred``: the sites are AG-1 / AG-2's
-    graph-pass sites (see :mod:`ttadapt.recurrent_sequence`). ``NotImplemented`` where it does
-    not apply (see the module docstring)."""
+    graph-pass sites (see :mod:`ttadapt.recurrent_sequence`); ``rescale``: AG-2 Linear's.
+    ``NotImplemented`` where it does not apply (see the module docstring)."""
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         return NotImplemented
@@ -253,4 +257,4 @@ def unfused(func: Any, args: tuple, kwargs: dict, act: Act, linear: Linear = F.l
         return _cell(_CELLS[func], args, kwargs, act, linear)
     if kwargs:
         return NotImplemented
-    return _layers(_LAYERS[func], args, act, linear, deferred, pair)
+    return _layers(_LAYERS[func], args, act, linear, deferred, pair, rescale)

@@ -43,13 +43,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .deferred import joint_norm, rescale_to
+
 __all__ = ["Schedule", "whole_sequence", "split_weights"]
 
 Act = Callable[[Callable, Tensor], Tensor]
-# The Linear variant's affine site of a projection ``u Wᵀ`` over all rows: called with ``(u, W)``
-# in call order in both passes, it returns a getter of ``(u, W)`` at the other state for the
-# backward (None while AG-1's deferred site is unfilled: the ordinary backward), or None.
-Pair = Callable[[Tensor, Tensor], "Callable[[], tuple[Tensor, Tensor] | None] | None"]
+
+
+class Projection:
+    """The Linear variant's affine site of one projection ``u Wᵀ`` over all rows (a layer's
+    input, hidden or output projection), as the session hands it to the graph pass.
+
+    ``take()`` gives ``(u, W)`` at the other state, once, for the backward — None while AG-1 /
+    AG-2's deferred site waits (their first, ordinary backward); ``rescale``: AG-2 Linear, which
+    rescales each affine call's input and parameter gradients to the ordinary ones' norms."""
+
+    __slots__ = ("take", "rescale")
+
+    def __init__(self, take: Callable[[], "tuple[Tensor, Tensor] | None"], rescale: bool = False) -> None:
+        self.take, self.rescale = take, rescale
+
+
+# The session's hook for those sites: called with ``(u, W)`` in call order in both passes, it
+# returns the graph pass's :class:`Projection`, or None (the pass at the other state, inspect).
+Pair = Callable[[Tensor, Tensor], "Projection | None"]
 
 
 def split_weights(w: Sequence[Tensor], has_biases: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -133,7 +150,8 @@ class _Gates:
         self.sites: list[tuple[Tensor, Tensor]] = []  # deferred: (site input leaf, site output) per gate, call order
         self.slopes: list[Tensor] = []  # otherwise: each gate's slope, call order
         self.values: dict[str, Tensor] = {}
-        self.others: dict[str, Callable] = {}  # the Linear variant: the projections' getters of (u, W) at the other state
+        self.others: dict[str, Projection] = {}  # the Linear variant: "ih", "hh" (and "hr") projection sites
+        self.norms: dict[str, Any] = {}  # AG-2 Linear: the ordinary backward's norms, per site (and step)
 
 
 def _slope(leaf: Tensor, y: Tensor, retain: bool) -> Tensor:
@@ -235,16 +253,23 @@ def _carry(new: Tensor, carried: Tensor, size: int) -> Tensor:
     return new if size == carried.shape[0] else torch.cat([new, carried[size:]])
 
 
+Scale = Callable[[int, Tensor], Tensor]  # AG-2 Linear: (step, a projection's input gradient there) -> it, noted or rescaled
+
+
 def _backprop(kind: str, gates: _Gates, schedule: Schedule, w_hh: Tensor, d_out: Tensor, dh: Tensor,
-              dc: Tensor | None, w_hr: Tensor | None = None):
+              dc: Tensor | None, w_hr: Tensor | None = None, scale_hh: Scale | None = None,
+              scale_hr: Scale | None = None):
     """Backpropagation through time with the slopes: (dL/d pre-activations from the input side,
     from the hidden side, one row per sequence and step each; dL/dh0; dL/dc0; with an LSTM's
     projection ``w_hr``, dL/d(projected output) per row, else None). The products that do not
     depend on the incoming gradient are formed for all rows at once before the walk, which is
-    left with a few operations and one matrix product per step (two with the projection)."""
+    left with a few operations and one matrix product per step (two with the projection).
+    ``scale_hh`` / ``scale_hr``: AG-2 Linear's handling of each step's gradient through the
+    hidden / output projection (that step's call of it)."""
     v = gates.values
     slopes = _slopes(gates)
-    walk = [(start, size, slice(start, start + size)) for start, size in zip(schedule.offsets, schedule.sizes)][::-1]
+    walk = [(t, size, slice(start, start + size))
+            for t, (start, size) in enumerate(zip(schedule.offsets, schedule.sizes))][::-1]
     if kind == "lstm":
         s_i, s_f, s_g, s_o, s_c = slopes
         i, f, g, o, c_prev, tc = (v[k] for k in ("i", "f", "g", "o", "c_prev", "tc"))
@@ -255,16 +280,19 @@ def _backprop(kind: str, gates: _Gates, schedule: Schedule, w_hh: Tensor, d_out:
         d_pre = torch.empty((i.shape[0], 4, i.shape[-1]), dtype=i.dtype, device=i.device)  # (rows, 4, H)
         flat = d_pre.flatten(1)
         d_proj = None if w_hr is None else torch.empty_like(d_out)  # h = W_hr·(o·tanh c): dL/dh per row
-        for start, size, rows in walk:
+        for t, size, rows in walk:
             dh_t = dh[:size] + d_out[rows]
             if d_proj is not None:
                 d_proj[rows] = dh_t
                 dh_t = dh_t @ w_hr
+                if scale_hr is not None:
+                    dh_t = scale_hr(t, dh_t)
             torch.mul(dh_t, out_factor[rows], out=d_pre[rows, 3])
             dc_t = torch.addcmul(dc[:size], dh_t, cell_from_h[rows])
             torch.mul(dc_t.unsqueeze(1), cell_factors[rows], out=d_pre[rows, :3])
             dc = _carry(dc_t * f[rows], dc, size)
-            dh = _carry(flat[rows] @ w_hh, dh, size)
+            dh_prev = flat[rows] @ w_hh
+            dh = _carry(dh_prev if scale_hh is None else scale_hh(t, dh_prev), dh, size)
         return flat, flat, dh, dc, d_proj
     if kind == "gru":
         s_r, s_z, s_n = slopes
@@ -275,20 +303,25 @@ def _backprop(kind: str, gates: _Gates, schedule: Schedule, w_hh: Tensor, d_out:
         hidden = r.shape[-1]
         d_x = torch.empty((r.shape[0], 3 * hidden), dtype=r.dtype, device=r.device)
         d_h = torch.empty_like(d_x)
-        for start, size, rows in walk:
+        for t, size, rows in walk:
             dh_t = dh[:size] + d_out[rows]
             du_n = torch.mul(dh_t, n_factor[rows], out=d_x[rows, 2 * hidden:])
             torch.mul(du_n, r[rows], out=d_h[rows, 2 * hidden:])
             torch.mul(du_n, r_factor[rows], out=d_x[rows, :hidden])
             torch.mul(dh_t, z_factor[rows], out=d_x[rows, hidden:2 * hidden])
             d_h[rows, :2 * hidden] = d_x[rows, :2 * hidden]
-            dh = _carry(torch.addmm(dh_t * z[rows], d_h[rows], w_hh), dh, size)
+            if scale_hh is None:
+                dh_prev = torch.addmm(dh_t * z[rows], d_h[rows], w_hh)
+            else:
+                dh_prev = scale_hh(t, d_h[rows] @ w_hh).add_(dh_t * z[rows])
+            dh = _carry(dh_prev, dh, size)
         return d_x, d_h, dh, None, None
     (s,) = slopes
     d_pre = torch.empty_like(s)
-    for start, size, rows in walk:
+    for t, size, rows in walk:
         dh_t = dh[:size] + d_out[rows]
-        dh = _carry(torch.mul(dh_t, s[rows], out=d_pre[rows]) @ w_hh, dh, size)
+        dh_prev = torch.mul(dh_t, s[rows], out=d_pre[rows]) @ w_hh
+        dh = _carry(dh_prev if scale_hh is None else scale_hh(t, dh_prev), dh, size)
     return d_pre, d_pre, dh, None, None
 
 
@@ -308,37 +341,92 @@ class _Sequence(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor, d_hn: Tensor, d_cn: Tensor | None = None):  # type: ignore[override]
         x, *w = ctx.saved_tensors
         w_ih, w_hh, _, _, w_hr = split_weights(w, ctx.has_biases)
-        gates, kind = ctx.gates, ctx.kind
+        gates, kind, schedule = ctx.gates, ctx.kind, ctx.schedule
         h_prev, m = gates.values["h_prev"], gates.values.get("m")
-        needs = ctx.needs_input_grad
-        w_slot = 4 + 2 * ctx.has_biases + 2  # (w_hr's position among the inputs)
+        needs, biases = ctx.needs_input_grad, ctx.has_biases
+        w_slot = 6 + 2 * biases  # (w_hr's position among the inputs)
         # the Linear variant (Eq. 11): each projection's input gradient through the mean weight,
-        # its weight gradient through the mean input (biases as they are)
-        w_ih, x = _means(gates.others.get("ih"), w_ih, x, needs[1], needs[4])
-        w_hh, h_prev = _means(gates.others.get("hh"), w_hh, h_prev, True, needs[5])
+        # its weight gradient through the mean input (biases as they are). AG-2 Linear: its
+        # ordinary backward (the sites still waiting) notes each call's gradient norms, its
+        # averaged one rescales to them — the input projection one call, the hidden and output
+        # projections one call per step, as the step-by-step route makes them
+        others = {key: site.take() for key, site in gates.others.items()}
+        rescale = None
+        if any(site.rescale for site in gates.others.values()):
+            rescale = "apply" if all(o is not None for o in others.values()) else "note"
+        w_ih, x = _means(others.get("ih"), w_ih, x, needs[1], needs[4])
+        w_hh, h_prev = _means(others.get("hh"), w_hh, h_prev, True, needs[5])
         if w_hr is not None:
-            w_hr, m = _means(gates.others.get("hr"), w_hr, m, True, needs[w_slot])
-        d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, ctx.schedule, w_hh, d_out, d_hn, d_cn, w_hr)
-        grads: list[Tensor | None] = [None, d_x @ w_ih if needs[1] else None, dh0 if needs[2] else None,
-                                      dc0 if needs[3] else None]
-        grads.append(d_x.t() @ x if needs[4] else None)
-        grads.append(d_h.t() @ h_prev if needs[5] else None)
-        if ctx.has_biases:
-            grads.append(d_x.sum(0) if needs[6] else None)
-            grads.append(d_h.sum(0) if needs[7] else None)
+            w_hr, m = _means(others.get("hr"), w_hr, m, True, needs[w_slot])
+        norms = gates.norms
+        d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, schedule, w_hh, d_out, d_hn, d_cn, w_hr,
+                                               _scaler(rescale, norms.setdefault("hh in", {})),
+                                               _scaler(rescale, norms.setdefault("hr in", {})))
+        g_x = d_x @ w_ih if needs[1] else None
+        g_ih, gb_ih = (d_x.t() @ x if needs[4] else None), (d_x.sum(0) if biases and needs[6] else None)
+        if rescale == "note":
+            norms["ih"] = (joint_norm(g_x), joint_norm(g_ih, gb_ih))
+        elif rescale == "apply":
+            rescale_to(norms["ih"][0], g_x)
+            rescale_to(norms["ih"][1], g_ih, gb_ih)
+        g_hh, gb_hh = _step_calls(rescale, norms.setdefault("hh", {}), schedule, d_h, h_prev, needs[5],
+                                  biases and needs[7])
+        grads: list[Tensor | None] = [None, g_x, dh0 if needs[2] else None, dc0 if needs[3] else None, g_ih, g_hh]
+        if biases:
+            grads += [gb_ih, gb_hh]
         if w_hr is not None:
-            grads.append(d_proj.t() @ m if needs[w_slot] else None)
+            grads.append(_step_calls(rescale, norms.setdefault("hr", {}), schedule, d_proj, m, needs[w_slot], False)[0])
         return tuple(grads)
 
 
-def _means(other: Callable | None, w: Tensor, u: Tensor, mean_w: bool, mean_u: bool) -> tuple[Tensor, Tensor]:
-    """``(w, u)``, each replaced by its mean with the other state's where asked, for a projection
-    with a Linear-variant site whose other state is known."""
-    pair = other() if other is not None else None
-    if pair is None:
+def _means(other: tuple[Tensor, Tensor] | None, w: Tensor, u: Tensor, mean_w: bool, mean_u: bool) -> tuple[Tensor, Tensor]:
+    """``(w, u)``, each replaced by its mean with the other state's ``other = (u, w)`` where asked
+    (a projection's Linear-variant site, once its other state is known)."""
+    if other is None:
         return w, u
-    u_other, w_other = pair
+    u_other, w_other = other
     return (torch.add(w, w_other).mul_(0.5) if mean_w else w), (torch.add(u, u_other).mul_(0.5) if mean_u else u)
+
+
+def _scaler(rescale: str | None, norms: dict[int, Any]) -> Scale | None:
+    """AG-2 Linear's handling of a projection's per-step input gradient: noted (``"note"``, the
+    ordinary backward) or rescaled in place to the noted norm (``"apply"``)."""
+    if rescale == "note":
+        def note(t: int, g: Tensor) -> Tensor:
+            norms[t] = joint_norm(g)
+            return g
+
+        return note
+    if rescale == "apply":
+        def apply(t: int, g: Tensor) -> Tensor:
+            rescale_to(norms.get(t), g)
+            return g
+
+        return apply
+    return None
+
+
+def _step_calls(rescale: str | None, norms: dict[int, Any], schedule: Schedule, d: Tensor, u: Tensor,
+                weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The weight and bias gradients of a projection called once per step (output gradients
+    ``d``, inputs ``u``, one row per sequence and step): two products over all rows — or, for AG-2
+    Linear's averaged backward, step by step, each step's pair rescaled to the norm its ordinary
+    backward noted (``"note"``: that backward, which notes them)."""
+    if rescale != "apply":
+        g_w, g_b = (d.t() @ u if weight else None), (d.sum(0) if bias else None)
+        if rescale == "note" and (weight or bias):
+            for t, (start, size) in enumerate(zip(schedule.offsets, schedule.sizes)):
+                rows = slice(start, start + size)
+                norms[t] = joint_norm(d[rows].t() @ u[rows] if weight else None, d[rows].sum(0) if bias else None)
+        return g_w, g_b
+    g_w = g_b = None
+    for t, (start, size) in enumerate(zip(schedule.offsets, schedule.sizes)):
+        rows = slice(start, start + size)
+        w_t, b_t = (d[rows].t() @ u[rows] if weight else None), (d[rows].sum(0) if bias else None)
+        rescale_to(norms.get(t), w_t, b_t)
+        g_w = w_t if g_w is None or w_t is None else g_w.add_(w_t)
+        g_b = b_t if g_b is None or b_t is None else g_b.add_(b_t)
+    return g_w, g_b
 
 
 def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biases: bool, act: Act, reverse: bool,

@@ -53,6 +53,7 @@ from torch.nn.modules import module as _nn_module
 from torch.overrides import TorchFunctionMode
 
 from . import kernels, recurrent, secant, unseen
+from .recurrent_sequence import Projection
 from .activations import (BINARY_EXTREMA, MASKING_CALLS, UNAVERAGED_POINTWISE, Activation, CallForm, ModuleActivation,
                           lookup_call, lookup_module, registry_version)
 from .pooling import MAX_POOL2D_CALLS as _MAX_POOL2D, max_pool2d_call
@@ -692,16 +693,15 @@ class SiteSession:
             return self._on_activation(f, hit[0], hit[1], (u,), {})
 
         linear = (lambda x, w, b: self._on_affine(F.linear, "linear", (x, w, b), {})) if self.linear else F.linear
-        # the Linear variant's projections batched over time — not for AG-2 Linear, which rescales
-        # each affine call's gradients to the ordinary ones call by call (step by step, a call per step)
-        pair = self._affine_pair if self.linear and not self.rescale else None
-        return recurrent.unfused(func, args, kwargs, act, linear, deferred=self.phase == "graph", pair=pair)
+        pair = self._affine_pair if self.linear else None  # (the Linear variant's projections batched over time)
+        return recurrent.unfused(func, args, kwargs, act, linear, deferred=self.phase == "graph", pair=pair,
+                                 rescale=self.rescale)
 
-    def _affine_pair(self, u: Tensor, weight: Tensor) -> Callable[[], tuple[Tensor, Tensor] | None] | None:
+    def _affine_pair(self, u: Tensor, weight: Tensor) -> Projection | None:
         """A recurrent layer's projection ``u weightᵀ`` over all its rows as an affine site of the
         Linear variant whose backward the layer forms itself (:mod:`ttadapt.recurrent_sequence`):
-        recorded at the other state; at the graph state, a getter of ``(u, weight)`` at the other
-        state for the backward — None while a deferred slot waits (the ordinary backward)."""
+        recorded at the other state; at the graph state, the :class:`Projection` that gives
+        ``(u, weight)`` at the other state to the backward."""
         name = self._name("linear")
         if self.phase == "inspect":
             on = torch.is_grad_enabled()
@@ -714,17 +714,17 @@ class SiteSession:
         if self.phase == "graph":
             slot = self._slot(name, u)
 
-            def take() -> tuple[Tensor, Tensor] | None:
+            def take() -> tuple[Tensor, Tensor] | None:  # (None while the slot waits: the ordinary backward)
                 if not slot.filled:
                     return None
                 ub, _, wb = slot.take_other()
                 assert wb is not None
                 return ub, wb
 
-            return take
+            return Projection(take, slot.rescale)
         rec = self._next(name, u)
         assert rec.weight is not None
-        return lambda: (rec.u, rec.weight)
+        return Projection(lambda: (rec.u, rec.weight))
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
