@@ -4,7 +4,7 @@ over time, and backpropagation through time by hand with the sites' slopes.
 :mod:`ttadapt.recurrent` takes a fused recurrent call apart step by step, so that autograd
 records every step's operations: correct, but a 20-step LSTM's averaged step then costs about
 four plain (fused) steps, most of it autograd's many small nodes. For one direction of one
-layer (not AG-2 Linear, which rescales call by call), padded or packed, this module does the same
+layer, padded or packed, this module does the same
 arithmetic in far fewer calls. A sequence is held as *rows* (one per sequence and step,
 time-major, as a packed sequence's data: a padded (time, batch) sequence is the case of equal
 batch sizes) and a :class:`Schedule` — the rows of each step, whose count may only shrink as
@@ -20,8 +20,14 @@ so it is the forward direction's case too:
   make the same calls, so they pair (with ``proj_size`` the LSTM's output is ``W_hr·(o·tanh c)``,
   which the backward takes through ``W_hr``);
 * **the Linear variant** — the input projection of all rows, the hidden projection of all rows
-  and an LSTM's output projection are one affine site each (:data:`Pair`); the backward takes
-  each through the two states' mean weight (the input side) and mean input (the weight side);
+  and an LSTM's output projection are one affine site each (:class:`Projection`); the backward
+  takes each through the two states' mean weight (the input side) and mean input (the weight
+  side). AG-2 Linear rescales each affine call's gradients to the ordinary ones' norms, and the
+  step-by-step route calls the hidden and output projections once per step: its ordinary
+  backward notes those norms per step (the walk's gradient through each step's call, each
+  step's weight and bias gradients), its averaged backward rescales to them, so the two routes
+  agree (a packed sequence's backward direction, whose steps group other rows, stays step by
+  step under it);
 * **backward** — :class:`_Sequence`, an autograd function whose backward walks the steps in
   reverse with each gate's slope in place of its derivative (a sequence that has ended keeps its
   final state's gradient until the walk reaches its last step), then forms the weight gradients
@@ -91,6 +97,7 @@ class Schedule:
         self.padded = batch_sizes is None
         self._previous: Tensor | None = None
         self._reversal: Tensor | None = None
+        self._grid: Tensor | None = None
 
     def previous(self, device: torch.device) -> Tensor:
         """For every row past the first step, the row of the same sequence one step earlier."""
@@ -107,6 +114,19 @@ class Schedule:
         if self._reversal is None:
             self._reversal = reversal(self.batch_sizes)
         return self._reversal.to(device)
+
+    def grid(self, rows: Tensor) -> Tensor:
+        """``rows`` (one per sequence and step) as a (steps, batch, ·) grid, zeros where a
+        sequence has ended."""
+        if self.padded:
+            return rows.view(self.steps, self.batch, -1)
+        if self._grid is None:  # row offsets[t] + j goes to t·batch + j
+            sizes = torch.tensor(self.sizes, dtype=torch.long)
+            first = torch.cumsum(sizes, 0) - sizes
+            within = torch.arange(self.rows) - torch.repeat_interleave(first, sizes)
+            self._grid = torch.repeat_interleave(torch.arange(self.steps) * self.batch, sizes) + within
+        grid = rows.new_zeros(self.steps * self.batch, rows.shape[-1])
+        return grid.index_copy_(0, self._grid.to(rows.device), rows).view(self.steps, self.batch, -1)
 
     def earlier(self, h0: Tensor, rows: Tensor) -> Tensor:
         """Each row's state one step earlier: ``h0`` for the first step, else ``rows``' row."""
@@ -366,16 +386,15 @@ class _Sequence(torch.autograd.Function):
         g_ih, gb_ih = (d_x.t() @ x if needs[4] else None), (d_x.sum(0) if biases and needs[6] else None)
         if rescale == "note":
             norms["ih"] = (joint_norm(g_x), joint_norm(g_ih, gb_ih))
-        elif rescale == "apply":
+        elif rescale == "apply" and "ih" in norms:
             rescale_to(norms["ih"][0], g_x)
             rescale_to(norms["ih"][1], g_ih, gb_ih)
-        g_hh, gb_hh = _step_calls(rescale, norms.setdefault("hh", {}), schedule, d_h, h_prev, needs[5],
-                                  biases and needs[7])
+        g_hh, gb_hh = _step_calls(rescale, norms, "hh", schedule, d_h, h_prev, needs[5], biases and needs[7])
         grads: list[Tensor | None] = [None, g_x, dh0 if needs[2] else None, dc0 if needs[3] else None, g_ih, g_hh]
         if biases:
             grads += [gb_ih, gb_hh]
         if w_hr is not None:
-            grads.append(_step_calls(rescale, norms.setdefault("hr", {}), schedule, d_proj, m, needs[w_slot], False)[0])
+            grads.append(_step_calls(rescale, norms, "hr", schedule, d_proj, m, needs[w_slot], False)[0])
         return tuple(grads)
 
 
@@ -388,45 +407,73 @@ def _means(other: tuple[Tensor, Tensor] | None, w: Tensor, u: Tensor, mean_w: bo
     return (torch.add(w, w_other).mul_(0.5) if mean_w else w), (torch.add(u, u_other).mul_(0.5) if mean_u else u)
 
 
-def _scaler(rescale: str | None, norms: dict[int, Any]) -> Scale | None:
-    """AG-2 Linear's handling of a projection's per-step input gradient: noted (``"note"``, the
-    ordinary backward) or rescaled in place to the noted norm (``"apply"``)."""
+def _norm(t: Tensor) -> Tensor:
+    """A tensor's L2 norm (half precision's in float32, which does not overflow)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if t.element_size() < 4 else None)
+
+
+def _factor(target: Tensor, now: Tensor) -> Tensor:
+    """The factor that takes norms ``now`` to ``target`` (1 where ``now`` is 0: a zero gradient
+    stays zero), as :func:`ttadapt.deferred.rescale_to` forms it."""
+    return torch.where(now > 0, target / now, 1.0)
+
+
+def _scaler(rescale: str | None, norms: dict[int, Tensor]) -> Scale | None:
+    """AG-2 Linear's handling of a projection's per-step input gradient: its norm noted
+    (``"note"``, the ordinary backward) or the gradient rescaled in place to the noted norm
+    (``"apply"``)."""
     if rescale == "note":
         def note(t: int, g: Tensor) -> Tensor:
-            norms[t] = joint_norm(g)
+            norms[t] = _norm(g)
             return g
 
         return note
     if rescale == "apply":
         def apply(t: int, g: Tensor) -> Tensor:
-            rescale_to(norms.get(t), g)
-            return g
+            target = norms.get(t)
+            return g if target is None else g.mul_(_factor(target, _norm(g)).to(g.dtype))
 
         return apply
     return None
 
 
-def _step_calls(rescale: str | None, norms: dict[int, Any], schedule: Schedule, d: Tensor, u: Tensor,
+def _step_calls(rescale: str | None, norms: dict[str, Tensor], key: str, schedule: Schedule, d: Tensor, u: Tensor,
                 weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None]:
     """The weight and bias gradients of a projection called once per step (output gradients
-    ``d``, inputs ``u``, one row per sequence and step): two products over all rows — or, for AG-2
-    Linear's averaged backward, step by step, each step's pair rescaled to the norm its ordinary
-    backward noted (``"note"``: that backward, which notes them)."""
-    if rescale != "apply":
-        g_w, g_b = (d.t() @ u if weight else None), (d.sum(0) if bias else None)
-        if rescale == "note" and (weight or bias):
-            for t, (start, size) in enumerate(zip(schedule.offsets, schedule.sizes)):
-                rows = slice(start, start + size)
-                norms[t] = joint_norm(d[rows].t() @ u[rows] if weight else None, d[rows].sum(0) if bias else None)
-        return g_w, g_b
-    g_w = g_b = None
-    for t, (start, size) in enumerate(zip(schedule.offsets, schedule.sizes)):
-        rows = slice(start, start + size)
-        w_t, b_t = (d[rows].t() @ u[rows] if weight else None), (d[rows].sum(0) if bias else None)
-        rescale_to(norms.get(t), w_t, b_t)
-        g_w = w_t if g_w is None or w_t is None else g_w.add_(w_t)
-        g_b = b_t if g_b is None or b_t is None else g_b.add_(b_t)
-    return g_w, g_b
+    ``d``, inputs ``u``, one row per sequence and step): two products over all rows. AG-2 Linear
+    (``rescale``) needs the joint norm of each step's pair: its ordinary backward (``"note"``)
+    notes them under ``key``; its averaged backward (``"apply"``) scales each step's pair to its
+    noted norm — each row of the product by its step's factor — before they are summed. The
+    norms come from the steps' weight gradients formed as batched products, a chunk of steps at
+    a time holding no more than ``d`` does (the rows of ended sequences as zeros)."""
+    plain = (d.t() @ u if weight else None), (d.sum(0) if bias else None)
+    target = norms.get(key)
+    if rescale is None or not (weight or bias) or (rescale == "apply" and target is None):
+        return plain
+    d3 = schedule.grid(d)  # (steps, batch, ·)
+    b_steps = d3.sum(1) if bias else None  # each step's bias gradient
+    sq = _squared_norms(b_steps) if bias else d.new_zeros(schedule.steps, dtype=torch.float64)
+    if weight:
+        u3 = schedule.grid(u)
+        chunk = max(1, d.numel() // (d.shape[1] * u.shape[1]))
+        for start in range(0, schedule.steps, chunk):
+            part = slice(start, start + chunk)
+            sq[part] += _squared_norms(torch.bmm(d3[part].transpose(1, 2), u3[part]))
+    if rescale == "note":
+        norms[key] = sq.sqrt()
+        return plain
+    factor = _factor(target, sq.sqrt()).to(d.dtype)
+    g_w = None
+    if weight:  # (the narrower of the two scaled row by row)
+        rows = factor.repeat_interleave(torch.tensor(schedule.sizes, device=factor.device), 0).unsqueeze(1)
+        g_w = d.t() @ (u * rows) if u.shape[1] <= d.shape[1] else (d * rows).t() @ u
+    return g_w, (torch.einsum("t,tj->j", factor, b_steps) if bias else None)
+
+
+def _squared_norms(t: Tensor) -> Tensor:
+    """The squared L2 norm of each ``t[k]``, in float64 (half precision's taken in float32)."""
+    dtype = torch.float32 if t.element_size() < 4 else None
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=dtype).double().square()
 
 
 def whole_sequence(kind: str, x: Tensor, hidden: Any, w: list[Tensor], has_biases: bool, act: Act, reverse: bool,
