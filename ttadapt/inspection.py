@@ -56,12 +56,12 @@ class InspectionReport:
         rows = self.rows()
         lines = [self.summary()]
         if rows:
-            width = max(len(r[0]) for r in rows)
-            cwidth = max(len(r[1]) for r in rows)
+            width = max(len("module"), *(len(r[0]) for r in rows))
+            cwidth = max(len("call"), *(len(r[1]) for r in rows))
             lines.append(f"  {'module':<{width}}  {'call':<{cwidth}}  calls  averaged")
             for module, call, n, avg in rows:
                 lines.append(f"  {module:<{width}}  {call:<{cwidth}}  {n:>5}  {'yes' if avg else 'NO'}")
-        if self.unaveraged:
+        if any(not c.averaged and not c.grad_off for c in self.calls):
             lines.append("  (NO: keeps its ordinary derivative at the graph state, as a normalisation's or softmax's "
                          "internals do by design; an activation written by hand can be taught to the engine with "
                          "ttadapt.register_activation)")

@@ -197,10 +197,12 @@ def _site(act: Act, f: Callable, u: Tensor, gates: _Gates, graph: bool) -> Tenso
     return y.detach()
 
 
-def _pair(pair: Pair | None, gates: _Gates, key: str, u: Tensor, w: Tensor) -> None:
-    """The Linear variant: the projection ``u wᵀ`` as an affine site (see :data:`Pair`)."""
+def _pair(pair: Pair | None, gates: _Gates, key: str, u: Tensor, w: Tensor, graph: bool) -> None:
+    """The Linear variant: the projection ``u wᵀ`` as an affine site (see :data:`Pair`); with
+    ``graph`` (inside :class:`_Sequence`'s forward, where recording is off) called with recording
+    on, as the layer's own call ran, else in the caller's mode."""
     if pair is not None:
-        with torch.enable_grad():  # (a site of the graph pass: called with recording on, as the model's own)
+        with torch.set_grad_enabled(graph or torch.is_grad_enabled()):
             other = pair(u, w)
         if other is not None:
             gates.others[key] = other
@@ -218,8 +220,8 @@ def _forward(kind: str, x: Tensor, schedule: Schedule, h0: Tensor, c0: Tensor | 
         out, hn, cn = _fused(kind, x, schedule, h0, c0, w, has_biases)
         h_prev = schedule.earlier(h0, out)
         gx, gh = F.linear(x, w_ih, b_ih), F.linear(h_prev, w_hh, b_hh)
-    _pair(pair, gates, "ih", x, w_ih)
-    _pair(pair, gates, "hh", h_prev, w_hh)
+    _pair(pair, gates, "ih", x, w_ih, graph)
+    _pair(pair, gates, "hh", h_prev, w_hh, graph)
     v = gates.values
     v["h_prev"] = h_prev
     if kind == "lstm":
@@ -238,7 +240,7 @@ def _forward(kind: str, x: Tensor, schedule: Schedule, h0: Tensor, c0: Tensor | 
         v.update(i=i, f=f, g=g, o=o, c_prev=c_prev, tc=tc)
         if w_hr is not None:  # the output before its projection (proj_size)
             v["m"] = o * tc
-            _pair(pair, gates, "hr", v["m"], w_hr)
+            _pair(pair, gates, "hr", v["m"], w_hr, graph)
         return (out, hn, cn), gates
     if kind == "gru":
         with torch.no_grad():
