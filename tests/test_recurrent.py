@@ -137,6 +137,23 @@ def test_inspect_with_linear_lists_the_projections_as_affine_sites():
         ("linear", (6, 4)), ("linear", (6, 6)), ("sigmoid", (6, 6)), ("sigmoid", (6, 6)), ("tanh", (6, 6))]
 
 
+def test_inspect_marks_a_layer_run_under_no_grad_grad_off_with_its_projections():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = nn.GRU(4, 6)
+
+        def forward(self, x):
+            with torch.no_grad():
+                first = self.rec(x)[0]
+            return self.rec(x)[0] + first
+
+    report = ttadapt.inspect(Twice(), torch.randn(3, 2, 4), linear=True)
+    assert [(c.call, c.grad_off) for c in report.calls] == [
+        (call, off) for off in (True, False) for call in ("linear", "linear", "sigmoid", "sigmoid", "tanh")]
+    assert "ordinary derivative at the graph state" not in str(report)  # (only grad-off calls are NO)
+
+
 class _Twin(nn.Module):
     """A textbook loop of ``kind`` with ``layer``'s parameters (same names), batch-first padded
     input, zero initial state: every gate an ordinary call of a registered activation."""
