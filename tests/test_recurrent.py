@@ -409,6 +409,24 @@ class _Fed(nn.Module):
         return self.rec(torch.tanh(self.feed(x)))
 
 
+def _route_case(kind, layers, bidirectional, batch_first, bias, proj, packed, monkeypatch):
+    """(the layer-directions sent to the batched route, a recurrent layer fed by Linear + tanh in
+    float64, another state of its parameters, a closure of its outputs and final states)."""
+    calls: list[str] = []
+    real = recurrent.whole_sequence
+    monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
+    net = _Fed(_layer(kind, layers, bidirectional, batch_first, bias, proj, torch.float64))
+    raw = _inputs(batch_first, packed, torch.float64)
+    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in net.named_parameters()}
+
+    def closure():
+        out, hidden = net(raw)
+        data = out.data if packed else out
+        return data.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + data.sum() * hidden[0].sum()
+
+    return calls, net, other, closure
+
+
 @pytest.mark.parametrize("kind, layers, bidirectional, batch_first, bias, proj, packed", CONFIGS)
 @pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("seed", ["current", "other"])
@@ -418,22 +436,9 @@ def test_gates_batched_over_time_give_the_step_by_step_routes_gradient(kind, lay
     backpropagation through time by hand; an LSTM's projection too; with the Linear variant the
     projections of all steps as one affine site each); its averaged gradient is the step-by-step
     route's (float64), for the input too."""
-    calls = []
-    real = recurrent.whole_sequence
-    monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
-    model = _layer(kind, layers, bidirectional, batch_first, bias, proj, torch.float64)
-    net = _Fed(model)
-    raw = _inputs(batch_first, packed, torch.float64)
-    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in net.named_parameters()}
-
-    def closure():
-        out, hidden = net(raw)
-        data = out.data if packed else out
-        return data.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + data.sum() * hidden[0].sum()
-
+    calls, net, other, closure = _route_case(kind, layers, bidirectional, batch_first, bias, proj, packed, monkeypatch)
     got = ttadapt.averaged_grad(net, closure, other, seed=seed, linear=linear)
     assert len(calls) == 2 * layers * (2 if bidirectional else 1)  # both passes
-    monkeypatch.setattr(recurrent, "whole_sequence", real)
     _step_by_step(monkeypatch)
     want = ttadapt.averaged_grad(net, closure, other, seed=seed, linear=linear)
     for name in want:
@@ -497,18 +502,7 @@ def test_ag2_linear_rescaling_in_the_batched_route_is_the_step_by_step_routes(ki
     calls are separate sites. (A packed sequence's backward direction goes step by step in both.)"""
     from ttadapt.averaged import DeferredAverage
 
-    calls = []
-    real = recurrent.whole_sequence
-    monkeypatch.setattr(recurrent, "whole_sequence", lambda *a: calls.append(a[0]) or real(*a))
-    model = _layer(kind, layers, bidirectional, batch_first, bias, proj, torch.float64)
-    net = _Fed(model)
-    raw = _inputs(batch_first, packed, torch.float64)
-    other = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in net.named_parameters()}
-
-    def closure():
-        out, hidden = net(raw)
-        data = out.data if packed else out
-        return data.pow(2).sum() + (hidden[1] if kind == "LSTM" else hidden).sin().sum() + data.sum() * hidden[0].sum()
+    calls, net, other, closure = _route_case(kind, layers, bidirectional, batch_first, bias, proj, packed, monkeypatch)
 
     def grads(rescale: bool) -> dict[str, torch.Tensor]:
         run = DeferredAverage(net, closure, linear=True, rescale=rescale)
@@ -520,7 +514,6 @@ def test_ag2_linear_rescaling_in_the_batched_route_is_the_step_by_step_routes(ki
     assert len(calls) == 2 * layers * directions  # both passes
     unscaled = grads(False)
     assert max((got[n] - unscaled[n]).abs().max().item() for n in got) > 1e-6  # (the rescaling did something)
-    monkeypatch.setattr(recurrent, "whole_sequence", real)
     _step_by_step(monkeypatch)
     want = grads(True)
     for name in want:
