@@ -22,10 +22,11 @@ class InspectionReport:
     ``linear=True``, the affine layers it averages); ``unaveraged`` the other nonlinear pointwise
     calls of values that depend on a parameter (exp, rsqrt, pow, clamp, threshold, ... inside
     normalisations or custom code; not those of constants, such as a rotary embedding's ``cos`` of
-    positions, which both passes see alike) and a recurrent layer's fused call where it stays fused (``lstm``, ``gru``, ... under autocast),
-    which keep their ordinary derivative, and activations called with gradient recording off
-    (``grad_off``): inside a custom ``torch.autograd.Function``, whose own backward gives their
-    gradient, or under ``no_grad``, where none is taken. ``str(report)`` renders a table grouped by module path.
+    positions, which both passes see alike) and a recurrent layer's fused call where it stays
+    fused (``lstm``, ``gru``, ... under autocast), which keep their ordinary derivative, and
+    activations called with gradient recording off (``grad_off``): inside a custom
+    ``torch.autograd.Function``, whose own backward gives their gradient, or under ``no_grad``,
+    where none is taken. ``str(report)`` renders a table grouped by module path.
     """
 
     model: str

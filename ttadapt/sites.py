@@ -702,17 +702,11 @@ class SiteSession:
         Linear variant whose backward the layer forms itself (:mod:`ttadapt.recurrent_sequence`):
         recorded at the other state; at the graph state, the :class:`Projection` that gives
         ``(u, weight)`` at the other state to the backward."""
-        name = self._name("linear")
-        if self.phase == "inspect":
-            on = torch.is_grad_enabled()
-            self.calls.append(SiteCall(self._where(), "linear", on, tuple(u.shape), grad_off=not on))
+        site = self._affine_site("linear", u, weight)
+        if site is None:
             return None
-        if self.phase == "record":
-            self._keep(name, u, copy=False, weight=weight.detach())
-            return None
-        self._graph_site()
-        if self.phase == "graph":
-            slot = self._slot(name, u)
+        slot, rec = site
+        if slot is not None:
 
             def take() -> tuple[Tensor, Tensor] | None:  # (None while the slot waits: the ordinary backward)
                 if not slot.filled:
@@ -722,9 +716,25 @@ class SiteSession:
                 return ub, wb
 
             return Projection(take, slot.rescale)
-        rec = self._next(name, u)
-        assert rec.weight is not None
+        assert rec is not None and rec.weight is not None
         return Projection(lambda: (rec.u, rec.weight))
+
+    def _affine_site(self, kind: str, u: Tensor, weight: Tensor) -> tuple[DeferredSlot | None, _Record | None] | None:
+        """One affine site's bookkeeping: listed (``inspect``) or its input and weight kept (the
+        pass at the other state) — None; in a pass at the graph state, its deferred slot (AG-1 /
+        AG-2's graph pass) or the record of the other state, as ``(slot, record)``."""
+        name = self._name(kind)
+        if self.phase == "inspect":
+            on = torch.is_grad_enabled()
+            self.calls.append(SiteCall(self._where(), kind, on, tuple(u.shape), grad_off=not on))
+            return None
+        if self.phase == "record":
+            self._keep(name, u, copy=False, weight=weight.detach())
+            return None
+        self._graph_site()
+        if self.phase == "graph":
+            return self._slot(name, u), None
+        return None, self._next(name, u)
 
     def _on_affine(self, func: Callable, kind: str, args: tuple, kwargs: dict):
         names = ("input", "weight", "bias") if kind == "linear" else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -735,17 +745,10 @@ class SiteSession:
             return func(*args, **kwargs)
         if self._transformed(kind, u):
             return func(*args, **kwargs)
-        name = self._name(kind)
-        if self.phase == "inspect":
-            on = torch.is_grad_enabled()
-            self.calls.append(SiteCall(self._where(), kind, on, tuple(u.shape), grad_off=not on))
+        site = self._affine_site(kind, u, weight)
+        if site is None:
             return func(*args, **kwargs)
-        if self.phase == "record":
-            self._keep(name, u, copy=False, weight=weight.detach())
-            return func(*args, **kwargs)
-        self._graph_site()
-        slot = self._slot(name, u) if self.phase == "graph" else None
-        rec = self._next(name, u) if slot is None else None
+        slot, rec = site
         if not (u.requires_grad or weight.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad)):
             return func(*args, **kwargs)
         conv_args = ()
