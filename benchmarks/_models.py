@@ -63,6 +63,23 @@ class SequenceClassifier(nn.Module):
         return self.head((hidden[0] if isinstance(hidden, tuple) else hidden)[-1])
 
 
+class TinyGPT2(nn.Module):
+    """A small GPT-2 from ``transformers`` (4 layers, width 256, 4 heads, vocabulary 1,000, random
+    weights, its default dropout) as a next-token classifier: logits of every position, flat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=128,
+                                         bos_token_id=0, eos_token_id=0)
+        self.lm = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(input_ids=ids).logits
+        return logits.reshape(-1, logits.shape[-1])
+
+
 def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(model in train mode, inputs, labels) of a named benchmark case, seeded."""
     torch.manual_seed(0)
@@ -92,6 +109,10 @@ def benchmark_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         lengths = torch.randint(5, 21, (32,))
         x = nn.utils.rnn.pack_padded_sequence(torch.randn(32, 20, 32), lengths, batch_first=True, enforce_sorted=False)
         y = torch.randint(0, 10, (32,))
+    elif case == "gpt2":  # batch 8 of 64 tokens; labels: the next token of each position
+        model = TinyGPT2()
+        tokens = torch.randint(0, 1000, (8, 65))
+        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].reshape(-1)
     elif case == "wide_tanh_mlp":
         model = wide_tanh_mlp()
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))

@@ -83,7 +83,7 @@ def time_collector(phase: str, info: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b", "mobilenet_v3_small", "efficientnet_b0", "resnet152", "lstm", "gru", "lstm_packed"])
+    parser.add_argument("--case", default="resnet18", choices=["resnet18", "model_b", "mobilenet_v3_small", "efficientnet_b0", "resnet152", "lstm", "gru", "lstm_packed", "gpt2"])
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--method", default="AG1", choices=["AG1", "AG2", "AG3"])
     parser.add_argument("--steps", type=int, default=8)

@@ -44,8 +44,10 @@ from _models import benchmark_case  # noqa: E402
 METHODS = ("plain", "AG1", "AG2", "AG1-Linear", "AG2-Linear", "AG3", "SAM")
 # resnet152: batch 4 at 64×64; mobilenet_v3_small, efficientnet_b0: other architectures (Hardswish,
 # SiLU and sigmoid gates), batch 16 at 64×64; lstm, gru: a recurrent classifier (batch 32, 20 steps;
-# lstm_packed: packed, lengths 5..20)
-CASES = ("resnet18", "model_b", "resnet152", "mobilenet_v3_small", "efficientnet_b0", "lstm", "gru", "lstm_packed")
+# lstm_packed: packed, lengths 5..20); gpt2: a small GPT-2 from transformers (4 layers, width 256),
+# batch 8 of 64 tokens
+CASES = ("resnet18", "model_b", "resnet152", "mobilenet_v3_small", "efficientnet_b0", "lstm", "gru", "lstm_packed",
+         "gpt2")
 LR = {"rmsprop": 1e-4, "adam": 1e-4, "soap": 1e-4}
 
 

@@ -531,18 +531,19 @@ def test_quotient_secant_kernel_is_the_torch_quotient_and_finds_the_close_inputs
     assert got is not None and _same(got[0], (fb - fa) / (ub - ua))
     assert torch.equal(got[1].sort().values, near.nonzero().squeeze(1))
     slope, positions = kernels.quotient_secant(ua, fa, ub, fb, tol, out=fb.clone())
-    assert (positions is None) == (int(near.sum()) > kernels._MAX_CLOSE)
+    assert (positions is None) == (int(near.sum()) > kernels.close_cap(n))
     derivative = torch.ops.aten.silu_backward(torch.ones_like(ua), ua)
     assert kernels.close_fill(ua, ub, derivative, tol, slope)
     assert _same(slope, torch.where(near, derivative, (fb - fa) / (ub - ua)))
 
 
 @needs_kernels
-@pytest.mark.parametrize("count", [0, 1, 256, 257, 40_000])
+@pytest.mark.parametrize("count", [0, 1, 256, 257, 9_000, 18_751, 40_000])
 def test_quotient_secant_kernel_reports_close_inputs_across_chunks_and_threads(count):
     """Close inputs spread over many chunks (each reserves its slots at once): every position is
-    reported up to the cap, none beyond it, and the count decides."""
+    reported up to the cap (one in 16 of 300,001: 18,750), none beyond it, and the count decides."""
     n = 300_001
+    assert kernels.close_cap(n) == 18_750 and kernels.close_cap(1000) == 256
     g = torch.Generator().manual_seed(count)
     ua = torch.randn(n, generator=g)
     ub = ua + 0.5
@@ -550,11 +551,35 @@ def test_quotient_secant_kernel_reports_close_inputs_across_chunks_and_threads(c
     ub[where] = ua[where]
     fa, fb = ua.sigmoid(), ub.sigmoid()
     slope, positions = kernels.quotient_secant(ua, fa, ub, fb, 3e-4)
-    if count <= kernels._MAX_CLOSE:
+    if count <= kernels.close_cap(n):
         assert torch.equal(positions.sort().values, where.sort().values)
     else:
         assert positions is None
     assert torch.isnan(slope).sum() == count  # 0/0 there, until the caller fills the derivative
+
+
+@needs_kernels
+@pytest.mark.parametrize("start, count, reported", [
+    (0, 300, False), (150_000, 300, False),  # in one chunk of 4,096 elements: over its share
+    (0, 200, True), (150_000, 200, True),
+    (4096 - 150, 300, True),  # 150 in each of two chunks
+])
+def test_quotient_secant_kernel_leaves_a_dense_chunk_to_close_fill(start, count, reported):
+    """A chunk holding more than its share of the cap is not scanned (a dense one most likely
+    means a total past the cap): close inputs side by side, far below the cap of the whole
+    tensor (18,750) but above a 4,096-element chunk's share of it (256), are not reported — the
+    caller takes the derivative everywhere (close_fill) — fewer are."""
+    n = 300_001
+    ua = torch.randn(n, generator=torch.Generator().manual_seed(start + count))
+    ub = ua + 0.5
+    ub[start:start + count] = ua[start:start + count]
+    slope, positions = kernels.quotient_secant(ua, ua.sigmoid(), ub, ub.sigmoid(), 3e-4)
+    assert (positions is not None) == reported
+    if reported:
+        assert torch.equal(positions.sort().values, torch.arange(start, start + count))
+    derivative = ua.sigmoid() * (1 - ua.sigmoid())
+    assert kernels.close_fill(ua, ub, derivative, 3e-4, slope)
+    assert torch.equal(slope[start:start + count], derivative[start:start + count])
 
 
 @needs_kernels

@@ -479,13 +479,16 @@ static inline int too_close(float a, float b, float tol) {
  * its outputs at both inputs, in one pass, rounded as PyTorch rounds it (two differences, one
  * division). Returns how many elements are too close for it (too_close), and puts the
  * positions of up to ``max_close`` of them into ``close`` (in no particular order) for the
- * caller to replace by the derivative; with more, close_fill_f32 does. ``out`` may be ``fb``
- * (each element is read before it is written), not ``ua`` or ``ub``. */
+ * caller to replace by the derivative; with more, close_fill_f32 does. A chunk holding more
+ * than its share of max_close (by its length) is not scanned for positions (the total is then
+ * likely past max_close, and the scan would be wasted); if the total still comes to at most
+ * max_close, max_close + 1 is returned instead, so that close_fill_f32 runs. ``out`` may be
+ * ``fb`` (each element is read before it is written), not ``ua`` or ``ub``. */
 int64_t quotient_secant_f32(const float* ua, const float* fa, const float* ub, const float* fb, float* out, int64_t n,
                             float tol, int threads, int64_t* close, int64_t max_close) {
     int64_t chunks = (n + 4 * CHUNK - 1) / (4 * CHUNK);
-    int64_t count = 0, recorded = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : count)
+    int64_t count = 0, recorded = 0, unscanned = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= PARALLEL_MIN) reduction(+ : count, unscanned)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t start = k * 4 * CHUNK, stop = start + 4 * CHUNK < n ? start + 4 * CHUNK : n;
         int64_t here = 0, len = stop - start;
@@ -498,27 +501,33 @@ int64_t quotient_secant_f32(const float* ua, const float* fa, const float* ub, c
             near[i - start] = (unsigned char)t;
             here += t;
         }
-        if (here && here <= max_close) { /* (more: the total is over max_close, close_fill_f32 runs) */
+        if (here && (double)here * (double)n > (double)max_close * (double)len) {
+            unscanned += here; /* (dense: see above) */
+        } else if (here && here <= max_close) { /* (more: the total is over max_close, close_fill_f32 runs) */
             int64_t slot;
 #pragma omp atomic capture
             {
                 slot = recorded;
                 recorded += here;
             }
-            for (int64_t j = len; j % 8; j++)
-                near[j] = 0;
-            for (int64_t w = 0; w < (len + 7) / 8 && slot < max_close; w++) {
-                if (!words[w]) /* (the usual case: eight elements apart) */
-                    continue;
-                for (int64_t j = 8 * w; j < 8 * w + 8 && slot < max_close; j++) {
-                    if (near[j])
-                        close[slot++] = start + j;
+            /* past the cap the positions go unused: the scan is skipped from the first chunk that
+             * overflows on (the reservations only grow) */
+            if (slot + here <= max_close) {
+                for (int64_t j = len; j % 8; j++)
+                    near[j] = 0;
+                for (int64_t w = 0; w < (len + 7) / 8; w++) {
+                    if (!words[w]) /* (the usual case: eight elements apart) */
+                        continue;
+                    for (int64_t j = 8 * w; j < 8 * w + 8; j++) {
+                        if (near[j])
+                            close[slot++] = start + j;
+                    }
                 }
             }
         }
         count += here;
     }
-    return count;
+    return unscanned && count <= max_close ? max_close + 1 : count;
 }
 
 /* out ← deriv where ua and ub are too close for a secant (after quotient_secant_f32 found

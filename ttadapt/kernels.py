@@ -443,16 +443,25 @@ def sigmoid_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, out: Tensor |
 _MAX_CLOSE = 256
 
 
+def close_cap(n: int) -> int:
+    """How many close inputs :func:`quotient_secant` reports for a tensor of ``n`` elements: 256,
+    or one in 16 where that is more. Past it the derivative everywhere and :func:`close_fill` are
+    cheaper than the derivative at each reported input (an activation module's derivative is a
+    forward and a backward through it); below it they are not: a few steps from an anchor, the
+    close inputs of a GPT-2 MLP's activation are 0.1–5 % of them."""
+    return max(_MAX_CLOSE, n // 16)
+
+
 def quotient_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, tol: float,
                     out: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
     """The generic secant slope ``(fb − fa) / (ub − ua)`` in one pass, rounded as the PyTorch
     ops round it, into ``out`` (may be ``fb``; new memory if None or laid out otherwise), with
     where the inputs are too close for it (``|ub − ua| − tol·|ua| ≤ tol``, the test of
     :func:`ttadapt.secant.close_mask`): ``(slope, positions)``, the positions (int64, in memory
-    order, any order among themselves) of all of them when there are at most 256, else None
-    (then :func:`close_fill` puts the derivative there) — or None where the kernel does not
-    apply."""
-    return _quotient_secant(ua, fa, ub, fb, tol, out, _MAX_CLOSE)
+    order, any order among themselves) of all of them when there are at most
+    :func:`close_cap` of them, else None (then :func:`close_fill` puts the derivative there) — or
+    None where the kernel does not apply."""
+    return _quotient_secant(ua, fa, ub, fb, tol, out, close_cap(ua.numel()))
 
 
 def _quotient_secant(ua: Tensor, fa: Tensor, ub: Tensor, fb: Tensor, tol: float, out: Tensor | None,
