@@ -73,7 +73,8 @@ class InspectionReport:
 
 
 def inspect(model: nn.Module, *example_inputs: Any, linear: bool = False, **example_kwargs: Any) -> InspectionReport:
-    """Run one forward pass of ``model`` on the example inputs and report every pointwise call.
+    """Run one forward pass of ``model`` on the example inputs and report its pointwise calls
+    (every activation call; the other nonlinear ones where a value depends on a parameter).
 
     The pass runs as in training, with gradient recording on (so that activations called with it
     off — inside a custom ``autograd.Function`` — show; its graph is dropped at once), on private
