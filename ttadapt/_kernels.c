@@ -503,25 +503,21 @@ int64_t quotient_secant_f32(const float* ua, const float* fa, const float* ub, c
         }
         if (here && (double)here * (double)n > (double)max_close * (double)len) {
             unscanned += here; /* (dense: see above) */
-        } else if (here && here <= max_close) { /* (more: the total is over max_close, close_fill_f32 runs) */
+        } else if (here) { /* (within its share: the chunks scanned hold at most max_close in all) */
             int64_t slot;
 #pragma omp atomic capture
             {
                 slot = recorded;
                 recorded += here;
             }
-            /* past the cap the positions go unused: the scan is skipped from the first chunk that
-             * overflows on (the reservations only grow) */
-            if (slot + here <= max_close) {
-                for (int64_t j = len; j % 8; j++)
-                    near[j] = 0;
-                for (int64_t w = 0; w < (len + 7) / 8; w++) {
-                    if (!words[w]) /* (the usual case: eight elements apart) */
-                        continue;
-                    for (int64_t j = 8 * w; j < 8 * w + 8; j++) {
-                        if (near[j])
-                            close[slot++] = start + j;
-                    }
+            for (int64_t j = len; j % 8; j++)
+                near[j] = 0;
+            for (int64_t w = 0; w < (len + 7) / 8; w++) {
+                if (!words[w]) /* (the usual case: eight elements apart) */
+                    continue;
+                for (int64_t j = 8 * w; j < 8 * w + 8; j++) {
+                    if (near[j])
+                        close[slot++] = start + j;
                 }
             }
         }

@@ -102,11 +102,7 @@ class Schedule:
     def previous(self, device: torch.device) -> Tensor:
         """For every row past the first step, the row of the same sequence one step earlier."""
         if self._previous is None:  # row offsets[t − 1] + j for step t ≥ 1 and j < sizes[t]
-            sizes = torch.tensor(self.sizes[1:], dtype=torch.long)
-            starts = torch.tensor(self.offsets[:-1], dtype=torch.long)
-            first = torch.cumsum(sizes, 0) - sizes  # each step's first position among these rows
-            within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(first, sizes)
-            self._previous = torch.repeat_interleave(starts, sizes) + within
+            self._previous = _runs(self.offsets[:-1], self.sizes[1:])
         return self._previous.to(device)
 
     def reversal(self, device: torch.device) -> Tensor:
@@ -121,10 +117,7 @@ class Schedule:
         if self.padded:
             return rows.view(self.steps, self.batch, -1)
         if self._grid is None:  # row offsets[t] + j goes to t·batch + j
-            sizes = torch.tensor(self.sizes, dtype=torch.long)
-            first = torch.cumsum(sizes, 0) - sizes
-            within = torch.arange(self.rows) - torch.repeat_interleave(first, sizes)
-            self._grid = torch.repeat_interleave(torch.arange(self.steps) * self.batch, sizes) + within
+            self._grid = _runs([t * self.batch for t in range(self.steps)], self.sizes)
         grid = rows.new_zeros(self.steps * self.batch, rows.shape[-1])
         return grid.index_copy_(0, self._grid.to(rows.device), rows).view(self.steps, self.batch, -1)
 
@@ -133,6 +126,14 @@ class Schedule:
         if self.padded:
             return torch.cat([h0, rows[:self.rows - self.batch]])
         return torch.cat([h0[:self.sizes[0]], rows.index_select(0, self.previous(rows.device))])
+
+
+def _runs(starts: list[int], sizes: list[int]) -> Tensor:
+    """``starts[t] + j`` for every ``t`` and ``j < sizes[t]``, in that order (int64)."""
+    counts = torch.tensor(sizes, dtype=torch.long)
+    first = torch.cumsum(counts, 0) - counts  # each run's first position in the result
+    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    return torch.repeat_interleave(torch.tensor(starts, dtype=torch.long), counts) + within
 
 
 def reversal(batch_sizes: Tensor) -> Tensor:
@@ -382,8 +383,7 @@ class _Sequence(torch.autograd.Function):
             w_hr, m = _means(others.get("hr"), w_hr, m, True, needs[w_slot])
         norms = gates.norms
         d_x, d_h, dh0, dc0, d_proj = _backprop(kind, gates, schedule, w_hh, d_out, d_hn, d_cn, w_hr,
-                                               _scaler(rescale, norms.setdefault("hh in", {})),
-                                               _scaler(rescale, norms.setdefault("hr in", {})))
+                                               _scaler(rescale, norms, "hh in"), _scaler(rescale, norms, "hr in"))
         g_x = d_x @ w_ih if needs[1] else None
         g_ih, gb_ih = (d_x.t() @ x if needs[4] else None), (d_x.sum(0) if biases and needs[6] else None)
         if rescale == "note":
@@ -420,10 +420,13 @@ def _factor(target: Tensor, now: Tensor) -> Tensor:
     return torch.where(now > 0, target / now, 1.0)
 
 
-def _scaler(rescale: str | None, norms: dict[int, Tensor]) -> Scale | None:
-    """AG-2 Linear's handling of a projection's per-step input gradient: its norm noted
-    (``"note"``, the ordinary backward) or the gradient rescaled in place to the noted norm
-    (``"apply"``)."""
+def _scaler(rescale: str | None, all_norms: dict[str, Any], key: str) -> Scale | None:
+    """AG-2 Linear's handling of a projection's per-step input gradient: its norm noted under
+    ``key`` (``"note"``, the ordinary backward) or the gradient rescaled in place to the noted
+    norm (``"apply"``)."""
+    if rescale is None:
+        return None
+    norms: dict[int, Tensor] = all_norms.setdefault(key, {})
     if rescale == "note":
         def note(t: int, g: Tensor) -> Tensor:
             norms[t] = _norm(g)
