@@ -1,6 +1,6 @@
-"""ttadapt's faster max pooling (ttadapt.pooling: strided maxima and the fused 2 × 2 kernel in the
-no-graph passes, the kernel with PyTorch's backward in the graph passes) against PyTorch's own
-call, and the engine's results with it against those without it."""
+"""ttadapt's faster max pooling (ttadapt.pooling: the fused kernels for float32 and strided maxima
+for other dtypes in the no-graph passes, the kernels with PyTorch's backward in the graph passes)
+against PyTorch's own call, and the engine's results with it against those without it."""
 
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ class Pooled(nn.Module):
 
 @pytest.mark.parametrize("what", ["averaged_grad", "AG1", "AG2", "AG3"])
 def test_engine_identical_with_and_without(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The faster pooling gives bit-identical gradients, parameters and buffers: in the no-graph
-    passes every call takes it, in the graph passes the 2 × 2 ones (with PyTorch's backward)."""
+    """The faster pooling gives bit-identical gradients, parameters and buffers: every call takes
+    it, in the graph passes with PyTorch's backward (where the kernels are compiled)."""
     calls: list[tuple[bool, int, bool]] = []  # (graph, kernel size, taken)
     real = sites.max_pool2d_call
 
@@ -133,7 +133,7 @@ def test_engine_identical_with_and_without(what: str, monkeypatch: pytest.Monkey
     assert len(calls) == 3 * passes
     graph = [(k, taken) for g, k, taken in calls if g]
     assert len(graph) == 3 * passes // 2
-    assert all(taken == (k == 2 and kernels.available()) for k, taken in graph)
+    assert all(taken == kernels.available() for k, taken in graph) and {k for k, _ in graph} == {2, 3}
     assert all(taken for g, _, taken in calls if not g)
     calls.clear()
     plain = run(False)
@@ -142,8 +142,9 @@ def test_engine_identical_with_and_without(what: str, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
-@pytest.mark.parametrize("shape", [(128, 8, 26, 26), (3, 2, 7, 9), (5, 11, 10)])
-def test_graph_pooling_is_pytorchs_bit_for_bit(shape) -> None:
+@pytest.mark.parametrize("shape,window", [((128, 8, 26, 26), (2,)), ((3, 2, 7, 9), (2,)), ((5, 11, 10), (2,)),
+                                          ((16, 4, 32, 32), (3, 2, 1)), ((3, 2, 7, 9), (3, 1, 1)), ((2, 3, 11, 12), ((3, 2), 2, (1, 0), 2))])
+def test_graph_pooling_is_pytorchs_bit_for_bit(shape, window) -> None:
     """With a graph the kernel's output, its indices and the gradient through PyTorch's backward
     (second order included) are the ordinary call's, with ties, −∞ and NaN windows."""
     base = (2 * torch.randn(*shape)).round()  # ties, −0.0 beside +0.0
@@ -151,9 +152,9 @@ def test_graph_pooling_is_pytorchs_bit_for_bit(shape) -> None:
     base.view(-1)[::5] = float("-inf")
     x1, x2 = base.clone().requires_grad_(), base.clone().requires_grad_()
     with torch.enable_grad():
-        got = pooling.max_pool2d_by_maxima(x1 * 1, 2)
-        want = F.max_pool2d(x2 * 1, 2)
-    assert got is not None and type(got.grad_fn).__name__ == "MaxPool2x2Backward"
+        got = pooling.max_pool2d_by_maxima(x1 * 1, *window)
+        want = F.max_pool2d(x2 * 1, *window)
+    assert got is not None and type(got.grad_fn).__name__ == "MaxPool2dBackward"
     assert torch.equal(got.detach().nan_to_num(0.0).view(torch.int32), want.detach().nan_to_num(0.0).view(torch.int32))
     g = torch.randn_like(want).requires_grad_()
     (g1,) = torch.autograd.grad(got, x1, g, create_graph=True)
@@ -161,8 +162,8 @@ def test_graph_pooling_is_pytorchs_bit_for_bit(shape) -> None:
     assert torch.equal(g1, g2) and g1.abs().sum() > 0
     w = torch.randn_like(g1)
     assert torch.equal(torch.autograd.grad((g1 * w).sum(), g)[0], torch.autograd.grad((g2 * w).sum(), g)[0])
-    _, at = kernels.max_pool2x2(base, indices=True)
-    assert torch.equal(at, F.max_pool2d(base, 2, return_indices=True)[1])
+    assert torch.equal(pooling.max_pool2d_by_maxima(x1 * 1, *window).detach().isnan(), want.detach().isnan())  # (in place after it: allowed)
+    got.relu_()
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
@@ -179,6 +180,41 @@ def test_2x2_kernel_is_atens_bit_for_bit(shape) -> None:
     assert torch.equal(got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
     assert kernels.max_pool2x2(x.transpose(-1, -2)) is None  # not contiguous: not the kernel's
     assert kernels.max_pool2x2(x.double()) is None
+
+
+def _window_pairs(k, s, p, d) -> tuple:
+    pair = lambda v: (v, v) if isinstance(v, int) else (tuple(v) * 2)[:2]  # noqa: E731
+    return pair(k), pair(k if s is None else s), pair(p), pair(d)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+@pytest.mark.parametrize("shape,k,s,p,d", CONFIGS + [((1, 2, 3, 50), 3, 2, 1, 1), ((2, 3, 50, 3), (3, 1), 1, (1, 0), 1),
+                                                     ((2, 2, 16, 16), 5, 3, 2, 1), ((1, 1, 12, 12), 3, 2, 0, 3)])
+def test_kernel_is_atens_bit_for_bit_any_window(shape, k, s, p, d) -> None:
+    """kernels.max_pool2d picks ATen's element in every window (values bit for bit, indices
+    equal): ties of −0.0 and +0.0, −∞ and NaN, the plane-as-one-signal rows and row by row."""
+    x = (2 * torch.randn(*shape)).round()
+    x.view(-1)[::13] = float("nan")
+    x.view(-1)[::7] = float("-inf")
+    window = _window_pairs(k, s, p, d)
+    want, want_at = F.max_pool2d(x, k, s, p, d, return_indices=True)
+    for got in (kernels.max_pool2d(x, *window, indices=True), (kernels.max_pool2d(x, *window), None)):
+        assert got is not None and got[0].shape == want.shape and got[0].is_contiguous()
+        assert torch.equal(got[0].isnan(), want.isnan())
+        assert torch.equal(got[0].nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
+        assert got[1] is None or torch.equal(got[1], want_at)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no fused kernels here")
+def test_kernel_leaves_windows_that_miss_the_input_to_pytorch() -> None:
+    """A dilated window can miss the input altogether (ATen: −∞ there, an index past it): the
+    kernel declines, and the engine's pooling runs PyTorch's call."""
+    x = torch.randn(1, 1, 1, 1)
+    assert kernels.max_pool2d(x, (2, 2), (1, 1), (1, 1), (2, 2)) is None
+    with torch.no_grad():
+        assert pooling.max_pool2d_by_maxima(x, 2, 1, 1, 2) is None or torch.equal(
+            pooling.max_pool2d_by_maxima(x, 2, 1, 1, 2), F.max_pool2d(x, 2, 1, 1, 2))
+    assert pooling.max_pool2d_by_maxima(x.requires_grad_(), 2, 1, 1, 2) is None
 
 
 def test_pytorch_call_under_torch_func_transforms() -> None:

@@ -193,6 +193,8 @@ def _load(cc: str) -> tuple[ctypes.CDLL | None, str]:
             getattr(lib, name).restype = None
         lib.max_pool2x2_f32.argtypes = [_P, _P, _P, _N, _N, _N, _N, _N, _I]
         lib.max_pool2x2_f32.restype = None
+        lib.max_pool2d_f32.argtypes = [_P, _P, _P, _P, _P] + [_N] * 13 + [_I]
+        lib.max_pool2d_f32.restype = _I
         lib.small_contract_f32.argtypes = [_P, _P, _P, _N, _N, _N, _I]
         lib.small_contract_f32.restype = None
         return lib, f"fused CPU kernels in use ({target}; flags: {' '.join(flags) or 'portable'})"
@@ -697,6 +699,38 @@ def max_pool2x2(x: Tensor, indices: bool = False) -> Tensor | tuple[Tensor, Tens
     return out if where is None else (out, where)
 
 
+def max_pool2d(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int], indices: bool = False) -> Tensor | tuple[Tensor, Tensor] | None:
+    """``F.max_pool2d(x, kernel, stride, padding, dilation)`` (``ceil_mode=False``) of a
+    contiguous 3-D or 4-D float32 CPU tensor, the values of ATen's kernel bit for bit — with
+    ``indices``, ``(values, indices)`` as ``return_indices=True`` gives them — or None where the
+    kernel does not apply. 2 × 2 windows with stride 2 take :func:`max_pool2x2`, any other
+    window ``max_pool2d_f32`` (see its comment). The arguments are pairs of ints as PyTorch
+    accepts them (padding at most half the window: the caller checks)."""
+    if kernel == stride == (2, 2) and padding == (0, 0) and dilation == (1, 1):
+        return max_pool2x2(x, indices)
+    lib = _library()
+    if lib is None or x.dtype is not _F32 or not x.is_cpu or not x.is_contiguous() or x.dim() not in (3, 4):
+        return None
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    h, w = x.shape[-2:]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1 or x.numel() == 0:
+        return None
+    shape = (*x.shape[:-2], oh, ow)
+    threads = torch.get_num_threads()
+    out = torch.empty(shape, dtype=x.dtype)
+    where = torch.empty(shape, dtype=torch.int64) if indices else None
+    scratch = torch.empty(threads * h * ow, dtype=x.dtype)  # each thread's row maxima
+    scratch_at = torch.empty(threads * h * ow, dtype=torch.int64) if indices else None
+    if lib.max_pool2d_f32(x.data_ptr(), out.data_ptr(), None if where is None else where.data_ptr(), scratch.data_ptr(),
+                          None if scratch_at is None else scratch_at.data_ptr(), x.numel() // (h * w), h, w, oh, ow,
+                          kh, kw, sh, sw, ph, pw, dh, dw, threads):
+        return None  # a window that misses the input (dilated): ATen's call
+    return out if where is None else (out, where)
+
+
 #: the widest ``m`` :func:`small_contract` takes (``SMALL_CONTRACT_MAX`` in the C source)
 SMALL_CONTRACT_MAX = 8
 
@@ -818,6 +852,13 @@ def _self_test() -> str | None:
     if got is None or not (torch.equal(got[0].nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
                            and torch.equal(got[1], want_at)):
         return "max pooling (indices)"
+    for x, window in ((planes, ((3, 3), (2, 2), (1, 1), (1, 1))), (planes[..., :8].contiguous(), ((3, 3), (2, 2), (1, 1), (1, 1))),
+                      (planes, ((3, 2), (1, 2), (1, 0), (2, 1)))):  # rows one by one, a plane as one signal, dilated
+        want, want_at = torch.nn.functional.max_pool2d(x, *window, return_indices=True)
+        got, got_no_at = max_pool2d(x, *window, indices=True), max_pool2d(x, *window)
+        if got is None or got_no_at is None or not (torch.equal(got[1], want_at) and all(
+                torch.equal(v.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32)) for v in (got[0], got_no_at))):
+            return "max pooling (any window)"
     x, m = ua.nan_to_num(0.0).view(4, 250)[:3].contiguous(), torch.randn(3, 2, generator=g)
     want = torch.stack([x[0] * m[0, j] + x[1] * m[1, j] + x[2] * m[2, j] for j in range(2)], dim=-1)
     got = small_contract(x, m)

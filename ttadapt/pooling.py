@@ -3,22 +3,24 @@
 The pass at the other state (AG-1/AG-2's forecast, AG-3's anchor, ``averaged_grad``'s
 ``other``) runs the model once more without a graph; its cost is ttadapt's overhead. On the CPU
 PyTorch's max-pooling kernel for contiguous (NCHW) tensors is slow: 2.6 ms for Model B's first
-pool (128 × 8 × 26 × 26, 2 × 2), 5.5 ms for resnet18's stem pool at 64 × 64 (16 × 64 × 32 × 32,
-3 × 3, stride 2, padding 1), 18 ms for a 3 × 3 stride-1 pool of the same input. Here 2 × 2
-windows with stride 2 in float32 run a fused kernel that visits each window in ATen's order with
-its NaN rule (``kernels.max_pool2x2``: 0.18 ms for Model B's pool, ATen's bits exactly); other
-windows and dtypes take the maximum of the kernel's k² strided views of the (−∞-padded) input,
-one ``torch.maximum`` per view (2.5 and 1.3 ms for the two resnet-sized pools), the same values
-(``tests/test_pooling.py`` compares them with ``torch.equal``; NaN propagates as in PyTorch's
-kernel, which takes a NaN over any number; only the sign of a zero can differ where a window
-holds both −0.0 and +0.0).
+pool (128 × 8 × 26 × 26, 2 × 2), 5.5–6 ms for resnet18's stem pool at 64 × 64 (16 × 64 × 32 × 32,
+3 × 3, stride 2, padding 1), 18 ms for a 3 × 3 stride-1 pool of the same input. Here float32
+input runs fused kernels that pick, in each window, the element ATen's kernel picks, by its
+order and NaN rule (``kernels.max_pool2d``: 2 × 2 windows with stride 2 in one pass, 0.18 ms
+for Model B's pool; any other window by each row's maxima, then the rows', 0.6 ms for resnet18's
+stem pool, 0.9 ms with indices): ATen's bits exactly. Other dtypes take the maximum of the
+kernel's k² strided views of the (−∞-padded) input, one ``torch.maximum`` per view (2.5 and
+1.3 ms for the two resnet-sized pools), the same values (``tests/test_pooling.py`` compares them
+with ``torch.equal``; NaN propagates as in PyTorch's kernel, which takes a NaN over any number;
+only the sign of a zero can differ where a window holds both −0.0 and +0.0).
 
 The passes that build a graph (at the current parameters: ``averaged_grad``'s and AG-3's, AG-1's
-and AG-2's) pool 2 × 2 windows with stride 2 in float32 by the same kernel, which also gives
-ATen's indices (the first maximum of a window, its last NaN), under :class:`MaxPool2x2`: its
-backward is PyTorch's own (``max_pool2d_with_indices_backward`` with those indices), so the
-gradient is the ordinary one bit for bit, and it saves what PyTorch's node saves (the input and
-the indices). Other windows in those passes run PyTorch's call (strided maxima give no indices).
+and AG-2's) pool float32 by the same kernels, which also give ATen's indices (the first maximum
+of a window, its last NaN), under :class:`MaxPool2d`: its backward is PyTorch's own
+(``max_pool2d_with_indices_backward`` with those indices), so the gradient is the ordinary one
+bit for bit, and it saves what PyTorch's node saves (the input and the indices). Other dtypes in
+those passes run PyTorch's call (strided maxima give no indices), as does a dilated window that
+misses the input altogether.
 
 It applies to ``F.max_pool2d`` / ``torch.max_pool2d`` calls on the CPU with floating-point, 3-D
 or 4-D contiguous input, no indices requested, ``ceil_mode=False``; everything else (and
@@ -40,7 +42,7 @@ from torch.autograd import Function
 
 from . import kernels
 
-__all__ = ["ENABLED", "MAX_POOL2D_CALLS", "MaxPool2x2", "max_pool2d_by_maxima", "max_pool2d_call"]
+__all__ = ["ENABLED", "MAX_POOL2D_CALLS", "MaxPool2d", "max_pool2d_by_maxima", "max_pool2d_call"]
 
 #: whether :func:`max_pool2d_by_maxima` may stand in for PyTorch's call (``TTADAPT_FAST_POOLING``)
 ENABLED = os.environ.get("TTADAPT_FAST_POOLING", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -59,29 +61,34 @@ def _pair(v: Any) -> tuple[int, int] | None:
     return None
 
 
-class MaxPool2x2(Function):
-    """``F.max_pool2d(u, 2)`` of a contiguous float32 CPU tensor by the fused kernel, with
-    PyTorch's own backward (``max_pool2d_with_indices_backward``) from the kernel's indices,
-    which are ATen's: the output and the gradient are the ordinary ones bit for bit."""
+class MaxPool2d(Function):
+    """``F.max_pool2d(u, *window)`` of a contiguous float32 CPU tensor by the fused kernels
+    (``window``: kernel, stride, padding, dilation, each a pair), with PyTorch's own backward
+    (``max_pool2d_with_indices_backward``) from the kernels' indices, which are ATen's: the output
+    and the gradient are the ordinary ones bit for bit. ``forward`` is handed the kernels'
+    ``(values, indices)`` in a tuple (not as tensor arguments: autograd would make the output a
+    view of an input, which an in-place operation after the pooling could not modify)."""
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor) -> Tensor:  # type: ignore[override]
-        out, indices = kernels.max_pool2x2(u, indices=True)
+    def forward(ctx: Any, u: Tensor, pooled: tuple[Tensor, Tensor], window: tuple) -> Tensor:  # type: ignore[override]
+        out, indices = pooled
         ctx.save_for_backward(u, indices)  # what PyTorch's own node saves
+        ctx.window = window
         ctx.mark_non_differentiable(indices)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         u, indices = ctx.saved_tensors
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, u, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+        k, s, p, d = ([*pair] for pair in ctx.window)
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, u, k, s, p, d, False, indices), None, None
 
 
 def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
                          ceil_mode: bool = False, return_indices: bool = False) -> Tensor | None:
-    """``F.max_pool2d(input, ...)`` by faster code (see the module docstring): strided maxima or
-    the fused 2 × 2 kernel without a graph, :class:`MaxPool2x2` where the call builds one; None
-    where that does not apply — the caller then runs PyTorch's call."""
+    """``F.max_pool2d(input, ...)`` by faster code (see the module docstring): the fused kernels
+    (float32) or strided maxima without a graph, :class:`MaxPool2d` where the call builds one;
+    None where that does not apply — the caller then runs PyTorch's call."""
     if (not ENABLED or type(input) is not Tensor or input.device.type != "cpu" or input.dtype not in _FLOATS
             or input.dim() not in (3, 4) or return_indices or ceil_mode or not input.is_contiguous()
             or torch._C._are_functorch_transforms_active()):
@@ -97,15 +104,13 @@ def max_pool2d_by_maxima(input: Tensor, kernel_size: Any, stride: Any = None, pa
     out_w = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     if out_h < 1 or out_w < 1 or input.numel() == 0:
         return None
-    fused = k == s == (2, 2) and p == (0, 0) and d == (1, 1)
+    window = (k, s, p, d)
     if input.requires_grad and torch.is_grad_enabled():  # a graph: PyTorch's backward from the kernel's indices
-        if fused and input.dtype is torch.float32 and kernels.available():
-            return MaxPool2x2.apply(input)
+        if input.dtype is torch.float32 and (got := kernels.max_pool2d(input.detach(), *window, indices=True)) is not None:
+            return MaxPool2d.apply(input, got, window)
         return None
-    if fused:
-        out = kernels.max_pool2x2(input)  # float32: one pass, ATen's values bit for bit
-        if out is not None:
-            return out
+    if input.dtype is torch.float32 and (out := kernels.max_pool2d(input, *window)) is not None:
+        return out  # one pass, ATen's values bit for bit
     x = F.pad(input, (p[1], p[1], p[0], p[0]), value=float("-inf")) if p[0] or p[1] else input
     views = [x[..., i * d[0]:i * d[0] + s[0] * (out_h - 1) + 1:s[0], j * d[1]:j * d[1] + s[1] * (out_w - 1) + 1:s[1]]
              for i in range(k[0]) for j in range(k[1])]
