@@ -11,7 +11,7 @@ see costs that come once in many calls, such as a full garbage collection). ``--
 (``AG1``, ``AG2``, ``AG3`` with ``d=--ag3-d``, default 1, ``SAM``) stepping Adam, ``engine`` (``averaged_grad``
 towards a nearby state) or ``plain`` (zero_grad, forward, backward, Adam step: the same code in
 both versions, so its ratio is the harness's own spread). ``--case``: a case of ``_models.py``
-or ``tail`` (Model B's 27 tanh layers alone). glibc is told to keep freed memory (see _alloc.py).
+or ``tail`` (Model B's 27 tanh layers alone). glibc is told to keep freed memory (see ttadapt/memory.py).
 Revisions from 2ba4d3f up to the one that added ``snapshot.BATCHED_SOAP_MODULE`` took their own
 ``ttadapt.SOAP`` for a foreign optimizer when imported under another name (a slower AG-1/AG-2
 path): compare AG-1/AG-2 with ``--optimizer soap`` only against later revisions.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ is evaluated at those inputs alone, past it everywhere and put in place by a sec
 inputs close and the rest apart, runs with the cap as it is and with the old one (256), the
 two alternating over the rounds (the order flipped every round); medians in ms. SiLU's derivative is ATen's ``silu_backward``,
 the module's a backward through it (what the engine takes for a registered module).
-glibc is told to keep freed memory (see _alloc.py).
+glibc is told to keep freed memory (see ttadapt/memory.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 
 from ttadapt import kernels, secant  # noqa: E402
 

@@ -4,7 +4,7 @@
 
 Time: medians over interleaved rounds (ordinary, no-grad forward, averaged, Linear variant,
 ordinary, ...), so that drifts of a shared machine hit all alike, with glibc told to keep freed
-memory (see _alloc.py: no method pays for the page faults of the one before it). The "cost-model floor" is the
+memory (see ttadapt/memory.py: no method pays for the page faults of the one before it). The "cost-model floor" is the
 spec's 2·T_fwd + T_bwd measured: (no-grad forward + ordinary) / ordinary — what an averaged step
 would cost if the secants were free. Memory: the peak bytes of tensors alive at
 once during one call (every tensor an operator creates, forward and backward, counted by a
@@ -29,7 +29,7 @@ import ttadapt  # noqa: E402
 from ttadapt.averaged import averaged_loss  # noqa: E402
 from ttadapt.sites import SiteSession  # noqa: E402
 
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 from _memory import peak_tensor_bytes  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 

@@ -10,7 +10,7 @@ form (``--secant sigmoid``). This script runs AG-3 steps (RMSprop, anchor period
 is AG-3-1, whose anchors are close: many inputs fall under the rule) and alternates, step by
 step, the kernel and the PyTorch operations for that secant only — everything else is the same
 code — and prints the median step time for each (and, for the generic quotient, the median time
-spent forming it). glibc is told to keep freed memory (see _alloc.py).
+spent forming it). glibc is told to keep freed memory (see ttadapt/memory.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 
 import ttadapt  # noqa: E402

@@ -15,7 +15,7 @@ kernel, and in PyTorch operations), in three situations:
 * ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
 * ``1% close`` — 1% of the inputs moved by less than the close-inputs threshold.
 
-Times are medians over rounds, in µs, with glibc told to keep freed memory (see _alloc.py).
+Times are medians over rounds, in µs, with glibc told to keep freed memory (see ttadapt/memory.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 
 from ttadapt import kernels  # noqa: E402
 from ttadapt.activations import lookup_call  # noqa: E402

@@ -10,7 +10,7 @@ the pass the cost model adds, and that pass with the Conv2d weights in channels_
 Python's cyclic garbage collector, per generation, wherever it runs) and prints each part's mean per step over ``--steps``
 steps after three warm-up steps, next to the plain step's (zero_grad, forward, backward, step),
 the steps interleaved (one of each per round) so that the machine's drift hits all alike. glibc
-is told to keep freed memory (see _alloc.py). Parts nest: "pass at other + averaged backward"
+is told to keep freed memory (see ttadapt/memory.py). Parts nest: "pass at other + averaged backward"
 contains "pass at other".
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 
 import ttadapt  # noqa: E402

@@ -8,7 +8,7 @@ plain step, measured in one run.
 
 Each method steps its own copy of the model with its own optimizer (same initial weights, same
 batch). Time: interleaved rounds (plain, AG-1, AG-2, ..., plain, ...) so machine drift hits all
-alike (with glibc told to keep freed memory, see _alloc.py, so that no method pays for the page
+alike (with glibc told to keep freed memory, see ttadapt/memory.py, so that no method pays for the page
 faults of the one before it). A method's figure is, by default (``--ratio paired``), the median
 over the rounds of its step's time divided by the plain step's time *in the same round* — the
 two are seconds apart, so the machine's drift over minutes (up to 8x here) cancels — with the
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ttadapt  # noqa: E402
 
-from _alloc import keep_freed_memory  # noqa: E402
+from ttadapt.memory import keep_freed_memory  # noqa: E402
 from _memory import peak_tensor_bytes  # noqa: E402
 from _models import benchmark_case  # noqa: E402
 

@@ -10,6 +10,7 @@ from .adapt import Adapter
 from .activations import CallForm, register_activation, register_module_activation, registered_activations, unregister_activation
 from .averaged import averaged_backward, averaged_grad
 from .inspection import InspectionReport, inspect
+from .memory import keep_freed_memory
 from .optim import AG1, AG2, AG3, SAM, SOAP, create_optimizer
 from .reference import path_average_grad
 from .sites import SiteMismatchError
@@ -39,5 +40,6 @@ __all__ = [
     "SAM",
     "SOAP",
     "create_optimizer",
+    "keep_freed_memory",
     "__version__",
 ]

@@ -355,6 +355,10 @@ def finetune(
 
 
 def main() -> None:
+    from .memory import keep_freed_memory, keep_freed_memory_enabled
+
+    if keep_freed_memory_enabled():  # (no page faults for blocks freed and asked for again: see memory.py)
+        keep_freed_memory()
     app()
 
 
