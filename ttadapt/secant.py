@@ -152,9 +152,10 @@ def _output_and_slope(u: Tensor, ub: Tensor, call: Callable[[Tensor], Tensor], f
             y = call(u)
             slope = (fb.sub_(y) if fb_owned else fb - y).div_(diff)
             slope = _fill_exact_ties(slope, y, derivative)
-    elif inplace:
-        slope = secant_slope(fn, derivative, u, None, ub, owned, fb, fb_owned)
+    elif inplace:  # a copy of the input, then the model's call once (not f(u) out of place, then the call)
+        ua = u.clone()
         y = call(u)
+        slope = secant_slope(fn, derivative, ua, y, ub, owned, fb, fb_owned)
     else:
         y = call(u)
         slope = secant_slope(fn, derivative, u, y, ub, owned, fb, fb_owned)
