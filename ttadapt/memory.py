@@ -5,10 +5,12 @@ more by a fresh ``mmap`` whenever no free chunk of its heap is that large, retur
 kernel on ``free``, and trims the heap's free top above 128 KiB; the next step then faults
 fresh pages in again, each zero-filled by the kernel. oneDNN's backward of a convolution with
 many weights asks for such blocks (resnet18's 512-channel 3 × 3 convolutions: 72 MiB, eight
-threads' worth of weight-gradient buffers, of which two threads touch 19 MiB), so a plain
-resnet18 training step at batch 16 took 23,000–39,000 page faults and 250–340 ms on this
-project's 2-core machine, against none and 180–260 ms with the memory kept
-(``benchmarks/allocator.py``; a GPU has its own caching allocator and no such cost).
+threads' worth of weight-gradient buffers, of which two threads touch 19 MiB), so on this
+project's 2-core machine a plain resnet18 training step (batch 16 at 64 × 64, Adam) took about
+16,000 page faults and 286–307 ms, against none and 251–278 ms with the memory kept, and an
+AG-3 step about 31,000 faults and 396–437 ms against none and 323–373 ms
+(``benchmarks/allocator.py``, three runs of each, 2026-11-30; a GPU has its own caching
+allocator and no such cost).
 
 :func:`keep_freed_memory` tells glibc to serve every block from its heap and to keep what is
 freed there for reuse — what CUDA's caching allocator does on a GPU. The process's peak memory
