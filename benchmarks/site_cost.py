@@ -8,8 +8,9 @@ secant slope towards the other state's input) next to the plain call of the same
 tanh and sigmoid (their closed forms; ReLU, ELU, tanh and sigmoid as fused CPU kernels where
 :mod:`ttadapt.kernels` is in use, and again as PyTorch operations), for comparison ELU,
 LeakyReLU and sigmoid through the generic quotient with its close-inputs rule in PyTorch
-operations, and SiLU and Hardswish, which have no closed form (the generic quotient as a fused
-kernel, and in PyTorch operations), in three situations:
+operations, and SiLU, Hardswish and Mish, which have no closed form (the generic quotient as a
+fused kernel, and in PyTorch operations; SiLU, Hardswish and Mish also called in place, as
+efficientnet's and mobilenet's modules do), in three situations:
 
 * ``apart`` — every input moved (no ties, no close pairs);
 * ``2 ties`` — two inputs identical at both states (0/0 for ReLU: the derivative is taken there);
@@ -55,6 +56,10 @@ CASES = {
     "silu, PyTorch ops": (F.silu, F.silu, False, False, False),
     "hardswish (generic quotient)": (F.hardswish, F.hardswish, False, False, True),
     "hardswish, PyTorch ops": (F.hardswish, F.hardswish, False, False, False),
+    "silu (in place)": (F.silu, lambda u: F.silu(u, inplace=True), True, False, True),
+    "hardswish (in place)": (F.hardswish, lambda u: F.hardswish(u, inplace=True), True, False, True),
+    "mish (generic quotient)": (F.mish, F.mish, False, False, True),
+    "mish (in place)": (F.mish, lambda u: F.mish(u, inplace=True), True, False, True),
 }
 
 
