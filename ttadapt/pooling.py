@@ -74,7 +74,6 @@ class MaxPool2d(Function):
         out, indices = pooled
         ctx.save_for_backward(u, indices)  # what PyTorch's own node saves
         ctx.window = window
-        ctx.mark_non_differentiable(indices)
         return out
 
     @staticmethod
