@@ -29,6 +29,7 @@ def test_activations_lists_the_registry():
         assert name in result.output
     assert "CPU secants: " in result.output  # whether the fused kernels are in use, and why not
     assert "Max pooling in ttadapt's passes: " in result.output
+    assert "Freed CPU memory: " in result.output
 
 
 def test_inspect_a_torchvision_model():

@@ -63,6 +63,7 @@ def test_without_it_glibc_maps_the_block_afresh() -> None:
 def test_exported_and_harmless_to_call_twice() -> None:
     assert ttadapt.keep_freed_memory is memory.keep_freed_memory
     assert memory.keep_freed_memory() == memory.keep_freed_memory()
+    assert memory.kept == memory.keep_freed_memory()  # what `ttadapt activations` reports
 
 
 @pytest.mark.parametrize("value,called", [(None, True), ("1", True), ("0", False), ("off", False), ("no", False)])

@@ -70,6 +70,12 @@ def activations() -> None:
     console.print("Max pooling in ttadapt's passes: " + (
         "faster code, the same values and gradients (TTADAPT_FAST_POOLING=0 turns it off)" if pooling.ENABLED
         else "PyTorch's own call (TTADAPT_FAST_POOLING=0)"), soft_wrap=True)
+    from . import memory
+
+    console.print("Freed CPU memory: " + (
+        "kept by glibc for reuse (TTADAPT_KEEP_FREED_MEMORY=0 turns it off)" if memory.kept
+        else "the C library's default handling" + ("" if memory.keep_freed_memory_enabled() else " (TTADAPT_KEEP_FREED_MEMORY=0)")),
+        soft_wrap=True)
 
 
 def _form_name(func) -> str:

@@ -35,6 +35,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD = 2**30  # a heap's free top up to 1 GiB stays in the process
 
+#: whether :func:`keep_freed_memory` has taken effect in this process
+kept = False
+
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (see the module docstring); returns whether it
@@ -50,8 +53,10 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    global kept
     ok = mallopt(_M_MMAP_MAX, 0) == 1  # no block by mmap, whatever its size: all from the heap
     ok &= mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    kept = kept or bool(ok)
     return bool(ok)
 
 
