@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch import Tensor
 
 from .rare import _flat
+from .switches import switched_on
 
 __all__ = ["available", "status", "fits", "tanh_secant", "clamp_secant", "exp_linear_secant", "exp_linear_secant_ties", "exp_linear", "tanh", "ag1_update", "ag1_update_many", "l1_diff", "ag2_rescale",
            "adam_direction_many", "rmsprop_direction_many", "ag2_commit_many",
@@ -70,7 +71,7 @@ _testing = threading.local()  # .lib: the library under its self-test, seen by t
 
 
 def _enabled_by_env() -> bool:
-    return os.environ.get("TTADAPT_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("TTADAPT_FUSED_KERNELS")
 
 
 def _compiler() -> str | None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from .switches import switched_on
 
 __all__ = ["keep_freed_memory", "keep_freed_memory_enabled"]
 
@@ -63,4 +64,4 @@ def keep_freed_memory() -> bool:
 def keep_freed_memory_enabled() -> bool:
     """Whether the ``ttadapt`` command should call :func:`keep_freed_memory` at start
     (``TTADAPT_KEEP_FREED_MEMORY``, on unless 0 / false / no / off)."""
-    return os.environ.get("TTADAPT_KEEP_FREED_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("TTADAPT_KEEP_FREED_MEMORY")

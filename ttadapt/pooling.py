@@ -32,7 +32,6 @@ includes this speed-up, which ``TTADAPT_FAST_POOLING=0`` takes out.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 import torch
@@ -41,11 +40,12 @@ from torch import Tensor
 from torch.autograd import Function
 
 from . import kernels
+from .switches import switched_on
 
 __all__ = ["ENABLED", "MAX_POOL2D_CALLS", "MaxPool2d", "max_pool2d_by_maxima", "max_pool2d_call"]
 
 #: whether :func:`max_pool2d_by_maxima` may stand in for PyTorch's call (``TTADAPT_FAST_POOLING``)
-ENABLED = os.environ.get("TTADAPT_FAST_POOLING", "1").strip().lower() not in ("0", "false", "no", "off")
+ENABLED = switched_on("TTADAPT_FAST_POOLING")
 
 #: the callables a ``TorchFunctionMode`` sees for a 2-D max pooling without indices
 MAX_POOL2D_CALLS = (F.max_pool2d, torch.max_pool2d)
