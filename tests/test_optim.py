@@ -410,7 +410,8 @@ def test_ag3_uses_the_scheduled_anchor(d, storage, linear, tmp_path):
             assert torch.allclose(p.grad, expected[n], rtol=1e-12, atol=1e-14), (t, n)
         assert len(wrapper.anchors.indices()) <= (1 if d == 1 else 2)
         if storage == "disk":
-            files = sorted(p.name for p in (tmp_path / "anchors").iterdir())
+            assert wrapper.anchors.directory.parent == tmp_path / "anchors"
+            files = sorted(p.name for p in wrapper.anchors.directory.iterdir())
             assert len(files) == len(wrapper.anchors.indices()) and all(f.endswith(".pt") for f in files)
     assert anchors_used == [max(0, (t // d) * d - d) for t in range(12)]
     if d == 1:
@@ -430,6 +431,26 @@ def test_ag3_step_zero_is_the_base_optimizer(opt_name):
     o2.step()
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(m1.buffers(), m2.buffers()))
+
+
+def test_anchor_stores_sharing_a_directory_keep_their_own_snapshots(tmp_path):
+    # two runs given one anchor_dir (a sweep sharing a recipe, the ranks of a distributed run)
+    a, b = AnchorStore("disk", tmp_path / "shared"), AnchorStore("disk", tmp_path / "shared")
+    assert a.directory != b.directory and a.directory.parent == b.directory.parent == tmp_path / "shared"
+    a.put(3, {"w": torch.ones(2)})
+    b.put(3, {"w": torch.full((2,), 7.0)})
+    b.drop_before(4)
+    assert torch.equal(a.get(3)["w"], torch.ones(2)) and 3 not in b
+    a.close()
+    b.close()
+    assert list((tmp_path / "shared").iterdir()) == []
+
+
+def test_anchor_store_refuses_an_unusable_directory(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot keep anchor snapshots in"):
+        AnchorStore("disk", blocker / "anchors")
 
 
 def test_anchor_store_disk_writes_atomically_and_cleans_up(tmp_path):

@@ -35,7 +35,9 @@ class AG3(OptimizerWrapper):
             previous step's parameters).
         linear: the Linear variant for affine layers.
         anchor_storage: ``"device"``, ``"cpu"`` or ``"disk"`` (see :class:`AnchorStore`).
-        anchor_dir: directory for ``"disk"`` snapshots (default: a private temporary one).
+        anchor_dir: where ``"disk"`` snapshots go, in a private subdirectory this wrapper
+            creates and removes (default: the system's temporary directory; see
+            :class:`AnchorStore`).
 
     Cost per step: 2·T_fwd + T_bwd + T_opt (the anchor forward builds no graph). At most two
     snapshots are kept (one for ``d=1``). Step 0 is anchored at itself, i.e. it is a plain base-optimizer step.

@@ -25,8 +25,11 @@ class AnchorStore:
     ``storage``: ``"device"`` (a copy next to the parameters; fastest), ``"cpu"`` (host
     memory; frees accelerator memory at the cost of a copy each way) or ``"disk"`` (one
     ``.pt`` file per snapshot, written atomically, read back with ``weights_only=True``, deleted
-    when dropped). ``directory`` chooses where disk snapshots go; by default a private temporary
-    directory, removed with the store.
+    when dropped). ``directory`` chooses where disk snapshots go (created if missing; default:
+    the system's temporary directory). Each store keeps its files in a private subdirectory of
+    it (``ttadapt-anchors-*``), removed with the store, so runs given the same directory —
+    a sweep sharing one recipe, the ranks of a distributed run — never read each other's
+    snapshots.
     """
 
     def __init__(self, storage: str = "device", directory: str | os.PathLike | None = None) -> None:
@@ -38,13 +41,17 @@ class AnchorStore:
         self._directory: Path | None = None
         self._own_directory = False
         if storage == "disk":
-            if directory is None:
-                self._directory = Path(tempfile.mkdtemp(prefix="ttadapt-anchors-"))
-                self._own_directory = True
-                self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._directory), True)
+            if directory is not None:
+                parent = Path(directory)
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    self._directory = Path(tempfile.mkdtemp(prefix="ttadapt-anchors-", dir=parent))
+                except OSError as e:
+                    raise OSError(f"cannot keep anchor snapshots in {str(parent)!r}: {e.strerror or e}") from e
             else:
-                self._directory = Path(directory)
-                self._directory.mkdir(parents=True, exist_ok=True)
+                self._directory = Path(tempfile.mkdtemp(prefix="ttadapt-anchors-"))
+            self._own_directory = True
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._directory), True)
         elif directory is not None:
             raise ValueError("anchor_dir is only used with anchor_storage='disk'")
 
@@ -103,7 +110,7 @@ class AnchorStore:
             self.put(int(i), state)
 
     def close(self) -> None:
-        """Delete the disk snapshots (and the directory, if the store created it)."""
+        """Delete the disk snapshots and the store's private directory."""
         self.clear()
         if self._own_directory and self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
