@@ -421,6 +421,42 @@ def test_ag3_uses_the_scheduled_anchor(d, storage, linear, tmp_path):
         assert list((tmp_path / "anchors").iterdir()) == []
 
 
+@pytest.mark.parametrize("how", ["add_param_group", "requires_grad"])
+def test_ag3_takes_on_parameters_after_its_anchor(how):
+    # progressive unfreezing: the last layer joins training at step 2, after the anchor of
+    # steps 0..5 (d = 3) was taken without it; until the next snapshot its anchor value is its
+    # value then, which it still has (it was not trained) — the oracle is the averaged gradient
+    # towards the model's whole state at the anchor step
+    torch.manual_seed(0)
+    m = mlp().double()
+    head = list(m[4].parameters())
+    if how == "add_param_group":
+        opt = torch.optim.Adam([p for p in m.parameters() if all(p is not q for q in head)], lr=1e-2)
+    else:
+        for p in head:
+            p.requires_grad_(False)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    wrapper = ttadapt.AG3(m, opt, d=3)
+    history = []
+    for t, (x, y) in enumerate(batches("tanh_mlp", 8)):
+        x = x.double()
+        if t == 2:
+            if how == "add_param_group":
+                opt.add_param_group({"params": head})
+            else:
+                for p in head:
+                    p.requires_grad_(True)
+        history.append(params_of(m))
+        cl = closure_for(m, x, y)
+        expected = ttadapt.averaged_grad(m, cl, history[anchor_index(t, 3)], seed="current")
+        wrapper.step(cl)
+        trained = {id(p) for group in opt.param_groups for p in group["params"] if p.requires_grad}
+        for n, p in m.named_parameters():
+            if id(p) in trained:
+                assert torch.allclose(p.grad, expected[n], rtol=1e-12, atol=1e-14), (t, n)
+    assert all(not torch.equal(p, history[2]["4." + k]) for k, p in m[4].named_parameters())  # (it trained)
+
+
 @pytest.mark.parametrize("opt_name", ["rmsprop", "adam", "soap"])
 def test_ag3_step_zero_is_the_base_optimizer(opt_name):
     m1, o1, m2, o2 = twins(lambda: mlp(bn=True), OPTIMIZERS[opt_name])

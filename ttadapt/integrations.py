@@ -72,7 +72,8 @@ class AveragedGradientTrainer(Trainer):
             if anchor is None:
                 loss = closure()
             else:
-                loss = averaged_loss(module, closure, {n: anchor[n] for n in params}, seed="current", linear=self.ag_linear)
+                loss = averaged_loss(module, closure, {n: anchor[n] for n in params if n in anchor}, seed="current",
+                                     linear=self.ag_linear)  # (a layer unfrozen since the anchor: its current value)
             self.accelerator.backward(loss * scale)
             return loss.detach() * scale
         # SAM: the gradient at θ + ρ·g/‖g‖, without writing into the parameters

@@ -39,6 +39,10 @@ class AG3(OptimizerWrapper):
             creates and removes (default: the system's temporary directory; see
             :class:`AnchorStore`).
 
+    Parameters the optimizer takes on later (``add_param_group``, or ``requires_grad`` switched
+    on) have no value in the snapshots taken before: until the next snapshot their anchor value is
+    their current one — right for a layer that was frozen until then.
+
     Cost per step: 2·T_fwd + T_bwd + T_opt (the anchor forward builds no graph). At most two
     snapshots are kept (one for ``d=1``). Step 0 is anchored at itself, i.e. it is a plain base-optimizer step.
     """
@@ -85,7 +89,10 @@ class AG3(OptimizerWrapper):
                 loss = call_closure(closure)
             else:
                 anchor = self.anchors.get(a)
-                loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params}, seed="current", linear=self.linear,
+                # (a parameter the optimizer did not train when the anchor was taken — a param group
+                # added since, a layer unfrozen since — is averaged from its current value: left out)
+                loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params if n in anchor}, seed="current",
+                                     linear=self.linear,
                                      layout=layout, other_closure=anchor_closure)
         except BaseException:  # (a pass that raised may have updated BatchNorm statistics)
             undo()
