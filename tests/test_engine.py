@@ -256,6 +256,20 @@ def test_closure_returning_a_non_scalar():
         ttadapt.averaged_grad(model, lambda: model(x), {})
 
 
+def test_closure_calling_backward_is_explained():
+    model, x = _small()
+
+    def calls_backward():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="does the closure call loss.backward"):
+        ttadapt.averaged_grad(model, calls_backward, {})
+    with pytest.raises(RuntimeError, match="does the closure call loss.backward"):
+        ttadapt.averaged_backward(model, calls_backward, {})
+
+
 def test_closure_returning_a_non_tensor():
     model, x = _small()
     with pytest.raises(TypeError, match="scalar tensor, got float"):

@@ -549,6 +549,30 @@ WRAPPERS = {
 }
 
 
+@pytest.mark.parametrize("steps_before", [0, 3])
+@pytest.mark.parametrize("wrapper_name", list(WRAPPERS))
+def test_a_closure_calling_backward_is_explained(wrapper_name, steps_before, tmp_path):
+    # torch.optim.LBFGS's closures call zero_grad() and backward(); the wrappers' may not
+    torch.manual_seed(0)
+    m = cnn()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    wrapper = WRAPPERS[wrapper_name](m, opt, tmp_path / "a")
+    x, y = batches("relu_bn_cnn", 1)[0]
+    for _ in range(steps_before):  # (AG-3's first step runs the closure once, later ones twice)
+        wrapper.step(closure_for(m, x, y))
+    before = params_of(m)
+
+    def lbfgs_style():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="does the closure call loss.backward"):
+        wrapper.step(lbfgs_style)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
 @pytest.mark.parametrize("wrapper_name", list(WRAPPERS))
 @pytest.mark.parametrize("opt_name", ["rmsprop", "adam", "soap"])
 def test_resume_equals_uninterrupted(wrapper_name, opt_name, tmp_path):

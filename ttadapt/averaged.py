@@ -19,6 +19,7 @@ site by site as the graph pass consumes them) plus the ``other`` state itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -52,6 +53,31 @@ def call_closure(closure: Closure) -> Tensor:
     if not (loss.is_floating_point() or loss.is_complex()):
         raise TypeError(f"the closure must return a floating-point loss, got dtype {loss.dtype}")
     return loss.reshape(())
+
+
+#: PyTorch's errors when a closure runs ``backward()`` itself, as ``torch.optim.LBFGS``'s closures do
+_BACKWARD_IN_CLOSURE = ("Trying to backward through the graph a second time",
+                        "element 0 of tensors does not require grad and does not have a grad_fn")
+
+
+def explain_backward_in_closure(step: Callable) -> Callable:
+    """Decorator: where ``step`` fails with the error PyTorch raises when a closure called
+    ``loss.backward()`` itself (torch.optim.LBFGS's convention), say so and what to do."""
+
+    @functools.wraps(step)
+    def run(*args: Any, **kwargs: Any):
+        try:
+            return step(*args, **kwargs)
+        except RuntimeError as err:
+            if not any(m in str(err) for m in _BACKWARD_IN_CLOSURE):
+                raise
+            raise RuntimeError(
+                "does the closure call loss.backward()? ttadapt runs the closure more than once and takes the "
+                "gradients itself: the closure must only compute and return the loss, without backward() or "
+                f"zero_grad() (PyTorch: {str(err).splitlines()[0]})"
+            ) from err
+
+    return run
 
 
 @contextlib.contextmanager
@@ -181,6 +207,7 @@ def averaged_loss(
     return loss
 
 
+@explain_backward_in_closure
 def averaged_backward(
     model: nn.Module,
     closure: Closure,
@@ -199,6 +226,7 @@ def averaged_backward(
 
 
 @pausing_collector
+@explain_backward_in_closure
 def averaged_grad(
     model: nn.Module,
     closure: Closure,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..averaged import averaged_loss, call_closure
+from ..averaged import averaged_loss, call_closure, explain_backward_in_closure
 from ..collector import pausing_collector
 from ..states import ModelLayout
 from .anchors import AnchorStore
@@ -62,6 +62,7 @@ class AG3(OptimizerWrapper):
 
     @pausing_collector
     @torch.enable_grad()  # (a step taken under no_grad still takes its gradients, as LBFGS's does)
+    @explain_backward_in_closure
     def step(self, closure: Closure, *, anchor_closure: Closure | None = None) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ(t).
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from ..averaged import DeferredAverage, call_closure
+from ..averaged import DeferredAverage, call_closure, explain_backward_in_closure
 from ..collector import pausing_collector
 from ..metrics import step_lengths
 from ..states import ModelLayout, evaluated_at, fork_rng
@@ -90,6 +90,7 @@ class _ForwardLooking(OptimizerWrapper):
 
     @pausing_collector
     @torch.enable_grad()  # (a step taken under no_grad still takes its gradients, as LBFGS's does)
+    @explain_backward_in_closure
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ (before it)."""
         closure = self._check_closure(closure)

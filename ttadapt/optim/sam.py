@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..averaged import call_closure
+from ..averaged import call_closure, explain_backward_in_closure
 from ..collector import pausing_collector
 from ..states import ModelLayout, evaluated_at
 from .base import Closure, OptimizerWrapper, all_finite
@@ -61,6 +61,7 @@ class SAM(OptimizerWrapper):
 
     @pausing_collector
     @torch.enable_grad()  # (a step taken under no_grad still takes its gradients, as LBFGS's does)
+    @explain_backward_in_closure
     def step(self, closure: Closure) -> Tensor:
         """One update on the batch the closure evaluates; returns the loss at θ."""
         closure = self._check_closure(closure)
