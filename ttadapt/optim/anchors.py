@@ -38,8 +38,7 @@ class AnchorStore:
         self.storage = storage
         self._memory: dict[int, dict[str, Tensor]] = {}
         self._files: dict[int, Path] = {}
-        self._directory: Path | None = None
-        self._own_directory = False
+        self._directory: Path | None = None  # ("disk": the store's own directory)
         if storage == "disk":
             if directory is not None:
                 parent = Path(directory)
@@ -50,7 +49,6 @@ class AnchorStore:
                     raise OSError(f"cannot keep anchor snapshots in {str(parent)!r}: {e.strerror or e}") from e
             else:
                 self._directory = Path(tempfile.mkdtemp(prefix="ttadapt-anchors-"))
-            self._own_directory = True
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._directory), True)
         elif directory is not None:
             raise ValueError("anchor_dir is only used with anchor_storage='disk'")
@@ -112,5 +110,5 @@ class AnchorStore:
     def close(self) -> None:
         """Delete the disk snapshots and the store's private directory."""
         self.clear()
-        if self._own_directory and self._directory is not None:
+        if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
