@@ -118,6 +118,20 @@ def test_a_batch_of_one_through_batchnorm1d(method):
     assert adapter.predict_only(torch.randn(1, 6)).shape == (1, 3)
 
 
+@pytest.mark.parametrize("method", ["grad", "ag2", "sam"])
+def test_an_empty_batch_is_predicted_without_adapting(method):
+    """The last, empty batch of a stream: logits of shape (0, classes), the model and its
+    running statistics as they were, no rollback and no warning."""
+    model = bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = Adapter(model, method=method, episodic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = adapter(torch.rand(0, 1, 28, 28))
+    assert out.shape == (0, 10) and adapter.last_report.steps == 0 and not adapter.last_report.rolled_back
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("method", ["grad", "ag1", "ag2"])
 def test_entropy_decreases_on_shifted_digits(shifted, method):
     x, _ = shifted

@@ -244,7 +244,7 @@ class Adapter(nn.Module):
     def _adapt(self, x: Any, y: Tensor | None) -> Tensor:
         if self.episodic:
             self.reset()
-        if self.method == "norm" or self.steps == 0:
+        if self.method == "norm" or self.steps == 0 or _batch_size(x) == 0:  # (an empty batch: nothing to adapt on)
             self.last_report = AdaptationReport(None, None, 0)
             return self.predict_only(x)
         if self.loss == "ce":
