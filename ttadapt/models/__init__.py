@@ -88,7 +88,7 @@ def create(name: str, *, num_classes: int | None = None, weights: str | os.PathL
         if isinstance(weights, str) and not Path(weights).suffix and not Path(weights).exists():
             named = ", ".join(repr(w) for w in info.weights) or "none"
             raise WeightsError(f"unknown weights {weights!r} for {name}; named weights: {named}; or give a path to a "
-                               ".pt/.pth/.safetensors file (for random weights leave them out: None in Python, null in a recipe)")
+                               ".pt/.pth/.safetensors file (random weights: None in Python, null in a recipe)")
         state, meta = read_state_dict(weights)
         source = str(weights)
         if meta.get("model") not in (None, name):
