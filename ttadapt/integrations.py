@@ -65,15 +65,14 @@ class AveragedGradientTrainer(Trainer):
             t = self.state.global_step
             params = {n: p for n, p in module.named_parameters() if p.requires_grad}
             a = anchor_index(t, self.ag_d)
-            anchor = self.anchors.get(a) if a != t else None
+            other = self.anchors.other_state(a, params) if a != t else None  # (before d = 1 drops it below)
             if t % self.ag_d == 0 and t not in self.anchors:  # θ(t), before this step's update
                 self.anchors.put(t, {n: p.detach() for n, p in params.items()})
                 self.anchors.drop_before(anchor_index(t + 1, self.ag_d))  # what no later step needs
-            if anchor is None:
+            if other is None:
                 loss = closure()
             else:
-                loss = averaged_loss(module, closure, {n: anchor[n] for n in params if n in anchor}, seed="current",
-                                     linear=self.ag_linear)  # (a layer unfrozen since the anchor: its current value)
+                loss = averaged_loss(module, closure, other, seed="current", linear=self.ag_linear)
             self.accelerator.backward(loss * scale)
             return loss.detach() * scale
         # SAM: the gradient at θ + ρ·g/‖g‖, without writing into the parameters

@@ -89,12 +89,8 @@ class AG3(OptimizerWrapper):
             if a == t:
                 loss = call_closure(closure)
             else:
-                anchor = self.anchors.get(a)
-                # (a parameter the optimizer did not train when the anchor was taken — a param group
-                # added since, a layer unfrozen since — is averaged from its current value: left out)
-                loss = averaged_loss(self.model, closure, {n: anchor[n] for n in params if n in anchor}, seed="current",
-                                     linear=self.linear,
-                                     layout=layout, other_closure=anchor_closure)
+                loss = averaged_loss(self.model, closure, self.anchors.other_state(a, params), seed="current",
+                                     linear=self.linear, layout=layout, other_closure=anchor_closure)
         except BaseException:  # (a pass that raised may have updated BatchNorm statistics)
             undo()
             raise

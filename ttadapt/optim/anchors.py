@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -86,6 +86,14 @@ class AnchorStore:
         if not isinstance(state, dict):
             raise ValueError(f"anchor file {self._files[index]} does not hold a state dict")
         return state
+
+    def other_state(self, index: int, names: Iterable[str]) -> dict[str, Tensor]:
+        """The snapshot of step ``index`` as the engine's ``other`` state for the parameters
+        ``names``. A name the snapshot lacks — a parameter the optimizer took on after it (a
+        param group added since, a layer unfrozen since) — is left out, so the engine averages
+        from its current value: its value at the snapshot for a layer frozen until then."""
+        snapshot = self.get(index)
+        return {n: snapshot[n] for n in names if n in snapshot}
 
     def drop_before(self, index: int) -> None:
         """Forget every snapshot older than step ``index``."""
