@@ -97,3 +97,20 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path):
         result = runner.invoke(app, args, terminal_width=200)
         assert result.exit_code == 2, (args, result.output)
         assert text in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, text", [
+    (["inspect", "--model", "resnet18", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["inspect", "--model", "resnet18", "--input-size", "3", "0", "8"], "--input-size must be positive, got 3 0 8"),
+    (["train", "--model", "model_b", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["train", "--model", "model_b", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["adapt", "--steps", "-2"], "--steps must be >= 0, got -2"),
+    (["adapt", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["adapt", "--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["adapt", "--severity", "9"], "--severity must be 1-5, got 9"),
+    (["adapt", "--batch-size", "5000"], "--batch-size must be 1-1000, got 5000"),
+])
+def test_an_option_out_of_range_is_named_with_its_value(args, text):
+    result = runner.invoke(app, args, terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {text}"

@@ -25,6 +25,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _require(checks: "list[tuple[bool, str, object]]") -> None:
+    """Fail on the first option out of range: (condition that must hold, what it must be, the value given)."""
+    for ok, requirement, value in checks:
+        if not ok:
+            _fail(f"{requirement}, got {value}")
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -105,8 +112,9 @@ def inspect(
     from . import models as zoo
     from .inspection import inspect as run_inspect
 
-    if batch < 1 or (input_size is not None and min(input_size) < 1):
-        _fail("--batch and --input-size must be positive")
+    _require([(batch >= 1, "--batch must be >= 1", batch),
+              (input_size is None or min(input_size) >= 1, "--input-size must be positive",
+               " ".join(map(str, input_size or ())))])
     if model in zoo.list_models():
         info = zoo.model_info(model)
         net = zoo.create(model)
@@ -179,8 +187,8 @@ def train(
         _fail(f"unknown dataset {data!r} for training; available: {', '.join(d for d in list_datasets() if d != 'imagefolder')}")
     if optimizer not in OPTIMIZERS:
         _fail(f"unknown optimizer {optimizer!r}; available: {', '.join(OPTIMIZERS)}")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        _fail("--epochs and --batch-size must be >= 1 and --lr > 0")
+    _require([(epochs >= 1, "--epochs must be >= 1", epochs), (batch_size >= 1, "--batch-size must be >= 1", batch_size),
+              (lr > 0, "--lr must be > 0", lr)])
     options: dict = {}
     if data != "mnist5k":
         options = {"root": root, "download": download}
@@ -244,8 +252,8 @@ def adapt(
         _fail(f"unknown loss {loss!r}; choose from: {', '.join(LOSSES)}")
     if optimizer not in OPTIMIZERS:
         _fail(f"unknown optimizer {optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
-    if steps < 0 or lr <= 0 or top_k < 1:
-        _fail("--steps must be >= 0, --lr > 0 and --top-k >= 1")
+    _require([(steps >= 0, "--steps must be >= 0", steps), (lr > 0, "--lr must be > 0", lr),
+              (top_k >= 1, "--top-k must be >= 1", top_k)])
     for path, kinds in ((save, (".safetensors", ".pt", ".pth")), (output, (".json", ".csv"))):
         if path is not None and Path(path).suffix.lower() not in kinds:
             _fail(f"{path}: use one of {', '.join(kinds)}")
@@ -257,8 +265,8 @@ def adapt(
 
             if shift not in SHIFTS:
                 _fail(f"unknown shift {shift!r}; choose from: {', '.join(SHIFTS)}")
-            if not 1 <= severity <= 5 or not 1 <= batch_size <= 1000:
-                _fail("--severity must be 1-5 and --batch-size 1-1000")
+            _require([(1 <= severity <= 5, "--severity must be 1-5", severity),
+                      (1 <= batch_size <= 1000, "--batch-size must be 1-1000", batch_size)])
             if loss == "ce":
                 _fail("the demo adapts without labels; use --loss entropy or filtered_entropy")
             table = run_default(console, methods or ("none", "grad", "ag1", "ag2"), steps, lr, optimizer, loss, shift,
