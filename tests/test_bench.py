@@ -60,6 +60,29 @@ def test_overrides_and_bad_recipes(tmp_path):
         load_recipe(RECIPES / "tiny.yaml", ["methods=[grad, adam2]"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optimizers={rmsprop: {lr: abc}}", "optimizers.rmsprop.lr must be a number > 0 or a non-empty list of them, got 'abc'"),
+    ("optimizers={rmsprop: {lr: [0.1, -1]}}", "optimizers.rmsprop.lr must be a number > 0"),
+    ("optimizers={lion: {lr: 0.1}}", "optimizers.lion: unknown optimizer 'lion'"),
+    ("optimizers={adam: {lr: 0.1, bogus: 1}}", "optimizers.adam options {'bogus': 1}: Adam.__init__() got an unexpected keyword"),
+    ("optimizers={}", "optimizers: name at least one"),
+    ("ag3_d=0", "ag3_d must be >= 1, got 0"),
+    ("sam_rho=-1", "sam_rho must be >= 0, got -1.0"),
+    ("max_steps_per_epoch=0", "max_steps_per_epoch must be >= 1 (or null), got 0"),
+    ("objective=best", "objective: 'best' is not one of 'final_train_loss'"),
+    ("model=resnet9", "model: unknown model 'resnet9'"),
+    ("data=cifar", "data: unknown dataset 'cifar'"),
+])
+def test_a_bad_recipe_is_refused_before_any_run(override, message, tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "tiny.yaml", [override])
+    assert message in str(err.value)
+    result = runner.invoke(app, ["bench", str(RECIPES / "tiny.yaml"), "--out", str(tmp_path / "out"), override],
+                           terminal_width=300)
+    assert result.exit_code == 2 and result.output.strip() == f"error: {err.value}", result.output
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
+
+
 def test_cli_bench(tmp_path):
     result = runner.invoke(app, ["bench", str(RECIPES / "tiny.yaml"), "--out", str(tmp_path), "--seeds", "1", "epochs=1"],
                            terminal_width=200)

@@ -11,7 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,11 @@ from torch.utils.data import DataLoader
 from . import metrics
 from .atomic import write_bytes_atomically
 from .config import ConfigError, load_config
+from .data import list_datasets
 from .data import load as load_data
 from .models import create as create_model
+from .models import list_models
+from .optim.factory import check_optimizer
 from .optim import AG1, AG2, AG3, SAM, create_optimizer
 from .training import evaluate
 
@@ -49,7 +52,7 @@ class Recipe:
     methods: list[str] = field(default_factory=lambda: ["grad", "ag1", "ag2"])
     ag3_d: int = 45
     sam_rho: float = 0.05
-    objective: str = "final_train_loss"  # how a learning-rate grid is resolved
+    objective: Literal["final_train_loss", "final_test_loss", "final_test_accuracy"] = "final_train_loss"  # resolves a learning-rate grid
     max_steps_per_epoch: int | None = None  # to make quick recipes
 
 
@@ -62,11 +65,38 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     bad = [m for m in recipe.methods if m not in METHODS]
     if bad:
         raise RecipeError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
-    if recipe.epochs < 1 or recipe.seeds < 1 or recipe.batch_size < 1:
-        raise RecipeError("epochs, seeds and batch_size must be >= 1")
+    if recipe.model not in list_models():
+        raise RecipeError(f"model: unknown model {recipe.model!r}; available: {', '.join(list_models())}")
+    if recipe.data not in list_datasets():
+        raise RecipeError(f"data: unknown dataset {recipe.data!r}; available: {', '.join(list_datasets())}")
+    for key, value, ok, requirement in (
+        ("epochs", recipe.epochs, recipe.epochs >= 1, "must be >= 1"),
+        ("seeds", recipe.seeds, recipe.seeds >= 1, "must be >= 1"),
+        ("batch_size", recipe.batch_size, recipe.batch_size >= 1, "must be >= 1"),
+        ("ag3_d", recipe.ag3_d, recipe.ag3_d >= 1, "must be >= 1"),
+        ("sam_rho", recipe.sam_rho, recipe.sam_rho >= 0, "must be >= 0"),
+        ("max_steps_per_epoch", recipe.max_steps_per_epoch,
+         recipe.max_steps_per_epoch is None or recipe.max_steps_per_epoch >= 1, "must be >= 1 (or null)"),
+    ):
+        if not ok:
+            raise RecipeError(f"{key} {requirement}, got {value!r}")
+    if not recipe.optimizers:
+        raise RecipeError("optimizers: name at least one, e.g. {rmsprop: {lr: 1.0e-3}}")
     for opt, cfg in recipe.optimizers.items():
         if not isinstance(cfg, dict) or "lr" not in cfg:
             raise RecipeError(f"optimizer {opt!r} needs an lr (a number or a list to search)")
+        lrs = cfg["lr"] if isinstance(cfg["lr"], list) else [cfg["lr"]]
+        try:
+            lrs = [float(lr) for lr in lrs]
+        except (TypeError, ValueError):
+            lrs = []
+        if not lrs or min(lrs) <= 0:
+            raise RecipeError(f"optimizers.{opt}.lr must be a number > 0 or a non-empty list of them, got {cfg['lr']!r}")
+        extra = {k: v for k, v in cfg.items() if k != "lr"}
+        try:
+            check_optimizer(opt, lrs[0], extra)
+        except ValueError as err:
+            raise RecipeError(f"optimizers.{opt}{' options ' + repr(extra) if extra else ''}: {err}") from err
     return recipe
 
 

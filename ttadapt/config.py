@@ -101,7 +101,9 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "", what: str =
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown {what} key(s) {', '.join(prefix + k for k in unknown)}; valid keys"
+        hint = _nested_hint(cls, unknown)
+        raise ConfigError(f"unknown {what} key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"{'did you mean ' + hint + '? ' if hint else ''}valid keys"
                           f"{' of ' + where if where else ''}: {', '.join(fields)}")
     hints = _hints(cls)
     values = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name, what) for name, value in raw.items()}
@@ -110,6 +112,17 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "", what: str =
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from err
     return obj
+
+
+def _nested_hint(cls: type, unknown: list[str]) -> str:
+    """The dotted keys one level down that ``unknown`` keys name (``lr`` → ``optim.lr``), for
+    the error message: a top-level ``lr=...`` is the usual slip."""
+    hints = _hints(cls)
+    found = []
+    for key in unknown:
+        found += [f"{name}.{key}" for name, field in _fields(cls).items()
+                  if dataclasses.is_dataclass(hints[name]) and key in _fields(hints[name])]
+    return " / ".join(found)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

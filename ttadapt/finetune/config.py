@@ -12,6 +12,7 @@ from ..config import ConfigError, load_config
 from ..data import list_datasets
 from ..optim import OPTIMIZERS
 from ..optim.anchors import STORAGES
+from ..optim.factory import check_optimizer
 
 __all__ = ["FinetuneConfig", "ModelConfig", "DataConfig", "OptimConfig", "MethodConfig", "ScheduleConfig",
            "load_finetune_config", "METHODS"]
@@ -128,22 +129,33 @@ def validate(config: FinetuneConfig) -> None:
         raise ConfigError(f"optim.name: unknown optimizer {config.optim.name!r}; available: {', '.join(OPTIMIZERS)}")
     if config.method.anchor_storage not in STORAGES:
         raise ConfigError(f"method.anchor_storage must be one of {', '.join(STORAGES)}")
+    positive, non_negative = "must be >= 1", "must be >= 0"
     checks = [
-        ("epochs", config.epochs >= 1), ("data.batch_size", config.data.batch_size >= 1),
-        ("optim.lr", config.optim.lr > 0), ("method.d", config.method.d >= 1),
-        ("optim.max_grad_norm", config.optim.max_grad_norm is None or config.optim.max_grad_norm > 0), ("method.rho", config.method.rho >= 0),
-        ("checkpoint_every", config.checkpoint_every >= 0), ("eval_every", config.eval_every >= 0),
-        ("log_every", config.log_every >= 1), ("data.num_workers", config.data.num_workers >= 0),
-        ("data.image_size", config.data.image_size >= 1), ("schedule.warmup_steps", config.schedule.warmup_steps >= 0),
-        ("schedule.step_size", config.schedule.step_size >= 1),
-        ("max_steps", config.max_steps is None or config.max_steps >= 1),
-        ("data.train_limit", config.data.train_limit is None or config.data.train_limit >= 1),
-        ("data.val_limit", config.data.val_limit is None or config.data.val_limit >= 1),
-        ("data.eval_batch_size", config.data.eval_batch_size is None or config.data.eval_batch_size >= 1),
+        ("epochs", config.epochs, config.epochs >= 1, positive),
+        ("data.batch_size", config.data.batch_size, config.data.batch_size >= 1, positive),
+        ("optim.lr", config.optim.lr, config.optim.lr > 0, "must be > 0"),
+        ("method.d", config.method.d, config.method.d >= 1, positive),
+        ("optim.max_grad_norm", config.optim.max_grad_norm,
+         config.optim.max_grad_norm is None or config.optim.max_grad_norm > 0, "must be > 0 (or null: no clipping)"),
+        ("method.rho", config.method.rho, config.method.rho >= 0, non_negative),
+        ("checkpoint_every", config.checkpoint_every, config.checkpoint_every >= 0, non_negative + " (0: only at the end)"),
+        ("eval_every", config.eval_every, config.eval_every >= 0, non_negative + " (0: never)"),
+        ("log_every", config.log_every, config.log_every >= 1, positive),
+        ("data.num_workers", config.data.num_workers, config.data.num_workers >= 0, non_negative),
+        ("data.image_size", config.data.image_size, config.data.image_size >= 1, positive),
+        ("schedule.warmup_steps", config.schedule.warmup_steps, config.schedule.warmup_steps >= 0, non_negative),
+        ("schedule.step_size", config.schedule.step_size, config.schedule.step_size >= 1, positive),
     ]
-    bad = [name for name, ok in checks if not ok]
-    if bad:
-        raise ConfigError(f"invalid value for {', '.join(bad)} (counts must be positive, rates non-negative)")
+    for key, value in (("max_steps", config.max_steps), ("data.train_limit", config.data.train_limit),
+                       ("data.val_limit", config.data.val_limit), ("data.eval_batch_size", config.data.eval_batch_size)):
+        checks.append((key, value, value is None or value >= 1, positive + " (or null)"))
+    for key, value, ok, requirement in checks:
+        if not ok:
+            raise ConfigError(f"{key} {requirement}, got {value!r}")
+    try:
+        check_optimizer(config.optim.name, config.optim.lr, config.optim.options)
+    except ValueError as err:
+        raise ConfigError(f"optim.options {config.optim.options!r} do not fit {config.optim.name}: {err}") from err
 
 
 def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> FinetuneConfig:

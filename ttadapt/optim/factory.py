@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["SOAP", "create_optimizer", "OPTIMIZERS"]
+__all__ = ["SOAP", "create_optimizer", "check_optimizer", "OPTIMIZERS"]
 
 
 def SOAP(
@@ -76,3 +76,16 @@ def create_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict], lr: f
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     cls, defaults = OPTIMIZERS[key]
     return cls(params, lr=lr, **{**defaults, **kwargs})
+
+
+def check_optimizer(name: str, lr: float, options: dict[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` with one line if ``create_optimizer(name, ..., lr, **options)`` would
+    fail — an unknown name, option or ill-typed value (``betas: abc``) — by building it on a
+    one-element parameter. Recipes call this before any data or weights are read, so a typo does
+    not surface as a traceback after minutes of loading or training."""
+    probe = torch.zeros(1, requires_grad=True)
+    try:
+        create_optimizer(name, [probe], lr, **(options or {}))
+    except (TypeError, ValueError, IndexError) as err:
+        lines = str(err).strip().splitlines()
+        raise ValueError(lines[0] if lines else type(err).__name__) from err
