@@ -114,3 +114,40 @@ def test_an_option_out_of_range_is_named_with_its_value(args, text):
     result = runner.invoke(app, args, terminal_width=300)
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"error: {text}"
+
+
+def test_check_writable_refuses_what_cannot_take_a_file_and_creates_nothing(tmp_path):
+    import sys
+
+    from ttadapt.atomic import check_writable, write_bytes_atomically
+
+    check_writable(tmp_path / "new" / "deeper" / "x.pt")  # missing folders are fine: they get created
+    assert sorted(tmp_path.iterdir()) == []
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file name inside it"):
+        check_writable(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        write_bytes_atomically(tmp_path, b"x")
+    (tmp_path / "f").write_text("data")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        check_writable(tmp_path / "f" / "x.pt")
+    assert (tmp_path / "f").read_text() == "data"
+    if sys.platform.startswith("linux"):  # a file system that takes no new files, even for root
+        with pytest.raises(PermissionError, match="/proc does not take new files"):
+            check_writable("/proc/ttadapt-nowhere/x.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_an_unwritable_output_fails_before_the_work(tmp_path):
+    (tmp_path / "f").write_text("")
+    for args, text in (
+        (["train", "--model", "model_b", "--out", str(tmp_path)], "--out: "),
+        (["train", "--model", "model_b", "--out", str(tmp_path / "f" / "b.pt")], "--out: "),
+        (["adapt", "--model", "model_b", "--batch", str(tmp_path), "--save", str(tmp_path / "f" / "w.pt")], "--save: "),
+        (["adapt", "--model", "model_b", "--batch", str(tmp_path), "--output", str(tmp_path / "f" / "p.json")], "--output: "),
+        (["adapt", "--save", str(tmp_path / "w.pt")], "--save and --output need --model"),
+    ):
+        result = runner.invoke(app, args, terminal_width=300)
+        assert result.exit_code == 2, (args, result.output)
+        assert text in result.output and len(result.output.strip().splitlines()) == 1, (args, result.output)
+        assert "train loss" not in result.output  # refused before any epoch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -11,7 +11,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
-__all__ = ["atomic_file", "write_bytes_atomically", "torch_save_atomically"]
+__all__ = ["atomic_file", "write_bytes_atomically", "torch_save_atomically", "check_writable"]
 
 
 @contextlib.contextmanager
@@ -21,6 +21,8 @@ def atomic_file(path: str | os.PathLike, *, private: bool = False) -> Iterator[I
     temporary file is removed. The file gets the permissions of any file the user creates
     (umask), or owner-only ones with ``private``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -36,6 +38,27 @@ def atomic_file(path: str | os.PathLike, *, private: bool = False) -> Iterator[I
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise ``OSError`` with one line if a file could not be written at ``path`` — it is a
+    directory, or its nearest existing ancestor is not a directory that takes a new file (probed
+    with an empty temporary file, removed at once). Commands call it before long work, so a mistyped output path fails at once, not
+    after the training or adaptation it was meant to keep."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name inside it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {parent} is not a directory")
+    try:  # a real probe: os.access is no answer for root, nor on read-only or special file systems
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".ttadapt-probe.", suffix=".tmp")
+    except OSError as err:
+        raise PermissionError(f"cannot write {path}: {parent} does not take new files ({err.strerror})") from err
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, private: bool = False) -> Path:

@@ -177,6 +177,7 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import models as zoo
+    from .atomic import check_writable
     from .data import DataError, list_datasets
     from .optim import OPTIMIZERS
     from .training import TrainConfig, train as run_train
@@ -189,6 +190,10 @@ def train(
         _fail(f"unknown optimizer {optimizer!r}; available: {', '.join(OPTIMIZERS)}")
     _require([(epochs >= 1, "--epochs must be >= 1", epochs), (batch_size >= 1, "--batch-size must be >= 1", batch_size),
               (lr > 0, "--lr must be > 0", lr)])
+    try:
+        check_writable(out or f"{model}_{data}.pt")
+    except OSError as err:
+        _fail(f"--out: {_first_line(err)}")
     options: dict = {}
     if data != "mnist5k":
         options = {"root": root, "download": download}
@@ -238,6 +243,7 @@ def adapt(
     rate."""
     from . import models as zoo
     from .adapt import LOSSES, METHODS
+    from .atomic import check_writable
     from .batches import BatchError
     from .cli_adapt import run_custom, run_default
     from .data import DataError
@@ -254,13 +260,18 @@ def adapt(
         _fail(f"unknown optimizer {optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
     _require([(steps >= 0, "--steps must be >= 0", steps), (lr > 0, "--lr must be > 0", lr),
               (top_k >= 1, "--top-k must be >= 1", top_k)])
-    for path, kinds in ((save, (".safetensors", ".pt", ".pth")), (output, (".json", ".csv"))):
+    for flag, path, kinds in (("--save", save, (".safetensors", ".pt", ".pth")), ("--output", output, (".json", ".csv"))):
         if path is not None and Path(path).suffix.lower() not in kinds:
             _fail(f"{path}: use one of {', '.join(kinds)}")
+        if path is not None:
+            try:
+                check_writable(path)
+            except OSError as err:
+                _fail(f"{flag}: {_first_line(err)}")
     try:
         if model is None:
-            if batch is not None or weights is not None or labels is not None:
-                _fail("--batch, --weights and --labels need --model (without --model the embedded demo runs)")
+            if any(option is not None for option in (batch, weights, labels, save, output)):
+                _fail("--batch, --weights, --labels, --save and --output need --model (without --model the embedded demo runs)")
             from .data.shifts import SHIFTS
 
             if shift not in SHIFTS:
