@@ -151,3 +151,18 @@ def test_an_unwritable_output_fails_before_the_work(tmp_path):
         assert text in result.output and len(result.output.strip().splitlines()) == 1, (args, result.output)
         assert "train loss" not in result.output  # refused before any epoch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_the_package_and_the_command_line_import_without_torch():
+    # `ttadapt --version` / `--help` answer in a fraction of a second: importing the package and
+    # its command line must not import PyTorch or torchvision (seconds); the public names load on use.
+    import subprocess
+    import sys
+
+    code = ("import sys, ttadapt, ttadapt.cli; "
+            "assert not {'torch', 'torchvision'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)[:5]; "
+            "assert all(getattr(ttadapt, n) is not None for n in ttadapt.__all__); "
+            "assert 'torchvision' not in sys.modules, 'torchvision is for the ResNets only'; "
+            "from ttadapt import AG3, Adapter; import ttadapt.optim as o; assert AG3 is o.AG3")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -19,17 +19,19 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc
                            reason="glibc's allocator only")
 
 # 72 MiB (a block oneDNN's convolution backward asks for on resnet18) written and freed, as in
-# every training step: the page faults of steps 5 to 8, with or without the setting. (The first
-# steps settle the heap: an aligned request asks for a little more than the block it freed, and
-# the thread pool's own allocations land between, so the heap may still grow twice.)
+# every training step: the page faults of steps 13 to 16, with or without the setting, turned on
+# before PyTorch is imported, as the command does. (The first steps settle the heap: an aligned
+# request asks for a little more than the block it freed, and the thread pool's own allocations
+# land between, so the heap may still grow a few times — more often in a process that has imported
+# little else; here 4 steps were too few with PyTorch alone, 8 enough.)
 _SCRIPT = """
 import resource, sys
 import ttadapt.memory
 kept = ttadapt.memory.keep_freed_memory() if sys.argv[1] == "keep" else None
 import torch
 n = 72 * 2**20 // 4
-for step in range(8):
-    if step == 4:
+for step in range(16):
+    if step == 12:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = torch.empty(n).fill_(float(step))
     del block

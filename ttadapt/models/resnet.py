@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torchvision
 from torch import nn
+
+if TYPE_CHECKING:  # torchvision is imported when a ResNet is built: it takes seconds to import
+    import torchvision
 
 __all__ = ["resnet152", "swap_activation", "IMAGENET_FILES"]
 
@@ -34,6 +36,8 @@ def resnet152(activation: str = "relu", num_classes: int = 1000) -> nn.Module:
     """ResNet-152 (60,192,808 parameters with 1,000 classes); ``activation`` is ``relu``,
     ``gelu``, ``silu`` or ``sigmoid``. torchvision's Bottleneck calls one ``self.relu`` module
     three times; swapping the module swaps all three calls."""
+    import torchvision
+
     makers = {"gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
     model = torchvision.models.resnet152(weights=None, num_classes=num_classes)
     if activation != "relu":
@@ -42,6 +46,8 @@ def resnet152(activation: str = "relu", num_classes: int = 1000) -> nn.Module:
 
 
 def weights_enum(tag: str) -> list[torchvision.models.WeightsEnum]:
+    import torchvision
+
     return [getattr(torchvision.models.ResNet152_Weights, t) for t in IMAGENET_FILES[tag]]
 
 
