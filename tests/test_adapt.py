@@ -211,6 +211,84 @@ def test_hugging_face_style_outputs():
     assert out.shape == (8, 10)
 
 
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0))
+
+
+class _PositionalBert(nn.Module):
+    """The same model called with one tensor (the path every other test checks): the oracle."""
+
+    def __init__(self, bert, mask):
+        super().__init__()
+        self.bert, self.mask = bert, mask
+
+    def forward(self, input_ids):
+        return self.bert(input_ids=input_ids, attention_mask=self.mask).logits
+
+
+@pytest.mark.parametrize("method", ["grad", "ag2", "ag1_linear", "sam"])
+def test_keyword_inputs_and_a_tokenizers_mapping(method):
+    """A Hugging Face model takes its batch as keywords: adapter(**batch), adapter(batch) for a
+    mapping whose keys name forward's parameters (a tokenizer's output), and predict_only alike —
+    each bit for bit the same model called with one positional tensor."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (6, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:2, 6:] = 0  # padded rows: the mask must reach the model
+    batch = {"input_ids": ids, "attention_mask": mask}
+    results = []
+    for call in ("positional", "keywords", "mapping"):
+        bert = _tiny_bert()
+        model = _PositionalBert(bert, mask) if call == "positional" else bert
+        adapter = Adapter(model, method=method, params="norm", steps=2, lr=1e-3)
+        out = {"positional": lambda: adapter(ids), "keywords": lambda: adapter(**batch), "mapping": lambda: adapter(batch)}[call]()
+        again = adapter.predict_only(ids) if call == "positional" else adapter.predict_only(**batch)
+        results.append((out, again, [p.detach().clone() for p in bert.parameters()]))
+    (want, want_again, want_params), *others = results
+    assert any(not torch.equal(a, b) for a, b in zip(want_params, _tiny_bert().parameters()))  # it adapted
+    for out, again, params in others:
+        assert torch.equal(out, want) and torch.equal(again, want_again)
+        assert all(torch.equal(a, b) for a, b in zip(params, want_params))
+    unmasked = Adapter(_tiny_bert(), method=method, params="norm", steps=2, lr=1e-3)(ids)
+    assert not torch.equal(unmasked, want)  # (the mask mattered)
+
+
+def test_a_mapping_the_forward_does_not_name_is_passed_as_it_is():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = bn_net()
+
+        def forward(self, batch):
+            return self.net(batch["image"]) * batch["scale"]
+
+    x = torch.rand(8, 1, 28, 28)
+    model = DictModel()
+    out = Adapter(model, method="grad", params="norm", lr=1e-3)({"image": x, "scale": 2.0})
+    assert out.shape == (8, 10)
+    with pytest.raises(TypeError, match="needs the model's input"):
+        Adapter(bn_net(), method="grad", params="norm")()
+
+
+def test_keyword_inputs_made_under_inference_mode_and_of_one_sample():
+    bert = _tiny_bert()
+    adapter = Adapter(bert, method="ag2", params="norm", lr=1e-3)
+    with torch.inference_mode():
+        ids = torch.randint(1, 50, (3, 5))
+        out = adapter(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert out.shape == (3, 3) and not out.is_inference() and adapter.last_report.steps == 1
+    conv = Adapter(bn_net(), method="ag2", params="norm", lr=1e-3)
+    empty = conv(input=torch.zeros(0, 1, 28, 28))  # (nn.Sequential's forward calls it `input`)
+    assert empty.shape == (0, 10) and conv.last_report.steps == 0  # nothing to adapt on
+    with pytest.warns(RuntimeWarning, match="a batch of one sample"):
+        conv(input=torch.rand(1, 1, 28, 28))
+    assert conv.last_report.source_statistics
+
+
 def test_bad_arguments():
     for kwargs, text in (({"method": "tent"}, "unknown method"), ({"loss": "mse"}, "unknown loss"),
                          ({"predict": "during"}, "predict"), ({"steps": -1}, "steps"), ({"lr": 0}, "lr")):

@@ -5,6 +5,7 @@ few-shot adaptation with labels).
     adapter = ttadapt.Adapter(model, method="ag2", optimizer="rmsprop", lr=1e-3, steps=1)
     for x in stream:
         logits = adapter(x)            # adapts on x, then predicts (predict="after")
+    logits = adapter(**tokenizer(texts, return_tensors="pt", padding=True))   # keyword inputs
 
 The adapter configures the model in place, as TENT does: only the chosen parameters require a
 gradient, BatchNorm layers normalise with the test batch's statistics (their running statistics
@@ -16,10 +17,11 @@ parameters, buffers and optimizer back to how they were when the adapter was mad
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,10 +212,16 @@ class Adapter(nn.Module):
         return ent[reliable].mean()
 
     # -- the call -----------------------------------------------------------------------------
-    def forward(self, x: Any, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Any = None, y: Tensor | None = None, **inputs: Any) -> Tensor:
+        """Adapt on the batch, then return logits. The batch is ``x`` (called as ``model(x)``),
+        keyword inputs (``adapter(input_ids=..., attention_mask=...)``, called as
+        ``model(**inputs)``, after ``x`` if both are given), or a mapping ``x`` whose keys all
+        name parameters of the model's ``forward`` — a tokenizer's output — unpacked the same
+        way. ``y``: labels for ``loss="ce"``."""
+        x = self._batch(x, inputs)
         if self.method == "none":
             self.last_report = AdaptationReport(None, None, 0)
-            return self.predict_only(x)
+            return self._predict(x)
         # adapting takes gradients, also when the pipeline around runs under no_grad or
         # inference_mode (as TENT's forward does); a batch made under inference_mode is copied
         # out of it (its tensors cannot enter a graph)
@@ -230,7 +238,16 @@ class Adapter(nn.Module):
                               stacklevel=2)
         return out
 
-    def _statistics_for(self, x: Any) -> "_EvalMode":
+    def _batch(self, x: Any, inputs: dict[str, Any]) -> "_Batch":
+        if inputs:
+            return _Batch(() if x is None else (x,), dict(inputs))
+        if x is None:
+            raise TypeError("the adapter needs the model's input: adapter(x) or adapter(**inputs)")
+        if isinstance(x, Mapping) and _names_forward_parameters(self.model, x):
+            return _Batch((), dict(x))
+        return _Batch((x,), {})
+
+    def _statistics_for(self, x: "_Batch") -> "_EvalMode":
         """A batch of one sample has no batch statistics to speak of (BatchNorm1d refuses it,
         BatchNorm2d normalises it by itself, which is how TENT-style adaptation collapses on it):
         inside this block its BatchNorm layers use their running statistics, as the source model
@@ -246,7 +263,7 @@ class Adapter(nn.Module):
             self.reset()
         if self.method == "norm" or self.steps == 0 or _batch_size(x) == 0:  # (an empty batch: nothing to adapt on)
             self.last_report = AdaptationReport(None, None, 0)
-            return self.predict_only(x)
+            return self._predict(x)
         if self.loss == "ce":
             if y is None:
                 raise ValueError("loss='ce' adapts with labels: call adapter(x, y)")
@@ -256,7 +273,7 @@ class Adapter(nn.Module):
         first: list[Tensor] = []
 
         def closure() -> Tensor:
-            logits = logits_of(self.model(x))
+            logits = logits_of(x.call(self.model))
             if not first:
                 first.append(logits.detach())
             return self.objective(logits, y)
@@ -271,7 +288,7 @@ class Adapter(nn.Module):
             else:
                 losses.append(float(self._plain_step(closure)))
         if self.predict == "after":
-            out = self.predict_only(x)
+            out = self._predict(x)
             loss_after = float(self.objective(out, y)) if self.loss != "ce" or y is not None else None
         else:
             out, loss_after = first[0], None
@@ -289,15 +306,18 @@ class Adapter(nn.Module):
                 self.rolled_back += 1
                 report.rolled_back, report.reason = True, reason
                 warnings.warn(f"ttadapt.Adapter: {reason}; the batch was rolled back", RuntimeWarning, stacklevel=2)
-                out = self.predict_only(x)
+                out = self._predict(x)
         self.last_report = report
         return out
 
-    def predict_only(self, x: Any) -> Tensor:
+    def predict_only(self, x: Any = None, **inputs: Any) -> Tensor:
         """Logits of the model as it is now, without adapting and without touching its buffers
-        (BatchNorm's batch counter included)."""
+        (BatchNorm's batch counter included); the batch is given as to the adapter's call."""
+        return self._predict(self._batch(x, inputs))
+
+    def _predict(self, x: "_Batch") -> Tensor:
         with torch.no_grad(), self._statistics_for(x), evaluated_at(self.model, {}, copy_buffers=True):
-            return logits_of(self.model(x))
+            return logits_of(x.call(self.model))
 
     def _plain_step(self, closure: Callable[[], Tensor]) -> Tensor:
         assert self.optimizer is not None
@@ -314,9 +334,37 @@ class Adapter(nn.Module):
         return f"method={self.method!r}, loss={self.loss!r}, steps={self.steps}, episodic={self.episodic}, adapted={len(self.adapted)} tensors"
 
 
+class _Batch:
+    """A batch as the model is called with it: positional and keyword inputs."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def call(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+pytree.register_pytree_node(  # (so that tree_map reaches the tensors inside)
+    _Batch, lambda b: ([b.args, b.kwargs], None), lambda children, _: _Batch(*children),
+    serialized_type_name="ttadapt.adapt._Batch")
+
+
+def _names_forward_parameters(model: nn.Module, x: Mapping) -> bool:
+    """Whether every key of ``x`` names a parameter of ``model.forward`` (a tokenizer's output
+    for a Hugging Face model): such a mapping is passed as keywords, any other one as it is."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return bool(x) and all(isinstance(k, str) and k in named for k in x)
+
+
 def _batch_size(x: Any) -> int | None:
-    """The leading dimension of the first tensor in ``x`` (a tensor, a mapping such as a
-    tokenizer's output, or a sequence)."""
+    """The leading dimension of the first tensor in ``x`` (a tensor, a batch of positional and
+    keyword inputs, a mapping or a sequence)."""
+    if isinstance(x, _Batch):
+        x = [*x.args, *x.kwargs.values()]
     if isinstance(x, Tensor):
         return x.shape[0] if x.dim() else None
     if hasattr(x, "keys") and hasattr(x, "values"):
