@@ -43,8 +43,8 @@ def atomic_file(path: str | os.PathLike, *, private: bool = False) -> Iterator[I
 def check_writable(path: str | os.PathLike) -> None:
     """Raise ``OSError`` with one line if a file could not be written at ``path`` — it is a
     directory, or its nearest existing ancestor is not a directory that takes a new file (probed
-    with an empty temporary file, removed at once). Commands call it before long work, so a mistyped output path fails at once, not
-    after the training or adaptation it was meant to keep."""
+    with an empty temporary file, removed at once). Commands call it before long work, so a
+    mistyped output path fails at once, not after the training or adaptation it was to keep."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name inside it")

@@ -24,8 +24,8 @@ from .data import list_datasets
 from .data import load as load_data
 from .models import create as create_model
 from .models import list_models
-from .optim.factory import check_optimizer
 from .optim import AG1, AG2, AG3, SAM, create_optimizer
+from .optim.factory import check_optimizer
 from .training import evaluate
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "METHODS"]

@@ -120,7 +120,7 @@ def _nested_hint(cls: type, unknown: list[str]) -> str:
     hints = _hints(cls)
     found = []
     for key in unknown:
-        found += [f"{name}.{key}" for name, field in _fields(cls).items()
+        found += [f"{name}.{key}" for name in _fields(cls)
                   if dataclasses.is_dataclass(hints[name]) and key in _fields(hints[name])]
     return " / ".join(found)
 
