@@ -69,15 +69,17 @@ def test_overrides_and_bad_recipes(tmp_path):
     ("ag3_d=0", "ag3_d must be >= 1, got 0"),
     ("sam_rho=-1", "sam_rho must be >= 0, got -1.0"),
     ("max_steps_per_epoch=0", "max_steps_per_epoch must be >= 1 (or null), got 0"),
+    ("seeds=0 ag3_d=0", "seeds must be >= 1, got 0; ag3_d must be >= 1, got 0"),
     ("objective=best", "objective: 'best' is not one of 'final_train_loss'"),
     ("model=resnet9", "model: unknown model 'resnet9'"),
     ("data=cifar", "data: unknown dataset 'cifar'"),
 ])
 def test_a_bad_recipe_is_refused_before_any_run(override, message, tmp_path):
+    overrides = override.split(" ") if override.startswith("seeds") else [override]  # (several problems: all named)
     with pytest.raises(RecipeError) as err:
-        load_recipe(RECIPES / "tiny.yaml", [override])
+        load_recipe(RECIPES / "tiny.yaml", overrides)
     assert message in str(err.value)
-    result = runner.invoke(app, ["bench", str(RECIPES / "tiny.yaml"), "--out", str(tmp_path / "out"), override],
+    result = runner.invoke(app, ["bench", str(RECIPES / "tiny.yaml"), "--out", str(tmp_path / "out"), *overrides],
                            terminal_width=300)
     assert result.exit_code == 2 and result.output.strip() == f"error: {err.value}", result.output
     assert not (tmp_path / "out").exists()  # nothing run, nothing written

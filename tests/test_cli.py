@@ -109,6 +109,7 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path):
     (["adapt", "--top-k", "0"], "--top-k must be >= 1, got 0"),
     (["adapt", "--severity", "9"], "--severity must be 1-5, got 9"),
     (["adapt", "--batch-size", "5000"], "--batch-size must be 1-1000, got 5000"),
+    (["adapt", "--steps", "-1", "--lr", "0"], "--steps must be >= 0, got -1; --lr must be > 0, got 0.0"),
 ])
 def test_an_option_out_of_range_is_named_with_its_value(args, text):
     result = runner.invoke(app, args, terminal_width=300)

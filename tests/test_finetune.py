@@ -84,6 +84,7 @@ def test_config_from_yaml_with_dotted_overrides(tmp_path):
     (["method.d=0"], "method.d must be >= 1, got 0"),
     (["method.rho=-0.1"], "method.rho must be >= 0, got -0.1"),
     (["max_steps=0"], "max_steps must be >= 1 (or null), got 0"),
+    (["epochs=0", "log_every=0"], "epochs must be >= 1, got 0; log_every must be >= 1, got 0"),
     (["lr=1e-3"], "unknown config key(s) lr; did you mean optim.lr? valid keys: name, model"),
     (["optim.name=adam", "optim.options={betas: abc}"], "optim.options {'betas': 'abc'} do not fit adam: "),
     (["optim.name=adam", "optim.options={bogus: 1}"], "do not fit adam: Adam.__init__() got an unexpected keyword argument 'bogus'"),

@@ -69,7 +69,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"model: unknown model {recipe.model!r}; available: {', '.join(list_models())}")
     if recipe.data not in list_datasets():
         raise RecipeError(f"data: unknown dataset {recipe.data!r}; available: {', '.join(list_datasets())}")
-    for key, value, ok, requirement in (
+    problems = [f"{key} {requirement}, got {value!r}" for key, value, ok, requirement in (
         ("epochs", recipe.epochs, recipe.epochs >= 1, "must be >= 1"),
         ("seeds", recipe.seeds, recipe.seeds >= 1, "must be >= 1"),
         ("batch_size", recipe.batch_size, recipe.batch_size >= 1, "must be >= 1"),
@@ -77,9 +77,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         ("sam_rho", recipe.sam_rho, recipe.sam_rho >= 0, "must be >= 0"),
         ("max_steps_per_epoch", recipe.max_steps_per_epoch,
          recipe.max_steps_per_epoch is None or recipe.max_steps_per_epoch >= 1, "must be >= 1 (or null)"),
-    ):
-        if not ok:
-            raise RecipeError(f"{key} {requirement}, got {value!r}")
+    ) if not ok]
+    if problems:
+        raise RecipeError("; ".join(problems))
     if not recipe.optimizers:
         raise RecipeError("optimizers: name at least one, e.g. {rmsprop: {lr: 1.0e-3}}")
     for opt, cfg in recipe.optimizers.items():

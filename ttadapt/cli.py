@@ -26,10 +26,11 @@ def _fail(message: str) -> None:
 
 
 def _require(checks: "list[tuple[bool, str, object]]") -> None:
-    """Fail on the first option out of range: (condition that must hold, what it must be, the value given)."""
-    for ok, requirement, value in checks:
-        if not ok:
-            _fail(f"{requirement}, got {value}")
+    """Fail, naming every option out of range with its value, if any is: (condition that must
+    hold, what it must be, the value given)."""
+    problems = [f"{requirement}, got {value}" for ok, requirement, value in checks if not ok]
+    if problems:
+        _fail("; ".join(problems))
 
 
 def _first_line(err: BaseException) -> str:
