@@ -274,6 +274,34 @@ def test_a_mapping_the_forward_does_not_name_is_passed_as_it_is():
         Adapter(bn_net(), method="grad", params="norm")()
 
 
+def test_a_tokenizers_mapping_through_a_pass_through_wrapper():
+    from ttadapt.adapt import _names_forward_parameters
+
+    class PassThrough(nn.Module):  # the shape of DDP's and torch.compile's wrappers
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    class TakesTheDict(nn.Module):  # holds a `module` too, but its forward names its one input
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, batch):
+            return self.module(**batch)
+
+    ids = torch.randint(1, 50, (4, 6), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert _names_forward_parameters(PassThrough(_tiny_bert()), batch)
+    assert not _names_forward_parameters(TakesTheDict(_tiny_bert()), batch)
+    want = Adapter(_tiny_bert(), method="grad", params="norm", lr=1e-3)(**batch)
+    for wrapper in (PassThrough, TakesTheDict):
+        assert torch.equal(Adapter(wrapper(_tiny_bert()), method="grad", params="norm", lr=1e-3)(batch), want)
+
+
 def test_keyword_inputs_made_under_inference_mode_and_of_one_sample():
     bert = _tiny_bert()
     adapter = Adapter(bert, method="ag2", params="norm", lr=1e-3)

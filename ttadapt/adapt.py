@@ -352,11 +352,16 @@ pytree.register_pytree_node(  # (so that tree_map reaches the tensors inside)
 def _names_forward_parameters(model: nn.Module, x: Mapping) -> bool:
     """Whether every key of ``x`` names a parameter of ``model.forward`` (a tokenizer's output
     for a Hugging Face model): such a mapping is passed as keywords, any other one as it is."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    while True:
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if named or not isinstance(inner, nn.Module):
+            break
+        model = inner  # a pass-through wrapper, forward(*args, **kwargs): torch.compile's, DDP's
     return bool(x) and all(isinstance(k, str) and k in named for k in x)
 
 
