@@ -37,6 +37,19 @@ def test_torchvision_datasets_missing_locally_say_what_to_do(tmp_path):
         data.load("fashion_mnist", "train", root=tmp_path)
 
 
+def test_a_dataset_download_that_fails_is_one_line(tmp_path, monkeypatch):
+    import torchvision
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n<urlopen error>\n")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(DataError) as err:
+        data.load("mnist", "train", root=tmp_path, download=True)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"MNIST could not be fetched into {tmp_path} (Error downloading")
+
+
 def _batches():
     torch.manual_seed(0)
     gray = data.load("mnist5k", "test").tensors[0][:16]

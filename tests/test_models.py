@@ -139,6 +139,25 @@ def test_imagenet_weights_come_from_the_hub_cache_only(tmp_path):
         torch.hub.set_dir(old)
 
 
+def test_a_download_that_fails_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(WeightsError) as err:
+            zoo.create("resnet152", weights="imagenet", download=True)
+    finally:
+        torch.hub.set_dir(old)
+    message = str(err.value)
+    assert "\n" not in message and "could not download ImageNet weights for resnet152" in message
+    assert "Name or service not known" in message and str(tmp_path / "checkpoints" / "resnet152-f82ba261.pth") in message
+
+
 @pytest.mark.parametrize("name", ["model_a", "model_b"])
 def test_shipped_checkpoints_reach_their_recorded_accuracy(name):
     from ttadapt.data import load

@@ -76,9 +76,12 @@ def _torchvision_digits(cls_name: str, root: str | os.PathLike | None, split: st
     cls = getattr(torchvision.datasets, cls_name)
     try:
         ds = cls(str(root), train=split == "train", download=download)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
+        detail = " ".join(str(exc).split())  # (torchvision's download errors span lines)
+        if download:
+            raise DataError(f"{cls_name} could not be fetched into {root} ({detail}); put the dataset there instead") from exc
         raise DataError(
-            f"{cls_name} is not under {root} ({exc}); put the dataset there, or allow fetching it with download=True (`ttadapt train --download`; `download: true` in a recipe's data options)"
+            f"{cls_name} is not under {root} ({detail}); put the dataset there, or allow fetching it with download=True (`ttadapt train --download`; `download: true` in a recipe's data options)"
         ) from exc
     return TensorDataset(ds.data.unsqueeze(1).float().div_(255), ds.targets.long())
 

@@ -142,7 +142,12 @@ def _named_weights(info: ModelInfo, tag: str, download: bool) -> tuple[dict, str
             return read_state_dict(path)[0], str(path)
     if download:
         w = candidates[0]
-        state = torch.hub.load_state_dict_from_url(w.url, progress=True, weights_only=True, map_location="cpu")
+        try:
+            state = torch.hub.load_state_dict_from_url(w.url, progress=True, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError) as exc:  # (urllib's URLError is an OSError)
+            reason = " ".join(str(getattr(exc, "reason", None) or exc).split())
+            raise WeightsError(f"could not download ImageNet weights for {info.name} from {w.url} ({reason}); "
+                               f"copy that file to {_resnet.hub_file(w)} instead") from exc
         return dict(state), w.url
     files = " or ".join(str(_resnet.hub_file(w)) for w in candidates)
     raise WeightsError(
