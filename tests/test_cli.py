@@ -167,3 +167,21 @@ def test_the_package_and_the_command_line_import_without_torch():
             "from ttadapt import AG3, Adapter; import ttadapt.optim as o; assert AG3 is o.AG3")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_inspect_builds_torchvision_models_offline_at_their_own_input_size(monkeypatch):
+    import torch
+
+    def no_downloads(*args, **kwargs):
+        raise AssertionError("inspect tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_downloads)
+    # a segmentation model (its backbone's ImageNet weights used to be fetched), inception at the
+    # 299 its weights' transforms crop to (224 is too small for it), a video model (16 frames)
+    for name, text in (("fcn_resnet50", "classifier.2"), ("inception_v3", "Mixed_7c"), ("r3d_18", "layer4.1.relu")):
+        result = runner.invoke(app, ["inspect", "--model", name], terminal_width=200)
+        assert result.exit_code == 0, (name, result.output)
+        assert text in result.output and "Traceback" not in result.output and "warn" not in result.output.lower()
+    result = runner.invoke(app, ["inspect", "--model", "ssdlite320_mobilenet_v3_large"], terminal_width=300)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "does not run on input (2, 3, 224, 224): targets should not be none" in result.output

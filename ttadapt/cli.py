@@ -129,13 +129,42 @@ def inspect(
             close = sorted(n for n in names | set(zoo.list_models()) if model.lower() in n)[:5]
             _fail(f"unknown model {model!r}" + (f"; did you mean one of: {', '.join(close)}?" if close else
                                                 "; see `ttadapt models` or torchvision.models.list_models()"))
-        net = torchvision.models.get_model(model, weights=None)
-        x = torch.randn(batch, *(input_size or (3, 224, 224)))
+        net, example = _torchvision_model(model, input_size)
+        x = torch.randn(batch, *example)
     try:
         report = run_inspect(net, x, linear=linear)
-    except (RuntimeError, ValueError, TypeError) as err:
+    except Exception as err:  # the model's own code refusing the input (detection models assert on targets)
         _fail(f"{model} does not run on input {tuple(x.shape)}: {_first_line(err)}")
     console.print(str(report), highlight=False)
+
+
+def _torchvision_model(name: str, input_size: "tuple[int, int, int] | None") -> "tuple[object, tuple[int, ...]]":
+    """torchvision model ``name`` with random weights — its backbone's too, so that nothing is
+    downloaded — and the shape of one example input: ``input_size`` or the crop size its weights'
+    transforms name (inception_v3: 299), with 16 frames added for a video model."""
+    import inspect as signature_of
+    import warnings
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    kwargs = {"weights": None}
+    if "weights_backbone" in signature_of.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    with warnings.catch_warnings():  # (inception's note on its future initialisation, say)
+        warnings.simplefilter("ignore")
+        net = builder(**kwargs)
+    size = input_size
+    if size is None:
+        crop = None
+        try:
+            crop = getattr(next(iter(torchvision.models.get_model_weights(name))).transforms(), "crop_size", None)
+        except (ValueError, StopIteration, TypeError):  # a model without named weights
+            pass
+        side = crop[0] if crop else 224
+        size = (3, side, side)
+    video = builder.__module__.startswith("torchvision.models.video")
+    return net, ((size[0], 16, *size[1:]) if video else tuple(size))
 
 
 def _parameter_count(info) -> int:
