@@ -35,6 +35,7 @@ def test_tiny_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert sum(record["l1_ag"]) / sum(record["l1_plain"]) > 0.9
     table = (tmp_path / "table.md").read_text()
     assert "| rmsprop | grad |" in table and "| rmsprop | ag1 |" in table and "%" in table
+    assert table.count(" ± ") >= 6  # two seeds: mean ± standard error in every accuracy and loss cell
     assert "relative avg. step length L1 / L2" in table
     assert (tmp_path / "curves_rmsprop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "recipe.json").read_text())["name"] == "tiny"
@@ -90,6 +91,8 @@ def test_cli_bench(tmp_path):
                            terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "rmsprop" in result.output and (tmp_path / "table.md").is_file()
+    table = (tmp_path / "table.md").read_text()
+    assert "1 seed (no standard errors)" in table and " ± " not in table  # one seed: no "± 0" claimed
     for args, text in ((["bench", str(tmp_path / "none.yaml")], "does not exist"),
                        (["bench", str(RECIPES / "tiny.yaml"), "epochz=1"], "unknown recipe key"),
                        (["bench", str(RECIPES / "model_c_imdb_rmsprop.yaml"), "--out", str(tmp_path / "c")], "aclImdb")):

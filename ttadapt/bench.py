@@ -215,7 +215,7 @@ def _best_lrs(recipe: Recipe, runs: dict) -> dict[tuple[str, str], float]:
 
 def _report(recipe: Recipe, runs: dict, best: dict) -> str:
     lines = [f"# {recipe.name}", "", f"{recipe.model} on {recipe.data}, batch {recipe.batch_size}, {recipe.epochs} epochs, "
-             f"{recipe.seeds} seeds; learning rate per row chosen by {recipe.objective}. Sample efficiency is on the "
+             f"{recipe.seeds} seed{'s' if recipe.seeds != 1 else ' (no standard errors)'}; learning rate per row chosen by {recipe.objective}. Sample efficiency is on the "
              "training-loss curves against the same optimizer's gradient row (1.00 = equal); batch-loss improvement at "
              "matched L1 length (AG-1/AG-2 only).", "",
              "| optimizer | method | lr | test accuracy | final test loss | final train loss | sample efficiency | batch-loss improvement | "
@@ -234,11 +234,14 @@ def _report(recipe: Recipe, runs: dict, best: dict) -> str:
         if recs[0]["decrease_ag"]:
             try:
                 m = metrics.batch_loss_improvement([r["decrease_ag"] for r in recs], [r["decrease_plain"] for r in recs])
-                imp = f"({100 * m.mean:.1f} ± {100 * m.sem:.1f}) %"
+                imp = f"({100 * m.mean:.1f} ± {100 * m.sem:.1f}) %" if len(recs) > 1 else f"{100 * m.mean:.1f} %"
             except ValueError:
                 imp = "undefined"
-        lines.append(f"| {opt} | {method} | {lr:g} | {acc.mean:.2f} ± {acc.sem:.2f} % | {test_loss} | {train_loss} | {eff} | {imp} | "
-                     f"{_relative_lengths(recs)} |")
+        if len(recs) == 1:  # one seed: no standard error to show (a "± 0" would claim one)
+            cells = f"{acc.mean:.2f} % | {test_loss.mean:.4g} | {train_loss.mean:.4g}"
+        else:
+            cells = f"{acc.mean:.2f} ± {acc.sem:.2f} % | {test_loss} | {train_loss}"
+        lines.append(f"| {opt} | {method} | {lr:g} | {cells} | {eff} | {imp} | {_relative_lengths(recs)} |")
     return "\n".join(lines) + "\n"
 
 
