@@ -429,6 +429,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         (["adapt", "--model", "resnet152", "--batch", str(root), "--weights", str(bad_weights)], "does not fit"),
         (["adapt", "--model", "resnet152", "--batch", str(root), "--loss", "ce"], "--labels"),
         (["adapt", "--model", "model_b", "--batch", str(root), "--output", str(tmp_path / "p.txt")], "use one of"),
+        (["adapt", "--model", "model_b", "--batch", str(root)],
+         "--params norm selects no parameters of the model (the model has no normalisation layers: use --params all"),
+        (["adapt", "--model", "model_b", "--batch", str(root), "--params", "head*,tail*"], "--params head*,tail* selects no"),
     ]
     for args, text in cases:
         result = runner.invoke(app, args, terminal_width=300)

@@ -54,8 +54,13 @@ def _adapt_steps(adapter: Adapter, x, y, steps: int, progress: Progress | None, 
 
 
 def _make_adapter(model, method, optimizer, lr, loss, params):
-    return Adapter(model, method=method, optimizer=optimizer, lr=lr, steps=1, loss=loss, params=params,
-                   episodic=False, predict="before")
+    try:
+        return Adapter(model, method=method, optimizer=optimizer, lr=lr, steps=1, loss=loss, params=params,
+                       episodic=False, predict="before")
+    except ValueError as err:  # the Python API's advice, in the command line's words
+        given = params if isinstance(params, str) else ",".join(params)
+        raise ValueError(str(err).replace("use params='all' or name patterns", "use --params all or name patterns")
+                         .replace(f"params={params!r}", f"--params {given}")) from err
 
 
 def run_default(console: Console, methods: tuple[str, ...], steps: int, lr: float, optimizer: str, loss: str,
