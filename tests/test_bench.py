@@ -74,6 +74,7 @@ def test_overrides_and_bad_recipes(tmp_path):
     ("objective=best", "objective: 'best' is not one of 'final_train_loss'"),
     ("model=resnet9", "model: unknown model 'resnet9'"),
     ("data=cifar", "data: unknown dataset 'cifar'"),
+    ("model=model_c", "model and data: model_c takes token ids and mnist5k gives 1×28×28 grey images"),
 ])
 def test_a_bad_recipe_is_refused_before_any_run(override, message, tmp_path):
     overrides = override.split(" ") if override.startswith("seeds") else [override]  # (several problems: all named)

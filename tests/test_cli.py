@@ -92,6 +92,9 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path):
         (["train", "--data", "cifar"], "unknown dataset"),
         (["train", "--optimizer", "lion"], "unknown optimizer"),
         (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--model", "resnet152"], "fine-tune resnet152 on an image folder with `ttadapt finetune`"),
+        (["train", "--model", "model_c"], "model_c takes token ids and mnist5k gives 1×28×28 grey images; datasets for model_c: imdb"),
+        (["train", "--model", "model_a", "--data", "imdb"], "model_a takes 1×28×28 grey images and imdb gives token ids"),
         (["train", "--data", "mnist", "--root", str(tmp_path)], "download"),
     ):
         result = runner.invoke(app, args, terminal_width=200)

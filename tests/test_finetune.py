@@ -80,6 +80,8 @@ def test_config_from_yaml_with_dotted_overrides(tmp_path):
     (["optim.name=lion"], "optim.name: unknown optimizer 'lion'"),
     (["model.name=resnet9000"], "model.name: unknown model 'resnet9000'"),
     (["epochs=0"], "epochs must be >= 1, got 0"),
+    (["model.name=model_c"], "model.name and data.name: model_c takes token ids and mnist5k gives 1×28×28 grey images"),
+    (["model.name=resnet152"], "resnet152 takes 3-channel images and mnist5k gives 1×28×28 grey images; datasets for resnet152: imagefolder"),
     (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
     (["method.d=0"], "method.d must be >= 1, got 0"),
     (["method.rho=-0.1"], "method.rho must be >= 0, got -0.1"),

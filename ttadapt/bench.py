@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from . import metrics
 from .atomic import write_bytes_atomically
 from .config import ConfigError, load_config
-from .data import list_datasets
+from .data import DataError, check_fits, list_datasets
 from .data import load as load_data
 from .models import create as create_model
-from .models import list_models
+from .models import list_models, model_info
 from .optim import AG1, AG2, AG3, SAM, create_optimizer
 from .optim.factory import check_optimizer
 from .training import evaluate
@@ -69,6 +69,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"model: unknown model {recipe.model!r}; available: {', '.join(list_models())}")
     if recipe.data not in list_datasets():
         raise RecipeError(f"data: unknown dataset {recipe.data!r}; available: {', '.join(list_datasets())}")
+    try:
+        check_fits(recipe.model, model_info(recipe.model).input, recipe.data)
+    except DataError as err:
+        raise RecipeError(f"model and data: {err}") from err
     problems = [f"{key} {requirement}, got {value!r}" for key, value, ok, requirement in (
         ("epochs", recipe.epochs, recipe.epochs >= 1, "must be >= 1"),
         ("seeds", recipe.seeds, recipe.seeds >= 1, "must be >= 1"),

@@ -223,7 +223,7 @@ def train(
 
     from . import models as zoo
     from .atomic import check_writable
-    from .data import DataError, list_datasets
+    from .data import DataError, check_fits, list_datasets
     from .optim import OPTIMIZERS
     from .training import TrainConfig, train as run_train
 
@@ -235,6 +235,13 @@ def train(
         _fail(f"unknown optimizer {optimizer!r}; available: {', '.join(OPTIMIZERS)}")
     _require([(epochs >= 1, "--epochs must be >= 1", epochs), (batch_size >= 1, "--batch-size must be >= 1", batch_size),
               (lr > 0, "--lr must be > 0", lr)])
+    if zoo.model_info(model).input == "imagenet":
+        _fail(f"`ttadapt train` trains Models A-C on their datasets; fine-tune {model} on an image folder with "
+              "`ttadapt finetune` (see recipes/resnet152_imagenet_ood_*.yaml)")
+    try:
+        check_fits(model, zoo.model_info(model).input, data)
+    except DataError as err:
+        _fail(_first_line(err))
     try:
         check_writable(out or f"{model}_{data}.pt")
     except OSError as err:

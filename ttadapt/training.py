@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import models as zoo
 from .atomic import torch_save_atomically
+from .data import check_fits
 from .data import load as load_data
 from .models.weights import CHECKPOINT_FORMAT
 from .optim import create_optimizer
@@ -74,7 +75,8 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     epochs, metrics)`` is called after every epoch."""
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
         raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-    zoo.model_info(config.model)  # an unknown name fails before any data is read
+    info = zoo.model_info(config.model)  # an unknown name fails before any data is read
+    check_fits(config.model, info.input, config.data)
     train_set = load_data(config.data, "train", **config.data_options)
     test_set = load_data(config.data, "test", **config.data_options)
     torch.manual_seed(config.seed)

@@ -20,7 +20,7 @@ from .images import MNIST5K_SPLIT, DataError, fashion_mnist, imagefolder, mnist,
 from .shifted import ShiftedDataset
 from .text import Vocabulary, imdb, tokenize
 
-__all__ = ["load", "list_datasets", "DataError", "mnist5k", "mnist", "fashion_mnist", "imdb", "imagefolder",
+__all__ = ["load", "list_datasets", "input_kind", "check_fits", "DataError", "mnist5k", "mnist", "fashion_mnist", "imdb", "imagefolder",
            "shifts", "ShiftedDataset", "Vocabulary", "tokenize", "read_class_map", "MNIST5K_SPLIT"]
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {
@@ -33,6 +33,33 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 
 def list_datasets() -> list[str]:
     return [*_LOADERS, "imagefolder"]
+
+
+# what each dataset gives, in the zoo's terms for a model's input (``ModelInfo.input``); an image
+# folder's images are transformed for whichever image model reads them
+_INPUT_KINDS = {"mnist5k": "mnist", "mnist": "mnist", "fashion_mnist": "mnist", "imdb": "tokens", "imagefolder": "images"}
+_DESCRIBED = {"mnist": "1×28×28 grey images", "imagenet": "3-channel images", "tokens": "token ids",
+              "images": "images"}
+
+
+def input_kind(name: str) -> str:
+    """What dataset ``name`` gives: ``"mnist"`` (1×28×28 in [0, 1]), ``"tokens"`` or ``"images"``
+    (an image folder, transformed for the model)."""
+    if name not in _INPUT_KINDS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    return _INPUT_KINDS[name]
+
+
+def check_fits(model: str, model_input: str, data: str) -> None:
+    """Raise :class:`DataError` with one line if zoo model ``model`` (whose input kind is
+    ``model_input``) cannot read dataset ``data`` — before any data is read or step is run."""
+    kind = input_kind(data)
+    fits = kind == model_input or (kind == "images" and model_input in ("mnist", "imagenet"))
+    if not fits:
+        wanted = [n for n in list_datasets() if _INPUT_KINDS[n] == model_input or
+                  (_INPUT_KINDS[n] == "images" and model_input in ("mnist", "imagenet"))]
+        raise DataError(f"{model} takes {_DESCRIBED[model_input]} and {data} gives {_DESCRIBED[kind]}; "
+                        f"datasets for {model}: {', '.join(wanted) or 'none registered'}")
 
 
 def load(name: str, split: str = "train", **options: Any) -> Dataset:

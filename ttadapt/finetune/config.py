@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from .. import models as zoo
 from ..config import ConfigError, load_config
-from ..data import list_datasets
+from ..data import DataError, check_fits, list_datasets
 from ..optim import OPTIMIZERS
 from ..optim.anchors import STORAGES
 from ..optim.factory import check_optimizer
@@ -123,6 +123,10 @@ def validate(config: FinetuneConfig) -> None:
         raise ConfigError(f"model.name: unknown model {config.model.name!r}; available: {', '.join(zoo_names)}")
     if config.data.name not in list_datasets():
         raise ConfigError(f"data.name: unknown dataset {config.data.name!r}; available: {', '.join(list_datasets())}")
+    try:
+        check_fits(config.model.name, zoo.model_info(config.model.name).input, config.data.name)
+    except DataError as err:
+        raise ConfigError(f"model.name and data.name: {err}") from err
     if config.data.name == "imagefolder" and not config.data.train:
         raise ConfigError("data.train: imagefolder needs the training folder (data.train=PATH)")
     if config.optim.name not in OPTIMIZERS:
