@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import metrics
 from .atomic import write_bytes_atomically
-from .config import ConfigError, load_config
+from .config import ConfigError, check_ranges, load_config
 from .data import DataError, check_fits, list_datasets
 from .data import load as load_data
 from .models import create as create_model
@@ -73,17 +73,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         check_fits(recipe.model, model_info(recipe.model).input, recipe.data)
     except DataError as err:
         raise RecipeError(f"model and data: {err}") from err
-    problems = [f"{key} {requirement}, got {value!r}" for key, value, ok, requirement in (
-        ("epochs", recipe.epochs, recipe.epochs >= 1, "must be >= 1"),
-        ("seeds", recipe.seeds, recipe.seeds >= 1, "must be >= 1"),
-        ("batch_size", recipe.batch_size, recipe.batch_size >= 1, "must be >= 1"),
-        ("ag3_d", recipe.ag3_d, recipe.ag3_d >= 1, "must be >= 1"),
-        ("sam_rho", recipe.sam_rho, recipe.sam_rho >= 0, "must be >= 0"),
-        ("max_steps_per_epoch", recipe.max_steps_per_epoch,
-         recipe.max_steps_per_epoch is None or recipe.max_steps_per_epoch >= 1, "must be >= 1 (or null)"),
-    ) if not ok]
-    if problems:
-        raise RecipeError("; ".join(problems))
+    try:
+        check_ranges([
+            ("epochs", recipe.epochs, recipe.epochs >= 1, "must be >= 1"),
+            ("seeds", recipe.seeds, recipe.seeds >= 1, "must be >= 1"),
+            ("batch_size", recipe.batch_size, recipe.batch_size >= 1, "must be >= 1"),
+            ("ag3_d", recipe.ag3_d, recipe.ag3_d >= 1, "must be >= 1"),
+            ("sam_rho", recipe.sam_rho, recipe.sam_rho >= 0, "must be >= 0"),
+            ("max_steps_per_epoch", recipe.max_steps_per_epoch,
+             recipe.max_steps_per_epoch is None or recipe.max_steps_per_epoch >= 1, "must be >= 1 (or null)"),
+        ])
+    except ConfigError as err:
+        raise RecipeError(str(err)) from err
     if not recipe.optimizers:
         raise RecipeError("optimizers: name at least one, e.g. {rmsprop: {lr: 1.0e-3}}")
     for opt, cfg in recipe.optimizers.items():

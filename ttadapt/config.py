@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar, Union
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "parse_overrides", "apply_overrides"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "parse_overrides", "apply_overrides", "check_ranges"]
 
 T = TypeVar("T")
 
@@ -123,6 +123,15 @@ def _nested_hint(cls: type, unknown: list[str]) -> str:
         found += [f"{name}.{key}" for name in _fields(cls)
                   if dataclasses.is_dataclass(hints[name]) and key in _fields(hints[name])]
     return " / ".join(found)
+
+
+def check_ranges(checks: list[tuple[str, Any, bool, str]]) -> None:
+    """Raise :class:`ConfigError` naming every value out of range at once (a validator that
+    lists all problems, as Opacus's do: one fix-up, not one per run), each as "key requirement,
+    got value"; ``checks`` holds (key, value, whether it is in range, requirement)."""
+    problems = [f"{key} {requirement}, got {value!r}" for key, value, ok, requirement in checks if not ok]
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

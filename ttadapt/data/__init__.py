@@ -53,11 +53,12 @@ def input_kind(name: str) -> str:
 def check_fits(model: str, model_input: str, data: str) -> None:
     """Raise :class:`DataError` with one line if zoo model ``model`` (whose input kind is
     ``model_input``) cannot read dataset ``data`` — before any data is read or step is run."""
+    def fits(kind: str) -> bool:
+        return kind == model_input or (kind == "images" and model_input in ("mnist", "imagenet"))
+
     kind = input_kind(data)
-    fits = kind == model_input or (kind == "images" and model_input in ("mnist", "imagenet"))
-    if not fits:
-        wanted = [n for n in list_datasets() if _INPUT_KINDS[n] == model_input or
-                  (_INPUT_KINDS[n] == "images" and model_input in ("mnist", "imagenet"))]
+    if not fits(kind):
+        wanted = [n for n in list_datasets() if fits(_INPUT_KINDS[n])]
         raise DataError(f"{model} takes {_DESCRIBED[model_input]} and {data} gives {_DESCRIBED[kind]}; "
                         f"datasets for {model}: {', '.join(wanted) or 'none registered'}")
 

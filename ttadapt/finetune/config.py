@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import models as zoo
-from ..config import ConfigError, load_config
+from ..config import ConfigError, check_ranges, load_config
 from ..data import DataError, check_fits, list_datasets
 from ..optim import OPTIMIZERS
 from ..optim.anchors import STORAGES
@@ -153,9 +153,7 @@ def validate(config: FinetuneConfig) -> None:
     for key, value in (("max_steps", config.max_steps), ("data.train_limit", config.data.train_limit),
                        ("data.val_limit", config.data.val_limit), ("data.eval_batch_size", config.data.eval_batch_size)):
         checks.append((key, value, value is None or value >= 1, positive + " (or null)"))
-    problems = [f"{key} {requirement}, got {value!r}" for key, value, ok, requirement in checks if not ok]
-    if problems:  # all of them at once, as Opacus's validators do: one fix-up, not one per run
-        raise ConfigError("; ".join(problems))
+    check_ranges(checks)
     try:
         check_optimizer(config.optim.name, config.optim.lr, config.optim.options)
     except ValueError as err:
