@@ -32,7 +32,7 @@ from .optim import AG1, AG2, SAM, OptimizerSnapshot, create_optimizer
 from .optim.base import all_finite
 from .states import evaluated_at
 
-__all__ = ["Adapter", "AdaptationReport", "METHODS", "LOSSES", "logits_of", "entropy"]
+__all__ = ["Adapter", "AdaptationReport", "METHODS", "LOSSES", "logits_of", "entropy", "select_parameters"]
 
 METHODS = ("none", "norm", "grad", "ag1", "ag2", "ag1_linear", "ag2_linear", "sam")
 LOSSES = ("entropy", "filtered_entropy", "ce")
@@ -74,6 +74,23 @@ class AdaptationReport:
     rolled_back: bool = False
     reason: str = ""
     source_statistics: bool = False  # a batch of one sample: BatchNorm used its running statistics
+
+
+def select_parameters(model: nn.Module, params: str | Sequence[str]) -> dict[str, Tensor]:
+    """The parameters an adapter with ``params`` adapts, by name: ``"all"``, ``"norm"`` (the
+    affine parameters of normalisation layers) or shell-style name patterns (one or a list)."""
+    named = dict(model.named_parameters())
+    if params == "all":
+        return named
+    if params == "norm":
+        chosen = {}
+        for path, m in model.named_modules():
+            if isinstance(m, _NORMS):
+                for pname, p in m.named_parameters(recurse=False):
+                    chosen[f"{path}.{pname}" if path else pname] = p
+        return chosen
+    patterns = [params] if isinstance(params, str) else list(params)
+    return {n: p for n, p in named.items() if any(fnmatch.fnmatch(n, pat) for pat in patterns)}
 
 
 class Adapter(nn.Module):
@@ -126,7 +143,7 @@ class Adapter(nn.Module):
         self.last_report: AdaptationReport | None = None
         self.rolled_back = 0
         self._warned_single = False
-        self.adapted = self._select(params) if method not in ("none", "norm") else {}
+        self.adapted = select_parameters(model, params) if method not in ("none", "norm") else {}
         if not self.adapted and method not in ("none", "norm"):  # checked before the model is touched
             hint = " (the model has no normalisation layers: use params='all' or name patterns)" if params == "norm" else ""
             raise ValueError(f"params={params!r} selects no parameters of the model{hint}")
@@ -158,21 +175,6 @@ class Adapter(nn.Module):
                 m.momentum = 0.0  # ... and leave the running statistics as they are
         for p in model.parameters():
             p.requires_grad_(False)
-
-    def _select(self, params: str | Sequence[str]) -> dict[str, Tensor]:
-        named = dict(self.model.named_parameters())
-        if params == "all":
-            chosen = dict(named)
-        elif params == "norm":
-            chosen = {}
-            for path, m in self.model.named_modules():
-                if isinstance(m, _NORMS):
-                    for pname, p in m.named_parameters(recurse=False):
-                        chosen[f"{path}.{pname}" if path else pname] = p
-        else:
-            patterns = [params] if isinstance(params, str) else list(params)
-            chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatch(n, pat) for pat in patterns)}
-        return chosen
 
     # -- state ----------------------------------------------------------------------------------
     def _capture(self) -> dict[str, Any]:

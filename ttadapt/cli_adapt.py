@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .adapt import Adapter, entropy
+from .adapt import Adapter, entropy, select_parameters
 
 __all__ = ["run_default", "run_custom", "DEFAULT"]
 
@@ -54,13 +54,12 @@ def _adapt_steps(adapter: Adapter, x, y, steps: int, progress: Progress | None, 
 
 
 def _make_adapter(model, method, optimizer, lr, loss, params):
-    try:
-        return Adapter(model, method=method, optimizer=optimizer, lr=lr, steps=1, loss=loss, params=params,
-                       episodic=False, predict="before")
-    except ValueError as err:  # the Python API's advice, in the command line's words
+    if method not in ("none", "norm") and not select_parameters(model, params):  # (in the command line's words)
         given = params if isinstance(params, str) else ",".join(params)
-        raise ValueError(str(err).replace("use params='all' or name patterns", "use --params all or name patterns")
-                         .replace(f"params={params!r}", f"--params {given}")) from err
+        hint = " (the model has no normalisation layers: use --params all or name patterns)" if params == "norm" else ""
+        raise ValueError(f"--params {given} selects no parameters of the model{hint}")
+    return Adapter(model, method=method, optimizer=optimizer, lr=lr, steps=1, loss=loss, params=params,
+                   episodic=False, predict="before")
 
 
 def run_default(console: Console, methods: tuple[str, ...], steps: int, lr: float, optimizer: str, loss: str,
