@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -9,6 +11,7 @@ from ttadapt import __version__
 from ttadapt.cli import app
 
 runner = CliRunner()
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def test_version():
@@ -141,6 +144,24 @@ def test_check_writable_refuses_what_cannot_take_a_file_and_creates_nothing(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
+def test_check_output_folder(tmp_path):
+    import sys
+
+    from ttadapt.atomic import check_output_folder
+
+    check_output_folder(tmp_path / "new" / "run")  # created later, by the command
+    check_output_folder(tmp_path)
+    (tmp_path / "f").write_text("data")
+    with pytest.raises(NotADirectoryError, match="f is a file, not a folder"):
+        check_output_folder(tmp_path / "f")
+    with pytest.raises(NotADirectoryError, match="cannot write into .*f/run: .*f is not a directory"):
+        check_output_folder(tmp_path / "f" / "run")
+    if sys.platform.startswith("linux"):
+        with pytest.raises(PermissionError, match="cannot write into /proc/ttadapt-x: /proc does not take new files"):
+            check_output_folder("/proc/ttadapt-x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"] and (tmp_path / "f").read_text() == "data"
+
+
 def test_an_unwritable_output_fails_before_the_work(tmp_path):
     (tmp_path / "f").write_text("")
     for args, text in (
@@ -149,6 +170,8 @@ def test_an_unwritable_output_fails_before_the_work(tmp_path):
         (["adapt", "--model", "model_b", "--batch", str(tmp_path), "--save", str(tmp_path / "f" / "w.pt")], "--save: "),
         (["adapt", "--model", "model_b", "--batch", str(tmp_path), "--output", str(tmp_path / "f" / "p.json")], "--output: "),
         (["adapt", "--save", str(tmp_path / "w.pt")], "--save and --output need --model"),
+        (["bench", str(RECIPES / "tiny.yaml"), "--out", str(tmp_path / "f")], "is a file, not a folder"),
+        (["finetune", str(RECIPES / "finetune_tiny.yaml"), f"out={tmp_path / 'f'}"], "out: "),
     ):
         result = runner.invoke(app, args, terminal_width=300)
         assert result.exit_code == 2, (args, result.output)

@@ -11,7 +11,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
-__all__ = ["atomic_file", "write_bytes_atomically", "torch_save_atomically", "check_writable"]
+__all__ = ["atomic_file", "write_bytes_atomically", "torch_save_atomically", "check_writable", "check_output_folder"]
 
 
 @contextlib.contextmanager
@@ -48,17 +48,33 @@ def check_writable(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name inside it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {path}: {parent} is not a directory")
-    try:  # a real probe: os.access is no answer for root, nor on read-only or special file systems
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".ttadapt-probe.", suffix=".tmp")
+    _probe(path.parent, f"cannot write {path}")
+
+
+def _probe(folder: Path, failure: str) -> None:
+    """Whether ``folder``, or its nearest existing ancestor if it is missing, takes a new file:
+    a real probe (an empty temporary file, removed at once) — ``os.access`` is no answer for
+    root, nor on read-only or special file systems. Raises ``OSError`` starting with ``failure``."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{failure}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ttadapt-probe.", suffix=".tmp")
     except OSError as err:
-        raise PermissionError(f"cannot write {path}: {parent} does not take new files ({err.strerror})") from err
+        raise PermissionError(f"{failure}: {folder} does not take new files ({err.strerror})") from err
     os.close(fd)
     os.unlink(probe)
+
+
+def check_output_folder(path: str | os.PathLike) -> None:
+    """Raise ``OSError`` with one line if ``path`` cannot be, or become, a folder that takes new
+    files (it is a file, or it or its nearest existing ancestor does not take files); nothing is
+    left behind. For a command's output folder, checked before its work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder (a folder is created if missing)")
+    _probe(path, f"cannot write into {path}")
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, private: bool = False) -> Path:

@@ -364,6 +364,7 @@ def bench(
     """Run an experiment recipe: resumable runs, per-run JSON, a Markdown table and PNG curves."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .atomic import check_output_folder
     from .bench import RecipeError, load_recipe, run_recipe
     from .data import DataError
     from .models import WeightsError
@@ -376,6 +377,7 @@ def bench(
         lrs = [len(c["lr"]) if isinstance(c["lr"], list) else 1 for c in spec.optimizers.values()]
         total = sum(lrs) * len(spec.methods) * spec.seeds
         target = out or f"bench-{spec.name}"
+        check_output_folder(target)
         with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
                       TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task(spec.name, total=total)

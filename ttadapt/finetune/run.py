@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import models as zoo
-from ..atomic import torch_save_atomically, write_bytes_atomically
+from ..atomic import check_output_folder, torch_save_atomically, write_bytes_atomically
 from ..config import ConfigError, to_dict
 from ..data import DataError
 from ..models.weights import CHECKPOINT_FORMAT
@@ -201,6 +201,11 @@ def _run(config: FinetuneConfig, dist_info: DistInfo, resume: bool | str | os.Pa
     started = time.perf_counter()
     device = _device(config, dist_info)
     out = Path(config.out or f"runs/{config.name}")
+    if dist_info.main:
+        try:
+            check_output_folder(out)
+        except OSError as err:
+            raise ConfigError(f"out: {err}") from err
     ckpt_path = out / "checkpoint.pt"
     saved: dict[str, Any] | None = None
     if resume:
