@@ -52,9 +52,10 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def _probe(folder: Path, failure: str) -> None:
-    """Whether ``folder``, or its nearest existing ancestor if it is missing, takes a new file:
-    a real probe (an empty temporary file, removed at once) — ``os.access`` is no answer for
-    root, nor on read-only or special file systems. Raises ``OSError`` starting with ``failure``."""
+    """Raise ``OSError``, its message starting with ``failure``, unless ``folder`` (or its nearest
+    existing ancestor, if it is missing) takes a new file. A real probe — an empty temporary file,
+    removed at once —, as ``os.access`` is no answer for root, nor on read-only or special file
+    systems."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
