@@ -23,7 +23,7 @@ from .config import ConfigError, check_ranges, load_config
 from .data import DataError, check_fits, list_datasets
 from .data import load as load_data
 from .models import create as create_model
-from .models import list_models, model_info
+from .models import list_models
 from .optim import AG1, AG2, AG3, SAM, create_optimizer
 from .optim.factory import check_optimizer
 from .training import evaluate
@@ -70,7 +70,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.data not in list_datasets():
         raise RecipeError(f"data: unknown dataset {recipe.data!r}; available: {', '.join(list_datasets())}")
     try:
-        check_fits(recipe.model, model_info(recipe.model).input, recipe.data)
+        check_fits(recipe.model, recipe.data)
     except DataError as err:
         raise RecipeError(f"model and data: {err}") from err
     try:

@@ -239,7 +239,7 @@ def train(
         _fail(f"`ttadapt train` trains Models A-C on their datasets; fine-tune {model} on an image folder with "
               "`ttadapt finetune` (see recipes/resnet152_imagenet_ood_*.yaml)")
     try:
-        check_fits(model, zoo.model_info(model).input, data)
+        check_fits(model, data)
     except DataError as err:
         _fail(_first_line(err))
     try:

@@ -75,8 +75,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     epochs, metrics)`` is called after every epoch."""
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
         raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-    info = zoo.model_info(config.model)  # an unknown name fails before any data is read
-    check_fits(config.model, info.input, config.data)
+    check_fits(config.model, config.data)  # an unknown name or a misfit fails before any data is read
     train_set = load_data(config.data, "train", **config.data_options)
     test_set = load_data(config.data, "test", **config.data_options)
     torch.manual_seed(config.seed)

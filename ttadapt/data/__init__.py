@@ -50,9 +50,13 @@ def input_kind(name: str) -> str:
     return _INPUT_KINDS[name]
 
 
-def check_fits(model: str, model_input: str, data: str) -> None:
-    """Raise :class:`DataError` with one line if zoo model ``model`` (whose input kind is
-    ``model_input``) cannot read dataset ``data`` — before any data is read or step is run."""
+def check_fits(model: str, data: str) -> None:
+    """Raise :class:`DataError` with one line if zoo model ``model`` cannot read dataset ``data``
+    (by the model's ``ModelInfo.input``) — before any data is read or step is run."""
+    from ..models import model_info  # (the zoo sits beside the data, not below it)
+
+    model_input = model_info(model).input
+
     def fits(kind: str) -> bool:
         return kind == model_input or (kind == "images" and model_input in ("mnist", "imagenet"))
 

@@ -124,7 +124,7 @@ def validate(config: FinetuneConfig) -> None:
     if config.data.name not in list_datasets():
         raise ConfigError(f"data.name: unknown dataset {config.data.name!r}; available: {', '.join(list_datasets())}")
     try:
-        check_fits(config.model.name, zoo.model_info(config.model.name).input, config.data.name)
+        check_fits(config.model.name, config.data.name)
     except DataError as err:
         raise ConfigError(f"model.name and data.name: {err}") from err
     if config.data.name == "imagefolder" and not config.data.train:
